@@ -155,6 +155,7 @@ class STGridPoolConfig(LlavaOnevisionConfig):
     video_newline_position: str = "one_token"
 
     def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock llava_onevision config.json says "llava_onevision"; this is ours
         if self.pyramid_levels is None:
             self.pyramid_levels = [list(level) for level in DEFAULT_PYRAMID_LEVELS]
         self.pyramid_levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
@@ -244,18 +244,22 @@ def _settings_giving(num_tokens: int, num_frames: int, frame_size: int) -> list[
     return found
 
 
-def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, num_features: int, num_frames: int) -> str:
+def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, num_videos: int, tokens_per_video: int) -> str:
     """Explain a <video> placeholder / feature count mismatch in terms of the settings that differ."""
     ours = {name: getattr(config, name) for name in _GEOMETRY_FIELDS}
+    rows, cols = config.pooled_frame_size
+    per_frame = {"one_token": rows * cols, "grid": rows * (cols + 1), "frame": rows * cols + 1, "none": rows * cols}
+    num_frames = (tokens_per_video - (config.video_newline_position == "one_token")) // per_frame[config.video_newline_position]
     message = (
-        f"The prompt has {num_placeholders} <video> placeholder tokens but the model made {num_features} video "
-        f"features ({num_frames} frames per video) with {ours}. The processor and the model are configured "
-        f"differently."
+        f"The prompt has {num_placeholders} <video> placeholder tokens but the model made {num_videos} x "
+        f"{tokens_per_video} video features ({num_videos} video(s) of {num_frames} frames) with {ours}: the processor "
+        f"and the model are configured differently."
     )
-    candidates = _settings_giving(num_placeholders, num_frames, config.frame_size) if num_frames else []
-    if candidates:
+    if num_placeholders % num_videos == 0:
+        candidates = _settings_giving(num_placeholders // num_videos, num_frames, config.frame_size)
         diffs = ["; ".join(f"{k}={v!r} (model: {ours[k]!r})" for k, v in c.items() if v != ours[k]) for c in candidates[:4]]
-        message += " Processor settings that give that many placeholders: " + " | ".join(diffs) + "."
+        if diffs:
+            message += " Processor settings that give that many placeholders: " + " | ".join(diffs) + "."
     return message + " Load both from the same repo, or pass the same ST-GridPool settings to each."
 
 
@@ -278,6 +282,8 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
             vision_feature_layer = config.vision_feature_layer
         if vision_feature_select_strategy is None:
             vision_feature_select_strategy = config.vision_feature_select_strategy
+        kwargs.pop("return_dict", None)  # always an output object; hidden states are always needed
+        kwargs.pop("output_hidden_states", None)
         batch_size, num_frames = pixel_values_videos.shape[:2]
         vision_outputs = self.vision_tower(
             pixel_values_videos.flatten(0, 1), output_hidden_states=True, return_dict=True, **kwargs
@@ -310,8 +316,20 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         **kwargs,
     ):
         # The stock forward lays out video tokens itself (differently across Transformers versions), so the video
-        # features are placed here and the stock forward runs the rest (images, text) unchanged.
+        # features are placed here and the stock forward runs the rest (images, text) unchanged. `generate` in
+        # newer Transformers computes them ahead, through get_video_features, into mm_encoder_outputs["video"].
+        encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
+        features = None
         if pixel_values_videos is not None:
+            features = self.get_video_features(
+                pixel_values_videos,
+                vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy,
+            ).pooler_output
+        elif encoder_outputs.get("video") is not None:
+            features = encoder_outputs["video"].pooler_output
+            kwargs["mm_encoder_outputs"] = {k: v for k, v in encoder_outputs.items() if k != "video"}
+        if features is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
             if inputs_embeds is None:
@@ -322,19 +340,11 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
                     torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
                 )
                 video_mask = (inputs_embeds == video_token).all(-1)
-            features = self.get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-            ).pooler_output
+            num_videos, tokens_per_video = features.shape[:2]
             features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
             num_placeholders = int(video_mask.sum())
             if num_placeholders != features.shape[0]:
-                raise ValueError(
-                    placeholder_mismatch_message(
-                        self.config, num_placeholders, features.shape[0], pixel_values_videos.shape[1]
-                    )
-                )
+                raise ValueError(placeholder_mismatch_message(self.config, num_placeholders, num_videos, tokens_per_video))
             inputs_embeds = inputs_embeds.masked_scatter(video_mask.unsqueeze(-1).to(inputs_embeds.device), features)
             # The stock forward takes exactly one of the two; it finds image placeholders in the embeddings too.
             input_ids = None
@@ -366,6 +376,17 @@ class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
             vision_feature_select_strategy=vision_feature_select_strategy,
             **kwargs,
         )
+
+
+# Checkpoints keep the stock key layout, which Transformers renames on load by model type and class name; ours take
+# the stock renamings, or a llava-onevision checkpoint would load with missing keys.
+for _ours, _stock in (
+    ("STGridPoolLlavaOnevisionForConditionalGeneration", "llava_onevision"),
+    ("STGridPoolLlavaOnevisionModel", "LlavaOnevisionModel"),
+):
+    _mapping = conversion_mapping.get_checkpoint_conversion_mapping(_stock)
+    if _mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(_ours, _mapping, overwrite=True)
 
 
 __all__ = [
