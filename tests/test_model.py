@@ -1,0 +1,188 @@
+"""The model and processor subclasses against the stock LLaVA-OneVision classes (SPEC.md section 3)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+
+from configuration_stgridpool import STGridPoolConfig
+from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration, add_video_newlines, st_grid_pool
+from processing_stgridpool import STGridPoolProcessor
+from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+
+MODES = ("stgridpool", "bilinear", "average")
+NEWLINES = ("one_token", "grid", "frame", "none")
+
+
+def random_video(num_frames, height=40, width=50, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8)
+
+
+def chat(processor, *contents, **kwargs):
+    messages = [{"role": "user", "content": [*contents, {"type": "text", "text": "what is happening"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stock(tiny_stock_dir):
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_stock_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def stock_processor(tiny_stock_dir):
+    return LlavaOnevisionProcessor.from_pretrained(tiny_stock_dir)
+
+
+def load_ours(tiny_stock_dir, **settings):
+    model, info = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(
+        tiny_stock_dir, output_loading_info=True, **settings
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def test_stock_checkpoint_loads_with_every_weight(tiny_stock_dir, stock):
+    ours = load_ours(tiny_stock_dir)
+    assert isinstance(ours.config, STGridPoolConfig)
+    stock_state = stock.state_dict()
+    assert ours.state_dict().keys() == stock_state.keys()
+    assert all(torch.equal(value, stock_state[name]) for name, value in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["video", "image", "text"])
+def test_bilinear_mode_equals_stock(tiny_stock_dir, stock, stock_processor, kind):
+    ours = load_ours(tiny_stock_dir, video_pooling_mode="bilinear")
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, video_pooling_mode="bilinear")
+    media = {
+        "video": dict(videos=[random_video(6)]),
+        "image": dict(images=[Image.fromarray(random_video(1, 60, 90)[0])]),
+        "text": {},
+    }[kind]
+    content = [] if kind == "text" else [{"type": kind}]
+    inputs = processor(text=chat(processor, *content), return_tensors="pt", **media)
+    stock_inputs = stock_processor(text=chat(stock_processor, *content), return_tensors="pt", **media)
+    assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
+    with torch.no_grad():
+        ours_logits, stock_logits = ours(**inputs).logits, stock(**inputs).logits
+    assert (ours_logits - stock_logits).abs().max() <= 1e-5
+
+
+def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir, pyramid_levels=[[2, 1], [4, 2]])
+    config = ours.config
+    pixels = torch.randn(2, 9, 3, 54, 54)
+    with torch.no_grad():
+        features = ours.get_video_features(pixels).pooler_output
+        hidden = ours.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+        projected = ours.model.multi_modal_projector(hidden).reshape(2, 9, 27, 27, -1)
+    for video, video_features in zip(projected, features):
+        pooled = st_grid_pool(video, pyramid_levels=config.pyramid_levels, keep_ratio=config.nsp_keep_ratio)
+        expected = add_video_newlines(pooled, ours.model.image_newline, "one_token")
+        assert video_features.shape == (9 * 13 * 13 + 1, 32)
+        assert torch.allclose(video_features, expected, atol=1e-6)
+    # Each video is pooled on its own: the second video's features do not depend on the first's frames.
+    with torch.no_grad():
+        alone = ours.get_video_features(pixels[1:]).pooler_output
+    assert torch.allclose(alone[0], features[1], atol=1e-6)
+
+
+def test_placeholders_equal_features_for_every_mode_newline_and_frame_count():
+    """T = 1..70 frames x 4 newline positions x 3 modes: processor count == feature count, and forward runs."""
+    tokenizer = build_tiny_tokenizer()
+    frame_size = 7  # odd, like 27, and small so 840 forward passes stay quick
+    torch.manual_seed(0)
+    model = STGridPoolLlavaOnevisionForConditionalGeneration(
+        STGridPoolConfig(**tiny_config_kwargs(tokenizer, frame_size))
+    ).eval()
+    videos = {t: random_video(t, 14, 14, seed=t) for t in range(1, 71)}
+    for mode in MODES:
+        for newline in NEWLINES:
+            model.config.video_pooling_mode = mode
+            model.config.video_newline_position = newline
+            processor = build_tiny_processor(
+                tokenizer, frame_size, processor_class=STGridPoolProcessor,
+                video_pooling_mode=mode, video_newline_position=newline,
+            )  # fmt: skip
+            text = chat(processor, {"type": "video"})
+            for num_frames, video in videos.items():
+                inputs = processor(text=text, videos=[video], return_tensors="pt")
+                num_placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
+                assert num_placeholders == processor.num_video_tokens(num_frames)
+                assert processor._get_num_multimodal_tokens(video_sizes=[(num_frames, 14, 14)]).num_video_tokens == [
+                    num_placeholders
+                ]
+                with torch.no_grad():
+                    features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+                    assert features.shape[1] == num_placeholders, (mode, newline, num_frames)
+                    logits = model(**inputs).logits
+                assert logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(nsp_keep_ratio=1 / 9, nsp_padding=1), dict(nsp_partial_windows=True), dict(nsp_keep_ratio=1.0)],
+    ids=["3x3-pad1", "partial", "no-pooling"],
+)
+def test_other_nsp_geometries_agree_with_the_processor(tiny_stock_dir, settings):
+    ours = load_ours(tiny_stock_dir, **settings)
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, **settings)
+    for num_frames in (1, 8, 17):
+        inputs = processor(text=chat(processor, {"type": "video"}), videos=[random_video(num_frames)], return_tensors="pt")
+        with torch.no_grad():
+            assert ours(**inputs).logits.isfinite().all()
+
+
+def test_processor_saves_and_reloads_its_settings(tiny_stock_dir, tmp_path):
+    settings = dict(video_pooling_mode="average", nsp_keep_ratio=1 / 9, nsp_padding=1, nsp_partial_windows=True,
+                    video_newline_position="grid")  # fmt: skip
+    STGridPoolProcessor.from_pretrained(tiny_stock_dir, **settings).save_pretrained(tmp_path)
+    reloaded = STGridPoolProcessor.from_pretrained(tmp_path)
+    assert {k: getattr(reloaded, k) for k in settings} == settings
+    # The stock arguments survive the round trip too (Transformers rebuilds processors from __init__'s signature).
+    assert reloaded.num_image_tokens == 27 * 27
+    assert reloaded.vision_feature_select_strategy == "full"
+    assert reloaded.chat_template is not None
+
+
+def test_processor_rejects_bad_settings(tiny_stock_dir):
+    with pytest.raises(ValueError, match=r"video_newline_position='row' is invalid"):
+        STGridPoolProcessor.from_pretrained(tiny_stock_dir, video_newline_position="row")
+
+
+def test_mismatch_error_names_the_settings_that_differ(tiny_stock_dir, stock_processor):
+    ours = load_ours(tiny_stock_dir)
+    inputs = stock_processor(text=chat(stock_processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt")
+    with pytest.raises(ValueError) as error:
+        ours(**inputs)
+    message = str(error.value)
+    assert "785 <video> placeholder tokens" in message  # 4 * 14 * 14 + 1, the stock count
+    assert "video_pooling_mode='bilinear' (model: 'stgridpool')" in message
+    assert "nsp_partial_windows=True (model: False)" in message
+
+
+def test_generate_on_a_video_a_batch_of_two_and_an_image_with_a_video(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir)
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+    image = Image.fromarray(random_video(1, 60, 90, seed=3)[0])
+    cases = {
+        "one video": dict(text=[chat(processor, {"type": "video"})], videos=[random_video(8)]),
+        "two videos": dict(
+            text=[chat(processor, {"type": "video"}), chat(processor, {"type": "video"}) + " describe"],
+            videos=[random_video(8, seed=1), random_video(8, seed=2)],
+            padding=True,
+        ),
+        "image and video": dict(
+            text=[chat(processor, {"type": "image"}, {"type": "video"})], images=[image], videos=[random_video(8)]
+        ),
+    }
+    for name, kwargs in cases.items():
+        inputs = processor(return_tensors="pt", **kwargs)
+        out = ours.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert out.shape == (len(kwargs["text"]), inputs["input_ids"].shape[1] + 4), name
+    # Greedy decoding of one video alone and inside the batch agrees (videos are pooled independently).
+    single = processor(text=[chat(processor, {"type": "video"})], videos=[random_video(8, seed=1)], return_tensors="pt")
+    batch = processor(return_tensors="pt", **cases["two videos"])
+    alone = ours.generate(**single, max_new_tokens=4, do_sample=False)[0, -4:]
+    batched = ours.generate(**batch, max_new_tokens=4, do_sample=False)[0, -4:]
+    assert torch.equal(alone, batched)
