@@ -117,7 +117,8 @@ def read_video_pyav(
     path: a local file. num_frames / fps: how many frames to keep (one of them; neither keeps all).
     sample_indices_fn: instead of those, `f(metadata=VideoMetadata) -> indices` (the stock hook; `metadata` carries
     `frame_times` and `end_time`, exact seconds). progress: optional callable `progress(decoded_so_far, frames_to_decode)`.
-    Returns (frames uint8 [T, H, W, 3] RGB, rotation metadata applied, and `VideoMetadata` with `frames_indices`).
+    Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
+    `VideoMetadata` with `frames_indices`).
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     import av  # PyAV: an install requirement of this project; imported lazily like Transformers' backends
@@ -163,19 +164,23 @@ def read_video_pyav(
                 indices = [int(i) for i in sample_indices_fn(metadata=metadata)]
             else:
                 indices = sample_frame_times(times, end_time, num_frames, fps)
-            frames = _decode_at(container, stream, indices, path, progress)
+            if len(indices) == 0:
+                raise ValueError(f"{path}: the frame sampling picked no frames (sample_indices_fn returned none)")
+            frames = _decode_at(container, stream, indices, path, len(times), progress)
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, EOFError) as error:  # not a container FFmpeg can read
         reason = str(getattr(error, "strerror", None) or error).split(":")[0].strip() or type(error).__name__
         raise VideoDecodeError(f"{path}: not a readable video file ({reason})") from None
+    except OSError as error:  # permissions and the like, before FFmpeg sees the file
+        raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
     video = np.stack(frames)
     metadata.frames_indices = np.array(indices)
     metadata.height, metadata.width = video.shape[1:3]
     return video, metadata
 
 
-def _decode_at(container, stream, indices: list[int], path: str, progress=None) -> list[np.ndarray]:
+def _decode_at(container, stream, indices: list[int], path: str, total: int, progress=None) -> list[np.ndarray]:
     """Decode frames in presentation order and return the RGB arrays [H, W, 3] at `indices` (repeats allowed)."""
     import av
 
@@ -205,8 +210,7 @@ def _decode_at(container, stream, indices: list[int], path: str, progress=None) 
         raise VideoDecodeError(f"{path}: no decodable video frames")
     if decoded <= last:
         raise VideoDecodeError(
-            f"{path}: damaged or truncated: the container lists {container.streams.video[0].frames or len(indices)}+ "
-            f"frames but only {decoded} decode"
+            f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode"
         )
     return out
 

@@ -19,7 +19,6 @@ Bad input (missing or unreadable video, bad option values) prints one line `stgr
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys
