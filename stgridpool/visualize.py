@@ -1,0 +1,228 @@
+"""What ST-GridPool did to one video, as one PNG: sampled frames, PTG summary frames (with their tiles), NSP weights.
+
+Pure helpers first (`nsp_token_weights`, `ptg_trace`, `ptg_images`), then the Pillow drawing (`render`), then
+`visualize_video`, which runs a model's vision tower + projector on a video and draws it.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from configuration_stgridpool import pooled_frame_size, window_size
+from modeling_stgridpool_llava import pyramid_temporal_grid, sampled_positions, summary_layout
+
+LEVEL_COLORS = [(230, 120, 0), (150, 60, 200), (0, 150, 90), (200, 30, 90), (30, 110, 220)]
+BACKGROUND, TEXT, GRAY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
+
+
+def nsp_token_weights(
+    frames: torch.Tensor,
+    keep_ratio: float,
+    temperature: float = 1.0,
+    norm_p: float = 2.0,
+    padding: int = 0,
+    partial_windows: bool = False,
+) -> torch.Tensor:
+    """NSP's softmax weight of every token within its window, as `norm_spatial_pool` computes them (SPEC.md 2).
+
+    frames: [T, H, W, D] -> [T, H, W] float32; each full window's weights sum to 1 (uniform = 1/k^2). Tokens in no
+    window (the border rows/columns NSP drops) are NaN; the zero padding tokens' weights are not returned.
+    """
+    k = window_size(keep_ratio)
+    num_frames, height, width, dim = frames.shape
+    out_h, out_w = pooled_frame_size(
+        height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
+    )
+    x = F.pad(frames.float(), (0, 0, padding, padding, padding, padding))
+    scores = temperature * torch.linalg.vector_norm(x, ord=norm_p, dim=-1) / dim ** (1 / norm_p)  # [T, H', W']
+    padded_h, padded_w = scores.shape[1:]
+    scores = F.pad(scores, (0, out_w * k - padded_w, 0, out_h * k - padded_h), value=-math.inf)
+    weights = scores.reshape(num_frames, out_h, k, out_w, k).transpose(2, 3).flatten(3).softmax(-1)
+    weights = weights.reshape(num_frames, out_h, out_w, k, k).transpose(2, 3).reshape(num_frames, out_h * k, out_w * k)
+    full = torch.full((num_frames, padded_h, padded_w), math.nan)
+    rows, cols = min(padded_h, out_h * k), min(padded_w, out_w * k)
+    full[:, :rows, :cols] = weights[:, :rows, :cols]
+    return full[:, padding : padding + height, padding : padding + width]
+
+
+def ptg_trace(num_frames: int, pyramid_levels) -> list[dict | None]:
+    """Which frames PTG turns into summary frames (SPEC.md 1), for `num_frames` frames.
+
+    Returns one entry per frame: None for a frame PTG leaves as it is, else the *last* level that wrote it:
+    {"level": 1-based level number, "group": g, "stride": s, "sources": frame positions it tiles, in order}.
+    """
+    trace: list[dict | None] = [None] * num_frames
+    for level, (group, stride) in enumerate(pyramid_levels, start=1):
+        positions = sampled_positions(num_frames, stride)
+        for c in range(len(positions) // group):
+            chunk = list(positions[c * group : (c + 1) * group])
+            trace[chunk[-1]] = {"level": level, "group": group, "stride": stride, "sources": chunk}
+    return trace
+
+
+def ptg_images(images: list[Image.Image], pyramid_levels) -> list[Image.Image]:
+    """PTG replayed on pictures: summary frames become mosaics of their source frames' thumbnails (as those frames
+    were at that level, so a higher level's tile may itself be a mosaic). images: T square pictures of one size."""
+    out = list(images)
+    size = images[0].size[0]
+    for group, stride in pyramid_levels:
+        positions = sampled_positions(len(out), stride)
+        snapshot = [out[p] for p in positions]  # every chunk of a level reads the frames before it writes
+        rows, cols = summary_layout(group)
+        tile_h, tile_w = math.ceil(size / rows), math.ceil(size / cols)
+        for c in range(len(positions) // group):
+            mosaic = Image.new("RGB", (cols * tile_w, rows * tile_h))
+            for k, frame in enumerate(snapshot[c * group : (c + 1) * group]):
+                mosaic.paste(frame.resize((tile_w, tile_h), Image.BOX), ((k % cols) * tile_w, (k // cols) * tile_h))
+            out[positions[c * group + group - 1]] = mosaic.crop((0, 0, size, size))
+    return out
+
+
+def heat_colors(values: np.ndarray) -> np.ndarray:
+    """Map weight ratios (weight * k^2; 1 = uniform) to RGB: 0 blue, 1 white, >= 2 red; NaN dark gray. [...] -> [..., 3]."""
+    v = np.clip(np.nan_to_num(values, nan=1.0), 0, 2)
+    low, high = np.clip(v, 0, 1), np.clip(v - 1, 0, 1)
+    rgb = np.stack([low * 255, 255 - 190 * high, 255 - 190 * high], -1)  # white -> red above 1
+    rgb = np.where((v < 1)[..., None], np.stack([50 + 205 * low, 90 + 165 * low, np.full_like(low, 255)], -1), rgb)
+    rgb[np.isnan(values)] = (60, 60, 60)
+    return rgb.astype(np.uint8)
+
+
+def heatmap_image(frame: Image.Image, weights: np.ndarray, window: int) -> Image.Image:
+    """The frame in gray with NSP weights [H, W] (times k^2) blended over it, one block per token."""
+    size = frame.size
+    heat = Image.fromarray(heat_colors(weights * window**2)).resize(size, Image.NEAREST)
+    return Image.blend(frame.convert("L").convert("RGB"), heat, 0.65)
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def render(
+    frames: list[Image.Image],
+    gridded: list[Image.Image],
+    trace: list[dict | None],
+    weights: np.ndarray | None,
+    window: int,
+    *,
+    title: str,
+    frame_labels: list[str],
+    columns: int = 8,
+) -> tuple[Image.Image, dict]:
+    """Draw the figure. frames/gridded: T square thumbnails (sampled; after PTG); weights: [T, h, w] NSP weights or
+    None. Returns (image, layout) with layout["panels"][t] = {"sampled", "ptg", "nsp"} boxes (left, top, right,
+    bottom) in pixels, for tests and tools."""
+    size, pad, line = frames[0].size[0], 10, 14
+    font, small, big = _font(12), _font(10), _font(16)
+    columns = min(columns, len(frames))
+    cell_w, cell_h = size + pad, line + 3 * size + 2 * line + 2 * pad
+    header = 96
+    width = max(columns * cell_w + pad, 720)
+    height = header + math.ceil(len(frames) / columns) * cell_h + pad
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((pad, 8), title, fill=TEXT, font=big)
+    legend = [
+        "Each column: a sampled frame (top), what PTG feeds NSP (middle: a coloured frame is a summary frame, a",
+        "mosaic of the listed frames at level L(g,s)), and NSP's softmax weight per token (bottom; blue < uniform,",
+        f"white = uniform 1/{window * window}, red >= 2x uniform; dark gray = dropped border tokens).",
+    ]
+    for i, text in enumerate(legend):
+        draw.text((pad, 30 + i * line), text, fill=GRAY, font=font)
+    x = pad
+    for i in range(5):  # colour bar
+        value = i / 2
+        draw.rectangle((x, 78, x + 28, 90), fill=tuple(int(c) for c in heat_colors(np.array([value]))[0]))
+        draw.text((x + 32, 78), f"{value:g}x", fill=TEXT, font=small)
+        x += 64
+    panels = []
+    for t, (frame, after) in enumerate(zip(frames, gridded)):
+        left = pad + (t % columns) * cell_w
+        top = header + (t // columns) * cell_h
+        draw.text((left, top), frame_labels[t], fill=TEXT, font=font)
+        y = top + line
+        sampled_box = (left, y, left + size, y + size)
+        image.paste(frame, sampled_box[:2])
+        y += size + 2
+        entry = trace[t]
+        if entry is None:
+            draw.text((left, y), "kept as is", fill=GRAY, font=small)
+        else:
+            color = LEVEL_COLORS[(entry["level"] - 1) % len(LEVEL_COLORS)]
+            label = f"L{entry['level']}({entry['group']},{entry['stride']}): " + ",".join(map(str, entry["sources"]))
+            draw.text((left, y), label, fill=color, font=small)
+        y += line
+        ptg_box = (left, y, left + size, y + size)
+        image.paste(after, ptg_box[:2])
+        if entry is not None:
+            draw.rectangle(ptg_box, outline=color, width=3)
+        y += size + 2
+        draw.text((left, y), "NSP weights", fill=GRAY, font=small)
+        y += line
+        nsp_box = (left, y, left + size, y + size)
+        if weights is not None:
+            image.paste(heatmap_image(after, weights[t], window), nsp_box[:2])
+        else:
+            draw.text((left + 4, y + size // 2), "(no NSP: stock pooling)", fill=GRAY, font=small)
+        panels.append({"sampled": sampled_box, "ptg": ptg_box, "nsp": nsp_box})
+    return image, {"panels": panels, "size": image.size}
+
+
+@torch.no_grad()
+def project_video(model, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+    """One video's projected features before pooling, as the model's `get_video_features` computes them.
+
+    pixel_values_videos: [1, T, C, H, W] -> [T, side, side, D] float32 (side = tokens per frame side, 27 for
+    SigLIP-384/14)."""
+    inner = getattr(model, "model", model)
+    config = model.config
+    dtype = next(inner.vision_tower.parameters()).dtype
+    device = next(inner.vision_tower.parameters()).device
+    outputs = inner.vision_tower(pixel_values_videos.flatten(0, 1).to(device, dtype), output_hidden_states=True)
+    layer = config.vision_feature_layer
+    if isinstance(layer, int):
+        selected = outputs.hidden_states[layer]
+    else:
+        selected = torch.cat([outputs.hidden_states[i] for i in layer], dim=-1)
+    if config.vision_feature_select_strategy == "default":
+        selected = selected[:, 1:]
+    projected = inner.multi_modal_projector(selected).float().cpu()
+    side = math.isqrt(projected.shape[1])
+    return projected.reshape(projected.shape[0], side, side, -1)
+
+
+def visualize_video(model, processor, frames: np.ndarray, frame_indices, *, title: str, thumb: int = 112):
+    """Run `model`'s vision tower + projector on decoded frames (uint8 [T, H, W, 3]) and draw the figure.
+
+    Returns (image, layout) as `render`."""
+    config = model.config
+    pixel_values = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")[
+        "pixel_values_videos"
+    ]
+    projected = project_video(model, pixel_values)
+    stgridpool = getattr(config, "video_pooling_mode", "stgridpool") == "stgridpool"
+    levels = [tuple(level) for level in config.pyramid_levels] if stgridpool else []
+    window = window_size(config.nsp_keep_ratio) if stgridpool else 2
+    weights = None
+    if stgridpool:
+        gridded_features = pyramid_temporal_grid(projected, levels)
+        weights = nsp_token_weights(
+            gridded_features,
+            config.nsp_keep_ratio,
+            config.nsp_temperature,
+            config.nsp_norm_p,
+            config.nsp_padding,
+            config.nsp_partial_windows,
+        ).numpy()
+    # LLaVA-OneVision resizes video frames to a square without cropping; the thumbnails do the same.
+    thumbs = [Image.fromarray(f).resize((thumb, thumb), Image.BILINEAR) for f in frames]
+    labels = [f"#{t}  (frame {int(i)})" for t, i in enumerate(frame_indices)]
+    return render(thumbs, ptg_images(thumbs, levels), ptg_trace(len(thumbs), levels), weights, window, title=title, frame_labels=labels)
+

@@ -1,0 +1,212 @@
+"""Video decoding with PyAV (processing_stgridpool), through the pure function and the Transformers processor path,
+plus the pure helpers of stgridpool.visualize. Clips are encoded here with PyAV; frame k's gray level encodes k."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_stgridpool_llava import norm_spatial_pool
+from processing_stgridpool import (
+    STGridPoolProcessor,
+    STGridPoolVideoProcessor,
+    VideoDecodeError,
+    read_video_pyav,
+    sample_frame_indices,
+    sample_frame_times,
+)
+from stgridpool.clips import gray_frames, index_gray_level, write_clip
+from stgridpool.tiny import save_tiny_stock_checkpoint
+from stgridpool.visualize import nsp_token_weights, ptg_images, ptg_trace
+
+LEVELS = [index_gray_level(i) for i in range(30)]
+
+
+def decoded_indices(video: np.ndarray) -> list[int]:
+    """Frame indices encoded in gray levels of decoded frames [T, H, W, 3]."""
+    return [round((float(frame.mean()) - 4) / 8) for frame in video]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_stock_checkpoint(tmp_path_factory.mktemp("tiny") / "stock")
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".mkv"])
+def test_uniform_sampling_picks_expected_frames(tmp_path, suffix):
+    path = write_clip(tmp_path / f"clip{suffix}", gray_frames(LEVELS))
+    video, metadata = read_video_pyav(path, num_frames=8)
+    expected = [0, 3, 7, 11, 15, 18, 22, 26]  # j * 30 // 8
+    assert sample_frame_indices(30, 8) == expected
+    assert list(metadata.frames_indices) == expected
+    assert decoded_indices(video) == expected
+    assert video.dtype == np.uint8 and video.shape == (8, 32, 48, 3)
+    assert metadata.total_num_frames == 30 and metadata.duration == pytest.approx(1.2)
+
+
+def test_short_video_keeps_every_frame(tmp_path):
+    path = write_clip(tmp_path / "short.mp4", gray_frames(LEVELS[:5]))
+    video, metadata = read_video_pyav(path, num_frames=32)
+    assert decoded_indices(video) == [0, 1, 2, 3, 4]
+
+
+def test_fps_sampling(tmp_path):
+    path = write_clip(tmp_path / "clip.mp4", gray_frames(LEVELS), rate=25)  # 1.2 s
+    video, metadata = read_video_pyav(path, fps=5)  # 6 frames, one every 0.2 s = 5 frames
+    assert decoded_indices(video) == [0, 5, 10, 15, 20, 25]
+    with pytest.raises(ValueError, match="both given"):
+        read_video_pyav(path, num_frames=4, fps=5)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_variable_frame_rate_is_sampled_by_time(tmp_path, suffix):
+    pts = [0, 1, 2, 10, 11, 30, 31, 32, 50, 51]  # tenths of a second; the last frame ends at 5.2 s
+    path = write_clip(tmp_path / f"vfr{suffix}", gray_frames(LEVELS[:10]), pts=pts, time_base=Fraction(1, 10), rate=10)
+    video, metadata = read_video_pyav(path, num_frames=5)
+    # instants 0, 1.04, 2.08, 3.12, 4.16 s show frames 0 (0 s), 3 (1.0 s), 4 (1.1 s), 6 (3.1 s), 7 (3.2 s)
+    assert decoded_indices(video) == [0, 3, 4, 6, 7]
+    assert [float(t) for t in metadata.frame_times] == pytest.approx([p / 10 for p in pts])
+    # uniform by index would have been [0, 2, 4, 6, 8]
+    assert sample_frame_indices(10, 5) == [0, 2, 4, 6, 8]
+
+
+def test_sample_frame_times_matches_indices_for_constant_rate():
+    for total in (7, 30, 64, 100):
+        times = [Fraction(i, 30) for i in range(total)]
+        for n in (1, 3, 8, 32):
+            assert sample_frame_times(times, Fraction(total, 30), n) == sample_frame_indices(total, n)
+
+
+@pytest.mark.parametrize("rotation, shape, corner", [(90, (48, 32), (1, 0)), (-90, (48, 32), (0, 1)), (180, (32, 48), (1, 1))])
+def test_rotation_metadata_is_applied(tmp_path, rotation, shape, corner):
+    image = np.zeros((32, 48, 3), np.uint8)
+    image[:8, :8] = 255  # a white block at the top-left of the stored frame
+    path = write_clip(tmp_path / "rot.mp4", np.stack([image] * 3), rotation=rotation)
+    video, metadata = read_video_pyav(path)
+    assert video.shape[1:3] == shape and (metadata.height, metadata.width) == shape
+    rows, cols = np.nonzero(video[0, :, :, 0] > 128)
+    # counterclockwise rotation: top-left goes to bottom-left (90), top-right (-90), bottom-right (180)
+    assert (rows.mean() > shape[0] / 2, cols.mean() > shape[1] / 2) == tuple(map(bool, corner))
+
+
+def write_audio_only(path):
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for k in range(10):
+            frame.pts = k * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def bad_inputs(tmp_path) -> dict:
+    """name -> (path, words the error must contain)."""
+    (tmp_path / "notes.txt").write_text("not a video")
+    write_audio_only(tmp_path / "audio.m4a")
+    clip = write_clip(tmp_path / "long.mkv", gray_frames(LEVELS * 4)).read_bytes()
+    (tmp_path / "truncated.mkv").write_bytes(clip[: len(clip) // 2])
+    mp4 = write_clip(tmp_path / "ok.mp4", gray_frames(LEVELS)).read_bytes()
+    (tmp_path / "truncated.mp4").write_bytes(mp4[: len(mp4) // 2])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    return {
+        "missing": (tmp_path / "missing.mp4", "no such file"),
+        "directory": (tmp_path / "folder", "is a directory"),
+        "text": (tmp_path / "notes.txt", "not a readable video"),
+        "audio": (tmp_path / "audio.m4a", "no video stream"),
+        "truncated_mkv": (tmp_path / "truncated.mkv", "truncated"),
+        "truncated_mp4": (tmp_path / "truncated.mp4", "not a readable video"),
+        "empty": (tmp_path / "empty.mp4", "empty"),
+    }
+
+
+def test_bad_inputs_raise_one_line_errors(tmp_path):
+    for name, (path, words) in bad_inputs(tmp_path).items():
+        with pytest.raises(VideoDecodeError) as info:
+            read_video_pyav(path, num_frames=4)
+        message = str(info.value)
+        assert str(path) in message and words in message and "\n" not in message, (name, message)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_frames"):
+            sample_frame_indices(10, bad)
+
+
+def test_processor_decodes_paths_in_chat_template_and_call(tmp_path, tiny_dir):
+    clip = write_clip(tmp_path / "clip.webm", gray_frames(LEVELS))
+    processor = STGridPoolProcessor.from_pretrained(tiny_dir)
+    assert isinstance(processor.video_processor, STGridPoolVideoProcessor)
+    video_id = processor.tokenizer.convert_tokens_to_ids("<video>")
+    for key in ("path", "url"):
+        conversation = [{"role": "user", "content": [{"type": "video", key: str(clip)},
+                                                     {"type": "text", "text": "what is happening?"}]}]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", num_frames=4
+        )
+        assert tuple(inputs["pixel_values_videos"].shape) == (1, 4, 3, 54, 54)
+        assert int((inputs["input_ids"] == video_id).sum()) == processor.num_video_tokens(4)
+    # processor(videos=path) with the stored num_frames (the tiny checkpoint stores 8)
+    inputs = processor(text="<video>\nwhat", videos=[str(clip)], return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[1] == 8
+    # same frames as read_video_pyav: the first sampled frame is frame 0's gray level
+    expected = processor.video_processor(videos=[read_video_pyav(clip, num_frames=8)[0]], do_sample_frames=False, return_tensors="pt")
+    torch.testing.assert_close(inputs["pixel_values_videos"], expected["pixel_values_videos"])
+    # saved and reloaded: still PyAV decoding, same num_frames; the file loads with stock classes too
+    processor.video_processor.num_frames = 5
+    processor.save_pretrained(tmp_path / "saved")
+    again = STGridPoolProcessor.from_pretrained(tmp_path / "saved")
+    assert isinstance(again.video_processor, STGridPoolVideoProcessor) and again.video_processor.num_frames == 5
+    assert again(text="<video>", videos=[str(clip)], return_tensors="pt")["pixel_values_videos"].shape[1] == 5
+    from transformers import LlavaOnevisionProcessor
+
+    assert LlavaOnevisionProcessor.from_pretrained(tmp_path / "saved").video_processor.num_frames == 5
+    with pytest.raises(VideoDecodeError, match="no such file"):
+        processor(text="<video>", videos=[str(tmp_path / "nope.mp4")])
+
+
+@pytest.mark.parametrize("partial, padding", [(False, 0), (True, 0), (False, 1)])
+def test_nsp_token_weights_reproduce_norm_spatial_pool(partial, padding):
+    torch.manual_seed(0)
+    frames = torch.randn(3, 9, 9, 5) * torch.rand(3, 9, 9, 1) * 3
+    weights = nsp_token_weights(frames, 0.25, temperature=2.0, padding=padding, partial_windows=partial)
+    assert weights.shape == (3, 9, 9)
+    pooled = norm_spatial_pool(frames, 0.25, temperature=2.0, padding=padding, partial_windows=partial)
+    if padding == 0:  # reconstruct each window's output as sum(weight * token)
+        weighted = torch.nan_to_num(weights)[..., None] * frames
+        rows, cols = pooled.shape[1:3]
+        sums = torch.zeros_like(pooled)
+        for i in range(rows):
+            for j in range(cols):
+                sums[:, i, j] = weighted[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum((1, 2))
+        torch.testing.assert_close(sums, pooled, atol=1e-5, rtol=1e-5)
+        assert bool(torch.isnan(weights[:, 8]).all()) != partial  # the 9th row: dropped unless partial windows
+        if partial:  # a border window of 2 tokens: its weights sum to 1
+            torch.testing.assert_close(weights[:, 8, 0:2].sum(-1), torch.ones(3))
+    else:  # padded windows hold zero tokens too: in-frame weights sum to less than 1 there
+        assert float(weights[:, 0, 0].max()) < 1 and not bool(torch.isnan(weights).any())
+
+
+def test_ptg_trace_matches_spec_example():
+    trace = ptg_trace(64, [(4, 2), (4, 4), (4, 8)])
+    written = {t: entry["level"] for t, entry in enumerate(trace) if entry}
+    assert written == {7: 1, 15: 2, 23: 1, 31: 3, 39: 1, 47: 2, 55: 1, 63: 3}
+    assert trace[7]["sources"] == [1, 3, 5, 7] and trace[31]["sources"] == [7, 15, 23, 31]
+    assert ptg_trace(7, [(4, 2), (4, 4), (4, 8)]) == [None] * 7
+
+
+def test_ptg_images_tile_the_source_frames():
+    from PIL import Image
+
+    colors = [(i * 30, 0, 0) for i in range(8)]
+    images = [Image.new("RGB", (10, 10), c) for c in colors]
+    out = ptg_images(images, [(4, 2)])  # samples 1, 3, 5, 7 -> one 2x2 summary at 7
+    assert [np.asarray(o).tolist() == np.asarray(i).tolist() for o, i in zip(out[:7], images[:7])] == [True] * 7
+    mosaic = np.asarray(out[7])
+    assert mosaic.shape == (10, 10, 3)
+    assert [tuple(mosaic[r, c]) for r, c in ((0, 0), (0, 9), (9, 0), (9, 9))] == [colors[1], colors[3], colors[5], colors[7]]
