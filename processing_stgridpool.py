@@ -219,24 +219,22 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     r"""`LlavaOnevisionVideoProcessor` that decodes video files with PyAV and samples `num_frames` frames.
 
     Differences from stock, all about files: `fetch_videos` (the one method Transformers 5.17 and 5.24 both call to
-    load a path) decodes with `read_video_pyav` unless `video_decoder="torchcodec"`; frames are sampled by default
-    (`do_sample_frames=True`, `num_frames=32`); a video shorter than `num_frames` keeps all its frames instead of
-    failing. Arrays and tensors are processed exactly as stock.
+    load a path) decodes with `read_video_pyav` unless `video_decoder="torchcodec"`, keeping `num_frames` frames
+    (32 unless the config says otherwise; `num_frames=None` keeps every frame) evenly spaced in time, so a file is
+    never decoded whole by accident; a video shorter than `num_frames` keeps all its frames instead of failing.
+    Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`).
 
     It saves itself as a `LlavaOnevisionVideoProcessor` (plus the keys `num_frames`, `do_sample_frames`,
     `video_decoder`), so a repo loads with stock Transformers too; `STGridPoolProcessor` turns whatever video
     processor it is given into this class. URLs (http/https) are left to the stock loader: this code does no network.
     """
 
-    do_sample_frames = True
     num_frames = DEFAULT_NUM_FRAMES
     video_decoder = "pyav"
 
     def __init__(self, **kwargs):
         if kwargs.get("num_frames") is None:
             kwargs.pop("num_frames", None)
-        if kwargs.get("do_sample_frames") is None:
-            kwargs.pop("do_sample_frames", None)
         decoder = kwargs.setdefault("video_decoder", "pyav")
         if decoder not in ("pyav", "torchcodec"):
             raise ValueError(f"video_decoder={decoder!r} is invalid: allowed values are 'pyav', 'torchcodec'")
@@ -273,20 +271,17 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
             return super().fetch_videos(source, sample_indices_fn=sample_indices_fn)
         if isinstance(source, str) and source.startswith("file://"):
             source = source[len("file://") :]
-        if sample_indices_fn is None:  # do_sample_frames=False: every frame, as stock
-            sample_indices_fn = lambda metadata: sample_frame_indices(metadata.total_num_frames)  # noqa: E731
+        if sample_indices_fn is None:  # do_sample_frames=False: a file still gets this processor's num_frames / fps
+            fps = self.fps if self.num_frames is None else None
+            return read_video_pyav(source, num_frames=self.num_frames, fps=fps)
         return read_video_pyav(source, sample_indices_fn=sample_indices_fn)
 
 
 def as_stgridpool_video_processor(video_processor):
-    """`video_processor` as an `STGridPoolVideoProcessor` with the same settings (None stays None).
-
-    A stock one's `do_sample_frames=False` (the stock default, kept for backward compatibility) becomes True: a video
-    file is sampled to `num_frames` (32 unless the config says otherwise); pass `do_sample_frames=False` in a call to
-    keep every frame."""
+    """`video_processor` as an `STGridPoolVideoProcessor` with the same settings (None stays None)."""
     if video_processor is None or isinstance(video_processor, STGridPoolVideoProcessor):
         return video_processor
-    skip = ("video_processor_type", "processor_class", "_processor_class", "do_sample_frames")
+    skip = ("video_processor_type", "processor_class", "_processor_class")
     settings = {k: v for k, v in video_processor.to_dict().items() if k not in skip}
     return STGridPoolVideoProcessor(**settings)
 

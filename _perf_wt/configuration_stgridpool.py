@@ -1,0 +1,198 @@
+"""ST-GridPool configuration: LLaVA-OneVision's config plus the video-pooling settings.
+
+The geometry helpers here (`window_size`, `pooled_frame_size`, `video_token_count`) are the one
+place that says how many tokens a video becomes; the model and the processor both use them, so
+the two cannot disagree for the same settings. They are plain Python: no torch needed.
+"""
+
+import math
+
+from transformers import LlavaOnevisionConfig
+
+POOLING_MODES = ("stgridpool", "bilinear", "average")
+NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
+# The paper's pyramid: (group size, stride) per level, applied in order.
+DEFAULT_PYRAMID_LEVELS = ((4, 2), (4, 4), (4, 8))
+
+
+def window_size(keep_ratio: float) -> int:
+    """NSP window side k for a keep ratio r = 1/k^2 (0.25 -> 2, 1/9 -> 3, 1.0 -> 1).
+
+    Raises ValueError for any ratio that is not 1/k^2 for a positive integer k.
+    """
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
+        raise ValueError(f"nsp_keep_ratio={keep_ratio!r} is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)")
+    k = round(1 / math.sqrt(keep_ratio))
+    if not math.isclose(keep_ratio, 1 / k**2, rel_tol=1e-6):
+        raise ValueError(
+            f"nsp_keep_ratio={keep_ratio!r} is invalid: allowed values are 1/k^2 for an integer k "
+            f"(1.0, 0.25, 1/9, 0.0625, ...); the nearest is 1/{k}^2 = {1 / k**2:g}"
+        )
+    return k
+
+
+def pooled_frame_size(
+    height: int,
+    width: int,
+    *,
+    video_pooling_mode: str = "stgridpool",
+    nsp_keep_ratio: float = 0.25,
+    nsp_padding: int = 0,
+    nsp_partial_windows: bool = False,
+) -> tuple[int, int]:
+    """Rows and columns (Ho, Wo) one frame of `height x width` tokens is pooled to (SPEC.md 2, 3)."""
+    if video_pooling_mode == "bilinear":
+        return math.ceil(height / 2), math.ceil(width / 2)
+    if video_pooling_mode == "average":
+        return height // 2, width // 2
+    k = window_size(nsp_keep_ratio)
+    padded_h, padded_w = height + 2 * nsp_padding, width + 2 * nsp_padding
+    if nsp_partial_windows:
+        return math.ceil(padded_h / k), math.ceil(padded_w / k)
+    return (padded_h - k) // k + 1, (padded_w - k) // k + 1
+
+
+def video_token_count(num_frames: int, pooled_height: int, pooled_width: int, video_newline_position: str) -> int:
+    """Tokens one video of `num_frames` pooled `pooled_height x pooled_width` frames takes (SPEC.md 3)."""
+    frame_tokens = pooled_height * pooled_width
+    if video_newline_position == "one_token":
+        return num_frames * frame_tokens + 1
+    if video_newline_position == "grid":
+        return num_frames * pooled_height * (pooled_width + 1)
+    if video_newline_position == "frame":
+        return num_frames * (frame_tokens + 1)
+    if video_newline_position == "none":
+        return num_frames * frame_tokens
+    raise ValueError(f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
+
+
+def validate_video_geometry(
+    *,
+    video_pooling_mode: str,
+    nsp_keep_ratio: float,
+    nsp_padding: int,
+    nsp_partial_windows: bool,
+    video_newline_position: str,
+    frame_size: int | None = None,
+) -> None:
+    """Raise ValueError naming the field, the value and what is allowed, for the settings that fix token counts.
+
+    Shared by the config and the processor so both refuse the same values with the same words.
+    `frame_size` (tokens per frame side, 27 for SigLIP-384/14) enables the window-fits check.
+    """
+    if video_pooling_mode not in POOLING_MODES:
+        raise ValueError(f"video_pooling_mode={video_pooling_mode!r} is invalid: allowed values are {POOLING_MODES}")
+    if video_newline_position not in NEWLINE_POSITIONS:
+        raise ValueError(
+            f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}"
+        )
+    k = window_size(nsp_keep_ratio)
+    if isinstance(nsp_padding, bool) or not isinstance(nsp_padding, int) or nsp_padding < 0:
+        raise ValueError(f"nsp_padding={nsp_padding!r} is invalid: allowed values are integers >= 0")
+    if not isinstance(nsp_partial_windows, bool):
+        raise ValueError(f"nsp_partial_windows={nsp_partial_windows!r} is invalid: allowed values are True or False")
+    if frame_size is not None and k > frame_size + 2 * nsp_padding:
+        raise ValueError(
+            f"nsp_keep_ratio={nsp_keep_ratio!r} is invalid: its {k}x{k} window is larger than the padded frame "
+            f"({frame_size} + 2*nsp_padding={nsp_padding} = {frame_size + 2 * nsp_padding} tokens a side); "
+            f"allowed are windows of at most {frame_size + 2 * nsp_padding} tokens a side"
+        )
+
+
+def validate_pyramid_levels(pyramid_levels) -> tuple[tuple[int, int], ...]:
+    """Check `pyramid_levels` is a sequence of (group size, stride) pairs of positive ints; return it as tuples."""
+    allowed = "a list of [group_size, stride] pairs of positive integers, e.g. [[4, 2], [4, 4], [4, 8]], or []"
+    if isinstance(pyramid_levels, (str, bytes)) or not hasattr(pyramid_levels, "__iter__"):
+        raise ValueError(f"pyramid_levels={pyramid_levels!r} is invalid: allowed is {allowed}")
+    levels = []
+    for level in pyramid_levels:
+        if isinstance(level, (str, bytes)) or not hasattr(level, "__len__") or len(level) != 2:
+            raise ValueError(f"pyramid_levels={pyramid_levels!r} is invalid: level {level!r} is not a pair; allowed is {allowed}")
+        for name, value in zip(("group size", "stride"), level):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"pyramid_levels={pyramid_levels!r} is invalid: level {list(level)!r} has {name} {value!r}; "
+                    f"allowed is {allowed}"
+                )
+        levels.append((level[0], level[1]))
+    return tuple(levels)
+
+
+class STGridPoolConfig(LlavaOnevisionConfig):
+    r"""LLaVA-OneVision config with ST-GridPool's video pooling (ICLR 2026; SPEC.md).
+
+    video_pooling_mode (`str`, defaults to `"stgridpool"`):
+        `"stgridpool"`: PTG then NSP (the paper). `"bilinear"`: stock LLaVA-OneVision (2x down-scale, 27 -> 14).
+        `"average"`: stock LLaVA-Video (2x2 average pooling, 27 -> 13). The stock modes skip PTG.
+    pyramid_levels (`list[list[int]]`, defaults to `[[4, 2], [4, 4], [4, 8]]`):
+        PTG levels `(group size g, stride s)` in order: every `s`-th frame is sampled and each run of `g`
+        sampled frames is tiled into one summary frame. `[]` disables PTG (the paper's "w/o PTG" ablation).
+    nsp_keep_ratio (`float`, defaults to 0.25):
+        Fraction of a frame's tokens NSP keeps, `1/k^2` for a `k x k` window (paper: 0.25, k = 2).
+    nsp_temperature (`float`, defaults to 1.0):
+        tau, multiplies the token-norm scores before the window softmax; larger is closer to max-norm picking.
+    nsp_norm_p (`float`, defaults to 2.0):
+        p of the p-norm that scores tokens (paper: L2).
+    nsp_padding (`int`, defaults to 0):
+        Zero tokens added on every side of a frame before windowing.
+    nsp_partial_windows (`bool`, defaults to False):
+        This project's extension: also pool the border windows that do not fill `k x k` (27 -> 14 with k = 2,
+        the stock token budget) instead of dropping them (27 -> 13, the paper).
+    video_newline_position (`str`, defaults to `"one_token"`):
+        Where `image_newline` goes: `"one_token"` after the video (LLaVA-OneVision), `"grid"` after each row of
+        each frame (LLaVA-Video), `"frame"` after each frame, `"none"` nowhere.
+    """
+
+    model_type = "stgridpool_llava_onevision"
+
+    video_pooling_mode: str = "stgridpool"
+    pyramid_levels: list | tuple | None = None
+    nsp_keep_ratio: float | int = 0.25
+    nsp_temperature: float | int = 1.0
+    nsp_norm_p: float | int = 2.0
+    nsp_padding: int = 0
+    nsp_partial_windows: bool = False
+    video_newline_position: str = "one_token"
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("model_type", None)  # a stock llava_onevision config.json says "llava_onevision"; this is ours
+        if self.pyramid_levels is None:
+            self.pyramid_levels = [list(level) for level in DEFAULT_PYRAMID_LEVELS]
+        self.pyramid_levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]
+        temperature = self.nsp_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(f"nsp_temperature={temperature!r} is invalid: allowed values are finite numbers > 0")
+        norm_p = self.nsp_norm_p
+        if isinstance(norm_p, bool) or not isinstance(norm_p, (int, float)) or not norm_p > 0:
+            raise ValueError(f"nsp_norm_p={norm_p!r} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
+        super().__post_init__(**kwargs)
+        validate_video_geometry(
+            video_pooling_mode=self.video_pooling_mode,
+            nsp_keep_ratio=self.nsp_keep_ratio,
+            nsp_padding=self.nsp_padding,
+            nsp_partial_windows=self.nsp_partial_windows,
+            video_newline_position=self.video_newline_position,
+            frame_size=self.frame_size,
+        )
+
+    @property
+    def frame_size(self) -> int:
+        """Tokens per side of one frame as it leaves the projector (27 for SigLIP-384/14)."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def pooled_frame_size(self) -> tuple[int, int]:
+        """(Ho, Wo): the grid one frame is pooled to under these settings."""
+        return pooled_frame_size(
+            self.frame_size,
+            self.frame_size,
+            video_pooling_mode=self.video_pooling_mode,
+            nsp_keep_ratio=self.nsp_keep_ratio,
+            nsp_padding=self.nsp_padding,
+            nsp_partial_windows=self.nsp_partial_windows,
+        )
+
+
+__all__ = ["STGridPoolConfig"]
