@@ -13,6 +13,16 @@ POOLING_MODES = ("stgridpool", "bilinear", "average")
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
 # The paper's pyramid: (group size, stride) per level, applied in order.
 DEFAULT_PYRAMID_LEVELS = ((4, 2), (4, 4), (4, 8))
+STGRIDPOOL_FIELDS = (
+    "video_pooling_mode",
+    "pyramid_levels",
+    "nsp_keep_ratio",
+    "nsp_temperature",
+    "nsp_norm_p",
+    "nsp_padding",
+    "nsp_partial_windows",
+    "video_newline_position",
+)
 
 
 def window_size(keep_ratio: float) -> int:
@@ -158,7 +168,21 @@ class STGridPoolConfig(LlavaOnevisionConfig):
         kwargs.pop("model_type", None)  # a stock llava_onevision config.json says "llava_onevision"; this is ours
         if self.pyramid_levels is None:
             self.pyramid_levels = [list(level) for level in DEFAULT_PYRAMID_LEVELS]
-        self.pyramid_levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]
+        super().__post_init__(**kwargs)
+        self.validate_stgridpool_settings()
+        self._stgridpool_ready = True
+
+    def __setattr__(self, name, value):
+        # `from_pretrained(repo, nsp_keep_ratio=...)` sets overrides after construction: check them as they land.
+        super().__setattr__(name, value)
+        if name in STGRIDPOOL_FIELDS and self.__dict__.get("_stgridpool_ready"):
+            self.validate_stgridpool_settings()
+
+    def validate_stgridpool_settings(self) -> None:
+        """Raise ValueError naming the field, the value and what is allowed for any invalid ST-GridPool setting."""
+        levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]
+        if levels != self.pyramid_levels:
+            self.__dict__["pyramid_levels"] = levels  # JSON-friendly lists, whatever sequence type came in
         temperature = self.nsp_temperature
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
             math.isfinite(temperature) and temperature > 0
@@ -167,7 +191,6 @@ class STGridPoolConfig(LlavaOnevisionConfig):
         norm_p = self.nsp_norm_p
         if isinstance(norm_p, bool) or not isinstance(norm_p, (int, float)) or not norm_p > 0:
             raise ValueError(f"nsp_norm_p={norm_p!r} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
-        super().__post_init__(**kwargs)
         validate_video_geometry(
             video_pooling_mode=self.video_pooling_mode,
             nsp_keep_ratio=self.nsp_keep_ratio,

@@ -62,3 +62,13 @@ def test_invalid_value_is_refused_with_its_exact_error(field, value, message):
 
 def test_padding_makes_room_for_a_larger_window():
     assert STGridPoolConfig(nsp_keep_ratio=1 / 29**2, nsp_padding=1).pooled_frame_size == (1, 1)
+
+
+def test_overrides_at_load_time_are_checked_too(tmp_path):
+    STGridPoolConfig().save_pretrained(tmp_path)
+    assert STGridPoolConfig.from_pretrained(tmp_path, nsp_keep_ratio=1 / 9).pooled_frame_size == (9, 9)
+    with pytest.raises(ValueError, match=r"level \[0, 1\] has group size 0"):
+        STGridPoolConfig.from_pretrained(tmp_path, pyramid_levels=[[4, 2], [0, 1]])
+    config = STGridPoolConfig()
+    with pytest.raises(ValueError, match="nsp_padding=-2 is invalid"):
+        config.nsp_padding = -2
