@@ -101,7 +101,10 @@ def main(argv=None) -> int:
             run_args = argparse.Namespace(**{**vars(args), "model_args": ",".join(a for a in (args.model_args, extra) if a)})
             command = lmms_eval_command(run_args, mode, args.output_dir / name)
             print("$", shlex.join(command), flush=True)
+            before = set((args.output_dir / name).rglob("*_results.json"))
             subprocess.run(command, check=True)
+            if not set((args.output_dir / name).rglob("*_results.json")) - before:  # lmms-eval may exit 0 on errors
+                raise SystemExit(f"the {name} run wrote no results under {args.output_dir / name}: see its log above")
     results = {name: latest_results(args.output_dir / name) for name in runs}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     print(format_table(tasks, results["stock"], results["stgridpool"], f"stock ({args.stock_mode})"))

@@ -108,21 +108,20 @@ def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "
     Uses the repo's remote code (`auto_map`) when it has some, else this project's installed classes (which also
     load stock llava-onevision checkpoints). The processor gets the model's final geometry, so the two agree.
     """
-    if _has_auto_map(pretrained, "config.json", "AutoModelForImageTextToText", revision):
-        from transformers import AutoModelForImageTextToText
+    remote = _has_auto_map(pretrained, "config.json", "AutoModelForImageTextToText", revision)
+    if remote:
+        from transformers import AutoConfig, AutoModelForImageTextToText as model_class
 
-        model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, revision=revision, trust_remote_code=trust_remote_code, **overrides, **model_kwargs
-        )
+        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        model_kwargs["trust_remote_code"] = trust_remote_code
     else:
-        from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
+        from configuration_stgridpool import STGridPoolConfig
+        from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration as model_class
 
-        model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(
-            pretrained, revision=revision, **overrides, **model_kwargs
-        )
-    for name, value in overrides.items():
-        if getattr(model.config, name) != value and not (name == "pyramid_levels" and [list(v) for v in value] == model.config.pyramid_levels):
-            raise ValueError(f"model_args {name}={value!r} did not reach the model config ({getattr(model.config, name)!r})")
+        config = STGridPoolConfig.from_pretrained(pretrained, revision=revision)
+    # Rebuilt from a dict, not set attribute by attribute, so the config's own checks see the overridden values.
+    config = type(config).from_dict({**config.to_dict(), **overrides})
+    model = model_class.from_pretrained(pretrained, config=config, revision=revision, **model_kwargs)
     geometry = {name: getattr(model.config, name) for name in PROCESSOR_GEOMETRY}
     if _has_auto_map(pretrained, "processor_config.json", "AutoProcessor", revision) or _has_auto_map(
         pretrained, "tokenizer_config.json", "AutoProcessor", revision
@@ -277,20 +276,24 @@ class STGridPoolLMM(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(sum of log-probabilities of the continuation tokens, whether greedy decoding gives them) per request."""
+        """(negative log-likelihood of the continuation, summed over its tokens; whether greedy decoding gives it).
+
+        lmms-eval's multiple-choice scoring picks the choice with the *lowest* value (`np.argmin`, its models
+        return losses), so this returns the summed NLL, not the log-probability.
+        """
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="stgridpool loglikelihood"):
             context, continuation, doc_to_visual, doc_id, task, split = request.args
-            doc = self.task_dict[task][split][doc_id]
-            continuation = continuation if isinstance(continuation, str) else continuation(doc)
+            if not isinstance(continuation, str):
+                continuation = continuation(self.task_dict[task][split][doc_id])
             inputs, prompt_len = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id), continuation)
             with torch.inference_mode():
                 logits = self.model(**inputs).logits[0].float()
             targets = inputs["input_ids"][0, prompt_len:]
             log_probs = torch.log_softmax(logits[prompt_len - 1 : -1], dim=-1)
-            score = log_probs.gather(1, targets[:, None]).sum().item()
+            nll = -log_probs.gather(1, targets[:, None]).sum().item()
             greedy = bool((log_probs.argmax(-1) == targets).all())
-            results.append((score, greedy))
+            results.append((nll, greedy))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
