@@ -199,22 +199,42 @@ def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
 
 
 def test_two_processes_shard_documents_and_merge_results(bench):
-    """`accelerate launch --cpu --num_processes 2` (gloo): lmms-eval gives each process part of the documents and
-    gathers every document's answer into one results file, equal to the single-process run's."""
+    """Two processes on CPU (gloo): lmms-eval gives each half the documents and gathers every document's answer
+    into one results file, equal to the single-process run's.
+
+    Launched with torchrun, which `accelerate launch` uses for multi-GPU runs too: `accelerate launch --cpu
+    --num_processes 2` starts a single process (multi-CPU needs MPI there). The model's Accelerator() picks the
+    gloo group up from torchrun's environment exactly as it picks NCCL up under `accelerate launch` on GPUs.
+    """
     if "single_process_samples" not in bench:
         pytest.skip("needs the single-process run of test_cli_runs_both_modes_and_compare_prints_the_table")
     out = bench["root"] / "ddp"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "lmms_eval",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "lmms_eval",
         "--model", "stgridpool", "--model_args",
         f"pretrained={bench['checkpoint']},max_frames_num=8,video_pooling_mode=stgridpool,device=cpu",
         "--tasks", "stgp_tiny_gen", "--include_path", str(bench["tasks"]), "--batch_size", "1",
-        "--log_samples", "--output_path", str(out), "--verbosity", "WARNING",
+        "--log_samples", "--output_path", str(out), "--verbosity", "INFO",
     ]
     result = subprocess.run(command, env=bench["env"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (result.stdout + result.stderr).replace("\r", "\n")
+    assert result.returncode == 0 and "Error during evaluation" not in log, log[-4000:]
+    assert "Running on rank 1" in log
+    # Rank 0 (the only one with a progress bar) answered its half of the documents, not all of them.
+    assert "stgridpool generate: 100%" in log and f"| {NUM_CLIPS // 2}/{NUM_CLIPS // 2} [" in log, log[-4000:]
     merged = read_samples(out, "stgp_tiny_gen")
     assert sorted(merged) == list(range(NUM_CLIPS))
     single = bench["single_process_samples"]
     assert {i: s["filtered_resps"] for i, s in merged.items()} == {i: s["filtered_resps"] for i, s in single.items()}
+
+
+def test_device_map_auto_loads_one_spread_copy(bench):
+    """device_map=auto (one process, the model spread over the visible devices; here only the CPU) answers."""
+    from stgridpool_eval.lmms_model import STGridPoolLMM
+
+    lm = STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device_map=auto,max_frames_num=2")
+    assert lm.world_size == 1 and lm.device == lm.model.device
+    lm.task_dict = {"t": {"test": [{"video": str(bench["root"] / "clip2.mp4")}]}}
+    request = ("what color", {"max_new_tokens": 2, "until": ["\n"]}, lambda doc: [doc["video"]], 0, "t", "test")
+    (answer,) = lm.generate_until(_requests("generate_until", [request]))
+    assert isinstance(answer, str) and answer
