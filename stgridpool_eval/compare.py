@@ -92,8 +92,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.no_run and not args.pretrained:
         parser.error("--pretrained is required unless --no-run")
-    if args.stgridpool_args and any(a.split("=", 1)[0] == "video_pooling_mode" for a in args.stgridpool_args.split(",")):
-        parser.error("--stgridpool-args must not set video_pooling_mode: the ST-GridPool run uses stgridpool")
+    for flag, value in (("--model-args", args.model_args), ("--stgridpool-args", args.stgridpool_args)):
+        if any(a.split("=", 1)[0].strip() == "video_pooling_mode" for a in value.split(",")):
+            parser.error(f"{flag} must not set video_pooling_mode: the runs use --stock-mode and stgridpool")
 
     runs = {"stock": (args.stock_mode, ""), "stgridpool": ("stgridpool", args.stgridpool_args)}
     if not args.no_run:
