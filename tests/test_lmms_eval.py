@@ -238,3 +238,36 @@ def test_device_map_auto_loads_one_spread_copy(bench):
     request = ("what color", {"max_new_tokens": 2, "until": ["\n"]}, lambda doc: [doc["video"]], 0, "t", "test")
     (answer,) = lm.generate_until(_requests("generate_until", [request]))
     assert isinstance(answer, str) and answer
+
+
+def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
+    """A repo laid out like the converter's (the three modules + auto_map) loads through the Auto classes with
+    trust_remote_code, and the overrides still reach its model and processor."""
+    import shutil
+
+    from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
+    from processing_stgridpool import STGridPoolProcessor
+
+    from stgridpool_eval.lmms_model import STGridPoolLMM
+
+    repo = tmp_path / "repo"
+    STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
+    STGridPoolProcessor.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
+    for module in ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py"):
+        shutil.copy(Path(__file__).parents[1] / module, repo / module)
+    auto_maps = {
+        "config.json": {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
+                        "AutoModelForImageTextToText": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration"},
+        "processor_config.json": {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"},
+    }
+    for filename, auto_map in auto_maps.items():
+        data = json.loads((repo / filename).read_text())
+        (repo / filename).write_text(json.dumps({**data, "auto_map": auto_map}))
+
+    lm = STGridPoolLMM.create_from_arg_string(f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid")
+    assert type(lm.model).__module__.startswith("transformers_modules")  # the repo's code, not the installed one
+    assert type(lm.processor).__module__.startswith("transformers_modules")
+    assert lm.model.config.video_pooling_mode == lm.processor.video_pooling_mode == "average"
+    assert lm.processor.video_newline_position == "grid"
+    inputs, _ = lm._inputs("what is this", [str(bench["root"] / "clip3.mp4")])
+    lm.model(**inputs)
