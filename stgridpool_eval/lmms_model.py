@@ -155,6 +155,7 @@ class STGridPoolLMM(lmms):
         dtype: str = "auto",
         attn_implementation: str | None = None,
         batch_size: int = 1,
+        max_batch_size: int | None = None,  # lmms-eval passes it; unused at batch size 1
         max_frames_num: int = 32,
         trust_remote_code: bool = True,
         **kwargs,
@@ -166,7 +167,7 @@ class STGridPoolLMM(lmms):
                 f"model_args {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)} not understood by the stgridpool model: "
                 f"allowed are {', '.join(LOADER_ARGS + CONFIG_OVERRIDES)}"
             )
-        if int(batch_size) != 1:
+        if str(batch_size) != "1":
             raise ValueError(f"model_args batch_size={batch_size!r} is invalid: allowed is 1")
         if isinstance(max_frames_num, bool) or not isinstance(max_frames_num, int) or max_frames_num < 1:
             raise ValueError(f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers >= 1")
@@ -187,7 +188,10 @@ class STGridPoolLMM(lmms):
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             load_device_map = None
-        model_kwargs = {"dtype": getattr(torch, dtype) if dtype != "auto" else "auto"}
+        dtypes = ("auto", "bfloat16", "float16", "float32")
+        if dtype not in dtypes:
+            raise ValueError(f"model_args dtype={dtype!r} is invalid: allowed are {', '.join(dtypes)}")
+        model_kwargs = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         if load_device_map is not None:

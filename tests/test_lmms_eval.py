@@ -134,6 +134,8 @@ def test_model_args_reach_model_and_processor(bench):
         ("pyramid_levels=4x2", "model_args pyramid_levels='4x2' is invalid"),
         ("pooling=average", "model_args pooling='average' not understood"),
         ("max_frames_num=0", "model_args max_frames_num=0 is invalid"),
+        ("dtype=fp8", "model_args dtype='fp8' is invalid"),
+        ("batch_size=auto", "model_args batch_size='auto' is invalid"),
     ],
 )
 def test_bad_model_args_are_named(bench, model_args, message):
