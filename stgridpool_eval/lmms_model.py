@@ -1,0 +1,304 @@
+"""The `stgridpool` lmms-eval model: any LLaVA-OneVision / LLaVA-Video checkpoint, with ST-GridPool settings
+overridable from `--model_args`.
+
+    accelerate launch --num_processes 8 -m lmms_eval --model stgridpool \
+        --model_args pretrained=REPO_OR_DIR,max_frames_num=64,video_pooling_mode=stgridpool,nsp_keep_ratio=0.25 \
+        --tasks videomme --batch_size 1 --output_path results/
+
+Under `accelerate launch` each process holds its own copy of the model on its own device and lmms-eval shards the
+documents and gathers the results; `device_map=auto` instead spreads one copy over all visible GPUs (one process).
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+
+# ST-GridPool settings `--model_args` may override, each a field of STGridPoolConfig.
+CONFIG_OVERRIDES = (
+    "video_pooling_mode",
+    "pyramid_levels",
+    "nsp_keep_ratio",
+    "nsp_temperature",
+    "nsp_norm_p",
+    "nsp_padding",
+    "nsp_partial_windows",
+    "video_newline_position",
+)
+# The ones the processor needs too: they fix how many <video> placeholders a video becomes.
+PROCESSOR_GEOMETRY = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
+LOADER_ARGS = ("pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num", "trust_remote_code")
+
+
+def parse_override(name: str, value: Any) -> Any:
+    """Turn one `--model_args` value (already typed by lmms-eval: str, int, float or bool) into the config's type.
+
+    `pyramid_levels` takes JSON (`[[4,2],[4,4],[4,8]]`, `[]`) or `none` for `[]`; `nsp_keep_ratio` also takes
+    fractions such as `1/9`. Validation of the values themselves is left to STGridPoolConfig, which names the
+    field, the value and what is allowed.
+    """
+    if name == "pyramid_levels" and isinstance(value, str):
+        if value.strip().lower() in ("none", ""):
+            return []
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"model_args pyramid_levels={value!r} is invalid: allowed is JSON like [[4,2],[4,4],[4,8]], [] or none"
+            ) from None
+    if name in ("nsp_keep_ratio", "nsp_temperature", "nsp_norm_p") and isinstance(value, str):
+        try:
+            return float(Fraction(value))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"model_args {name}={value!r} is invalid: allowed is a number such as 0.25 or 1/9") from None
+    if name == "nsp_padding" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def load_video(path: str, num_frames: int) -> np.ndarray:
+    """Decode `num_frames` frames sampled uniformly over the video at `path` with PyAV: uint8 [T, H, W, 3]."""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        if total <= 0:
+            raise ValueError(f"{path}: no video frames")
+        wanted = np.linspace(0, total - 1, num_frames).round().astype(int)
+        container.seek(0)
+        stream.thread_type = "AUTO"
+        frames, index = {}, 0
+        needed = set(wanted.tolist())
+        for frame in container.decode(stream):
+            if index in needed:
+                frames[index] = frame.to_ndarray(format="rgb24")
+                if len(frames) == len(needed):
+                    break
+            index += 1
+    if not frames:
+        raise ValueError(f"{path}: no frame could be decoded")
+    last = max(frames)  # the container may over-report its frame count: repeat the last frame decoded
+    return np.stack([frames.get(i, frames[last]) for i in wanted.tolist()])
+
+
+def _has_auto_map(pretrained: str, filename: str, key: str, revision: str) -> bool:
+    """Whether `filename` in the repo/dir declares `auto_map[key]` (remote code to load with trust_remote_code)."""
+    from transformers.utils import cached_file
+
+    path = cached_file(pretrained, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
+    if path is None:
+        return False
+    with open(path) as f:
+        return key in (json.load(f).get("auto_map") or {})
+
+
+def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = True, **model_kwargs):
+    """Load the ST-GridPool model with `overrides` applied to its config, and a processor that follows it.
+
+    Uses the repo's remote code (`auto_map`) when it has some, else this project's installed classes (which also
+    load stock llava-onevision checkpoints). The processor gets the model's final geometry, so the two agree.
+    """
+    remote = _has_auto_map(pretrained, "config.json", "AutoModelForImageTextToText", revision)
+    if remote:
+        from transformers import AutoConfig, AutoModelForImageTextToText as model_class
+
+        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
+        model_kwargs["trust_remote_code"] = trust_remote_code
+    else:
+        from configuration_stgridpool import STGridPoolConfig
+        from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration as model_class
+
+        config = STGridPoolConfig.from_pretrained(pretrained, revision=revision)
+    # Rebuilt from a dict, not set attribute by attribute, so the config's own checks see the overridden values.
+    config = type(config).from_dict({**config.to_dict(), **overrides})
+    model = model_class.from_pretrained(pretrained, config=config, revision=revision, **model_kwargs)
+    geometry = {name: getattr(model.config, name) for name in PROCESSOR_GEOMETRY}
+    if _has_auto_map(pretrained, "processor_config.json", "AutoProcessor", revision) or _has_auto_map(
+        pretrained, "tokenizer_config.json", "AutoProcessor", revision
+    ):
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code, **geometry)
+    else:
+        from processing_stgridpool import STGridPoolProcessor
+
+        processor = STGridPoolProcessor.from_pretrained(pretrained, revision=revision, **geometry)
+    for name, value in geometry.items():
+        if getattr(processor, name, None) != value:
+            raise ValueError(f"processor {name}={getattr(processor, name, None)!r} does not follow the model's {value!r}")
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
+class STGridPoolLMM(lmms):
+    """lmms-eval model `stgridpool`: generation (`generate_until`) and multiple-choice (`loglikelihood`) tasks on
+    videos (decoded with PyAV, `max_frames_num` frames sampled uniformly) and images, batch size 1."""
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str = "main",
+        device: str | None = None,
+        device_map: str = "",
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        batch_size: int = 1,
+        max_batch_size: int | None = None,  # lmms-eval passes it; unused at batch size 1
+        max_frames_num: int = 32,
+        trust_remote_code: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(CONFIG_OVERRIDES))
+        if unknown:
+            raise ValueError(
+                f"model_args {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)} not understood by the stgridpool model: "
+                f"allowed are {', '.join(LOADER_ARGS + CONFIG_OVERRIDES)}"
+            )
+        if str(batch_size) != "1":
+            raise ValueError(f"model_args batch_size={batch_size!r} is invalid: allowed is 1")
+        if isinstance(max_frames_num, bool) or not isinstance(max_frames_num, int) or max_frames_num < 1:
+            raise ValueError(f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers >= 1")
+        overrides = {name: parse_override(name, value) for name, value in kwargs.items()}
+
+        accelerator = Accelerator()
+        if accelerator.num_processes > 1:  # data parallel: one full model per process, on that process's device
+            if device_map not in ("", None):
+                raise ValueError(
+                    f"model_args device_map={device_map!r} is invalid under a {accelerator.num_processes}-process launch: "
+                    "allowed is '' (each process uses its own device); use device_map=auto with one process"
+                )
+            self._device = accelerator.device
+            load_device_map = {"": str(self._device)}
+        elif device_map:
+            self._device = None  # set from the model below
+            load_device_map = device_map
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            load_device_map = None
+        dtypes = ("auto", "bfloat16", "float16", "float32")
+        if dtype not in dtypes:
+            raise ValueError(f"model_args dtype={dtype!r} is invalid: allowed are {', '.join(dtypes)}")
+        model_kwargs = {"dtype": "auto" if dtype == "auto" else getattr(torch, dtype)}
+        if attn_implementation:
+            model_kwargs["attn_implementation"] = attn_implementation
+        if load_device_map is not None:
+            model_kwargs["device_map"] = load_device_map
+        self._model, self.processor = load_model_and_processor(pretrained, overrides, revision, trust_remote_code, **model_kwargs)
+        self._model.eval()
+        if self._device is None:
+            self._device = self._model.device  # first device of a spread model: where inputs go
+        elif load_device_map is None:
+            self._model.to(self._device)
+        self.accelerator = accelerator
+        self._rank = accelerator.process_index
+        self._world_size = accelerator.num_processes
+        self.pretrained = pretrained
+        self.max_frames_num = max_frames_num
+        self.batch_size_per_gpu = 1
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def device(self):
+        return self._device
+
+    @property
+    def batch_size(self):
+        return self.batch_size_per_gpu
+
+    def _inputs(self, context: str, visuals: list, continuation: str | None = None):
+        """Processor inputs for one request: the chat-formatted prompt (plus `continuation` as the assistant's
+        answer, for scoring) with its videos and images. Returns (inputs, prompt length in tokens or None)."""
+        videos = [load_video(v, self.max_frames_num) for v in visuals if isinstance(v, str)]
+        images = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
+        if len(videos) + len(images) != len(visuals):
+            kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, (str, Image.Image))})
+            raise ValueError(f"stgridpool model: unsupported visual type(s) {kinds}: allowed are video paths and PIL images")
+        content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(images) + [{"type": "text", "text": context}]
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        text = prompt if continuation is None else prompt + continuation
+        media = {"videos": videos or None, "images": images or None}
+        inputs = self.processor(text=[text], return_tensors="pt", **media).to(self.device)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs and inputs[key].is_floating_point():
+                inputs[key] = inputs[key].to(self.model.dtype)
+        prompt_len = None
+        if continuation is not None:
+            prompt_len = self.processor(text=[prompt], return_tensors="pt", **media)["input_ids"].shape[1]
+        return inputs, prompt_len
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        return [v for v in (visuals or []) if v is not None]
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Greedy (or sampled, if the task asks) answers, cut at the task's `until` strings."""
+        answers = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="stgridpool generate"):
+            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            inputs, _ = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id))
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            do_sample = temperature > 0  # lmms-eval tasks say temperature 0 for greedy
+            generate_kwargs = dict(
+                max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
+                do_sample=do_sample,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if do_sample:
+                generate_kwargs.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
+            with torch.inference_mode():
+                output = self.model.generate(**inputs, **generate_kwargs)
+            text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            answers.append(text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+        return answers
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """(negative log-likelihood of the continuation, summed over its tokens; whether greedy decoding gives it).
+
+        lmms-eval's multiple-choice scoring picks the choice with the *lowest* value (`np.argmin`, its models
+        return losses), so this returns the summed NLL, not the log-probability.
+        """
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="stgridpool loglikelihood"):
+            context, continuation, doc_to_visual, doc_id, task, split = request.args
+            if not isinstance(continuation, str):
+                continuation = continuation(self.task_dict[task][split][doc_id])
+            inputs, prompt_len = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id), continuation)
+            with torch.inference_mode():
+                logits = self.model(**inputs).logits[0].float()
+            targets = inputs["input_ids"][0, prompt_len:]
+            log_probs = torch.log_softmax(logits[prompt_len - 1 : -1], dim=-1)
+            nll = -log_probs.gather(1, targets[:, None]).sum().item()
+            greedy = bool((log_probs.argmax(-1) == targets).all())
+            results.append((nll, greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("stgridpool model: multi-round generation is not supported")
