@@ -66,29 +66,16 @@ def parse_override(name: str, value: Any) -> Any:
 
 
 def load_video(path: str, num_frames: int) -> np.ndarray:
-    """Decode `num_frames` frames sampled uniformly over the video at `path` with PyAV: uint8 [T, H, W, 3]."""
-    import av
+    """Decode `num_frames` frames of the video at `path`: uint8 [T, H, W, 3].
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-        if total <= 0:
-            raise ValueError(f"{path}: no video frames")
-        wanted = np.linspace(0, total - 1, num_frames).round().astype(int)
-        container.seek(0)
-        stream.thread_type = "AUTO"
-        frames, index = {}, 0
-        needed = set(wanted.tolist())
-        for frame in container.decode(stream):
-            if index in needed:
-                frames[index] = frame.to_ndarray(format="rgb24")
-                if len(frames) == len(needed):
-                    break
-            index += 1
-    if not frames:
-        raise ValueError(f"{path}: no frame could be decoded")
-    last = max(frames)  # the container may over-report its frame count: repeat the last frame decoded
-    return np.stack([frames.get(i, frames[last]) for i in wanted.tolist()])
+    Decoding is the processor's PyAV reader; the indices are lmms-eval's LLaVA sampling,
+    `linspace(0, total - 1, num_frames)` truncated, as in the runs behind the paper's table."""
+    from processing_stgridpool import read_video_pyav
+
+    def lmms_eval_indices(metadata):
+        return np.linspace(0, metadata.total_num_frames - 1, num_frames, dtype=int)
+
+    return read_video_pyav(path, sample_indices_fn=lmms_eval_indices)[0]
 
 
 def _has_auto_map(pretrained: str, filename: str, key: str, revision: str) -> bool:
