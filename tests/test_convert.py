@@ -1,0 +1,380 @@
+"""The converter: a stock LLaVA-OneVision checkpoint -> an ST-GridPool Hub repo that loads with trust_remote_code.
+
+All offline: the tests write tiny stock checkpoints themselves. Loading checks run in fresh Python processes where
+the project's modules cannot be imported (tests/remote_check.py), as on a user's machine that only has the repo.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+REMOTE_CHECK = Path(__file__).with_name("remote_check.py")
+CODE_MODULES = ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py")
+SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# tiny llava-onevision\n"
+# Non-default settings for the main conversion, so the test sees that every option lands in config and processor.
+OPTIONS = {
+    "--pyramid-levels": "2:1,4:2",
+    "--keep-ratio": "1/9",
+    "--temperature": "0.5",
+    "--norm-p": "1",
+    "--padding": "1",
+    "--newline-position": "frame",
+}
+EXPECTED_FIELDS = {
+    "video_pooling_mode": "stgridpool",
+    "pyramid_levels": [[2, 1], [4, 2]],
+    "nsp_keep_ratio": 1 / 9,
+    "nsp_temperature": 0.5,
+    "nsp_norm_p": 1.0,
+    "nsp_padding": 1,
+    "nsp_partial_windows": True,
+    "video_newline_position": "frame",
+}
+
+
+def env(tmp: Path) -> dict:
+    """Environment for child processes: offline, remote code cached under `tmp`, nothing from the user's HF home."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp / "hf_home"),
+        "HF_MODULES_CACHE": str(tmp / "hf_modules"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def cli_command(*args) -> list[str]:
+    return [sys.executable, "-m", "convert", *map(str, args)]
+
+
+def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
+    """`python -m convert ARGS` in a child process; cwd is the project so `-m convert` resolves like a user's."""
+    return subprocess.run(cli_command(*args), cwd=PROJECT, env=env(tmp), capture_output=True, text=True, timeout=300)
+
+
+def run_cli_many(tmp: Path, commands: list[list]) -> list[tuple[int, str]]:
+    """Several `python -m convert` runs at once (each imports Transformers: seconds); [(exit code, stderr)]."""
+    processes = [
+        subprocess.Popen(cli_command(*args), cwd=PROJECT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for args in commands
+    ]
+    results = []
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        results.append((process.returncode, stderr))
+    return results
+
+
+def run_remote_check(tmp: Path, mode: str, repo: Path, src: Path) -> dict:
+    """tests/remote_check.py in a fresh process whose cwd is outside the project; returns its JSON result."""
+    work = tmp / f"work-{mode}"
+    work.mkdir()
+    child_env = env(tmp)
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PROJECT
+    )
+    result = subprocess.run(
+        [sys.executable, str(REMOTE_CHECK), mode, str(PROJECT), str(repo), str(src), str(work)],
+        cwd=work, env=child_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree_digest(root: Path) -> dict:
+    """{relative path: sha256} of every file under `root`: to show a directory was not touched."""
+    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def shard(src: Path, dst: Path) -> Path:
+    """A copy of the checkpoint `src` with its weights split into two safetensors shards plus an index."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for p in src.iterdir():
+        if p.name != "model.safetensors":
+            (dst / p.name).write_bytes(p.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    weight_map = {}
+    for file_name, keys in halves.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, dst / file_name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(keys, file_name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("convert")
+
+
+@pytest.fixture(scope="module")
+def stock(workdir) -> Path:
+    """A tiny stock LLaVA-OneVision checkpoint with a model card carrying a license."""
+    from stgridpool.tiny import save_tiny_stock_checkpoint
+
+    path = save_tiny_stock_checkpoint(workdir / "stock")
+    (path / "README.md").write_text(SOURCE_CARD)
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(workdir, stock) -> Path:
+    """The stock checkpoint converted through the CLI with non-default settings; SRC must stay as it was."""
+    before = tree_digest(stock)
+    dst = workdir / "repos" / "converted"
+    options = [item for pair in OPTIONS.items() for item in pair]
+    result = run_cli(workdir, stock, dst, *options, "--partial-windows", "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    assert result.returncode == 0, result.stderr
+    assert tree_digest(stock) == before, "the converter modified SRC"
+    return dst
+
+
+def test_repo_files(converted, stock):
+    names = sorted(p.name for p in converted.iterdir())
+    assert names == sorted(
+        [
+            "README.md", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+            "processor_config.json", "tokenizer.json", "tokenizer_config.json", *CODE_MODULES,
+        ]
+    )  # fmt: skip
+    for name in CODE_MODULES:  # verbatim copies of the project's modules
+        assert (converted / name).read_bytes() == (PROJECT / name).read_bytes()
+    for name in ("model.safetensors", "generation_config.json", "chat_template.jinja", "tokenizer.json"):
+        assert sha256(converted / name) == sha256(stock / name), name
+
+
+def test_config_carries_source_and_settings(converted, stock):
+    source = json.loads((stock / "config.json").read_text())
+    config = json.loads((converted / "config.json").read_text())
+    for key, value in source.items():
+        if key not in ("model_type", "architectures"):
+            assert config[key] == value, key
+    assert config["model_type"] == "stgridpool_llava_onevision"
+    assert config["architectures"] == ["STGridPoolLlavaOnevisionForConditionalGeneration"]
+    for key, value in EXPECTED_FIELDS.items():
+        assert config[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_stgridpool.STGridPoolConfig",
+        "AutoModel": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionModel",
+        "AutoModelForImageTextToText": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration",
+        "AutoModelForMultimodalLM": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration",
+        "AutoProcessor": "processing_stgridpool.STGridPoolProcessor",
+    }
+    processor = json.loads((converted / "processor_config.json").read_text())
+    assert processor["auto_map"] == {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
+    assert processor["processor_class"] == "STGridPoolProcessor"
+    for key in ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position"):
+        assert processor[key] == config[key], key
+    tokenizer_config = json.loads((converted / "tokenizer_config.json").read_text())
+    assert tokenizer_config["processor_class"] == "STGridPoolProcessor"
+
+
+def test_model_card(converted):
+    text = (converted / "README.md").read_text()
+    assert text.startswith("---\n")
+    metadata = yaml.safe_load(text[4 : text.index("\n---", 4)])
+    assert metadata["base_model"] == "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+    assert metadata["library_name"] == "transformers"
+    assert metadata["pipeline_tag"] == "image-text-to-text"
+    assert metadata["license"] == "apache-2.0"  # carried over from the source card
+    assert "stgridpool" in metadata["tags"]
+    assert "| `pyramid_levels` | `[[2, 1], [4, 2]]` |" in text
+    assert "| `video_newline_position` | `\"frame\"` |" in text
+    assert "trust_remote_code=True" in text
+    assert "arXiv" in text and "2605.22078" in text and "Training-free Spatial-Temporal Pooling and Gridding" in text
+
+
+def test_loads_with_remote_code_only(converted, stock, workdir):
+    out = run_remote_check(workdir, "full", converted, stock)
+    ours = "modeling_stgridpool_llava"
+    for key, name, module in (
+        ("config", "STGridPoolConfig", "configuration_stgridpool"),
+        ("model", "STGridPoolLlavaOnevisionForConditionalGeneration", ours),
+        ("base_model", "STGridPoolLlavaOnevisionModel", ours),
+        ("multimodal_lm", "STGridPoolLlavaOnevisionForConditionalGeneration", ours),
+        ("processor", "STGridPoolProcessor", "processing_stgridpool"),
+        ("image_pipeline_model", "STGridPoolLlavaOnevisionForConditionalGeneration", ours),
+        ("video_pipeline_model", "STGridPoolLlavaOnevisionForConditionalGeneration", ours),
+        ("resaved_config", "STGridPoolConfig", "configuration_stgridpool"),
+        ("resaved_model", "STGridPoolLlavaOnevisionForConditionalGeneration", ours),
+        ("resaved_processor", "STGridPoolProcessor", "processing_stgridpool"),
+    ):
+        assert out[key]["name"] == name, key
+        assert out[key]["module"].startswith("transformers_modules."), key
+        assert out[key]["module"].endswith("." + module), key
+    assert out["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert out["base_loading_info"]["missing_keys"] == []
+    assert out["base_loading_info"]["unexpected_keys"] in ([], ["language_model.lm_head.weight"])  # the base has no head
+    assert out["processor_geometry"] == out["config_geometry"]
+    assert out["config_geometry"]["video_newline_position"] == "frame"
+    # 8 frames of 27x27 tokens, k = 3, padding 1, partial windows: 29 -> 10 a side; one newline per frame
+    assert out["video_placeholders"] == out["expected_placeholders"] == 8 * (10 * 10 + 1)
+    assert out["video_new_tokens"] > 0 and out["video_answer"].strip()
+    assert out["image_pipeline_answer"].strip()
+    assert out["video_pipeline_answer"].strip()
+    assert out["video_pipeline_frames_seen"] == [8]
+    assert set(CODE_MODULES) <= set(out["resaved_files"])
+    assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith("STGridPoolLlavaOnevisionForConditionalGeneration")
+    assert out["resaved_processor_geometry"] == out["processor_geometry"]
+    assert out["resaved_same_inputs"] and out["resaved_logits_max_diff"] == 0.0
+
+
+def test_bilinear_mode_equals_stock_from_sharded_source(stock, workdir):
+    """A sharded source: the index and shards carried byte for byte; bilinear mode gives stock's logits."""
+    sharded = shard(stock, workdir / "stock-sharded")
+    dst = workdir / "repos" / "bilinear"
+    result = run_cli(workdir, sharded, dst, "--video-pooling-mode", "bilinear", "--copy")
+    assert result.returncode == 0, result.stderr
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+        assert sha256(dst / name) == sha256(sharded / name), name
+        assert os.stat(dst / name).st_ino != os.stat(sharded / name).st_ino  # --copy: not a hard link
+    assert not (dst / "model.safetensors").exists()
+    out = run_remote_check(workdir, "stock", dst, stock)
+    assert out["model"]["name"] == "STGridPoolLlavaOnevisionForConditionalGeneration"
+    assert out["same_input_ids"] and out["same_pixels"]
+    assert out["logits_max_diff"] <= 1e-5, out
+
+
+def _refusal_cases(tmp: Path, stock: Path) -> list:
+    """(name, SRC, extra args, words the message must contain)."""
+    not_llava = tmp / "not-llava"
+    not_llava.mkdir()
+    (not_llava / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (not_llava / "model.safetensors").write_bytes((stock / "model.safetensors").read_bytes())
+    pickles = tmp / "pickles"
+    pickles.mkdir()
+    (pickles / "config.json").write_text((stock / "config.json").read_text())
+    (pickles / "pytorch_model.bin").write_bytes(b"not a pickle at all: it must never be opened")
+    incomplete = shard(stock, tmp / "incomplete")
+    (incomplete / "model-00002-of-00002.safetensors").unlink()
+    no_tokenizer = tmp / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors", "processor_config.json"):
+        (no_tokenizer / name).write_bytes((stock / name).read_bytes())
+    return [
+        ("missing", tmp / "does-not-exist", [], ["SRC=", "does-not-exist", "no such directory", "allowed"]),
+        ("not llava", not_llava, [], ["SRC=", "model_type='qwen2'", "llava_onevision"]),
+        ("pickle only", pickles, [], ["SRC=", "pytorch_model.bin", "safetensors"]),
+        ("incomplete index", incomplete, [], ["model-00002-of-00002.safetensors", "missing", "allowed"]),
+        ("no tokenizer", no_tokenizer, [], ["SRC=", "tokenizer", "allowed"]),
+        ("keep ratio", stock, ["--keep-ratio", "0.3"], ["nsp_keep_ratio=0.3", "allowed", "1/k^2"]),
+        ("pooling mode", stock, ["--video-pooling-mode", "max"], ["video_pooling_mode='max'", "stgridpool", "bilinear", "average"]),
+        ("newline", stock, ["--newline-position", "top"], ["video_newline_position='top'", "one_token", "grid"]),
+        ("pyramid", stock, ["--pyramid-levels", "4-2"], ["--pyramid-levels='4-2'", "GROUP:STRIDE", "none"]),
+        ("pyramid zero", stock, ["--pyramid-levels", "0:2"], ["pyramid_levels=", "group size 0", "positive"]),
+        ("temperature", stock, ["--temperature", "0"], ["nsp_temperature=0", "> 0"]),
+        ("padding", stock, ["--padding", "-1"], ["nsp_padding=-1", ">= 0"]),
+        ("private without push", stock, ["--private"], ["--private", "--push-to-hub"]),
+        ("bad repo id", stock, ["--push-to-hub", "a/b/c"], ["--push-to-hub='a/b/c'", "allowed"]),
+    ]
+
+
+def test_refusals(stock, tmp_path):
+    before = tree_digest(stock)
+    cases = _refusal_cases(tmp_path, stock)
+    commands = [[src, tmp_path / "out" / name.replace(" ", "-") / "repo", *args] for name, src, args, _ in cases]
+    for (name, _, _, words), (code, stderr) in zip(cases, run_cli_many(tmp_path, commands)):
+        assert code == 2, (name, stderr)
+        message = stderr.strip()
+        assert len(message.splitlines()) == 1, (name, message)
+        for word in words:
+            assert word in message, (name, word, message)
+    assert not (tmp_path / "out").exists(), "DST (or its parent) was created"
+    assert tree_digest(stock) == before
+
+
+def test_non_empty_destination_and_overwrite(stock, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    result = run_cli(tmp_path, stock, dst)
+    assert result.returncode == 2 and "--overwrite" in result.stderr and "non-empty" in result.stderr
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+    inside = stock / "sub"  # DST equal to or containing SRC would destroy it with --overwrite
+    result = run_cli(tmp_path, stock, stock, "--overwrite")
+    assert result.returncode == 2 and "SRC" in result.stderr and not inside.exists()
+    result = run_cli(tmp_path, stock, dst, "--overwrite", "--video-pooling-mode", "average")
+    assert result.returncode == 0, result.stderr
+    assert not (dst / "keep.txt").exists()
+    assert json.loads((dst / "config.json").read_text())["video_pooling_mode"] == "average"
+    assert os.stat(dst / "model.safetensors").st_ino == os.stat(stock / "model.safetensors").st_ino  # hard link
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli(tmp_path, stock, empty).returncode == 0
+    assert (empty / "config.json").is_file()
+
+
+def test_failure_leaves_nothing(stock, tmp_path, monkeypatch):
+    import convert
+    import convert.repo
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert.repo, "transfer_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        convert.main([str(stock), str(tmp_path / "dst")])
+    assert list(tmp_path.iterdir()) == []
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records what would be created and uploaded."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, *, branch, **kwargs):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, *, repo_id, folder_path, revision=None, **kwargs):
+        files = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        self.calls.append(("upload_folder", repo_id, folder_path, revision, files))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+def test_push_to_hub(stock, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    import convert
+
+    FakeHfApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    dst = tmp_path / "dst"
+    code = convert.main([str(stock), str(dst), "--push-to-hub", "me/tiny-stgridpool", "--private", "--revision", "dev"])
+    assert code == 0, capsys.readouterr().err
+    (create, repo_id, kwargs), branch, upload = FakeHfApi.calls
+    assert (create, repo_id, kwargs["private"], kwargs.get("repo_type", "model")) == ("create_repo", "me/tiny-stgridpool", True, "model")
+    assert branch == ("create_branch", "me/tiny-stgridpool", "dev")
+    name, repo_id, folder, revision, files = upload
+    assert (name, repo_id, Path(folder), revision) == ("upload_folder", "me/tiny-stgridpool", dst, "dev")
+    assert files == sorted(p.name for p in dst.iterdir())
+    assert {"config.json", "model.safetensors", "README.md", "processor_config.json", *CODE_MODULES} <= set(files)
+    assert 'repo = "me/tiny-stgridpool"' in (dst / "README.md").read_text()
+
+
+def test_parse_pyramid_levels():
+    from convert.cli import parse_pyramid_levels
+
+    assert parse_pyramid_levels("4:2,4:4,4:8") == [[4, 2], [4, 4], [4, 8]]
+    assert parse_pyramid_levels("none") == []
+    assert parse_pyramid_levels(" 2:1 ") == [[2, 1]]
