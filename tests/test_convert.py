@@ -378,3 +378,24 @@ def test_parse_pyramid_levels():
     assert parse_pyramid_levels("4:2,4:4,4:8") == [[4, 2], [4, 4], [4, 8]]
     assert parse_pyramid_levels("none") == []
     assert parse_pyramid_levels(" 2:1 ") == [[2, 1]]
+
+
+def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
+    """A Hub model id is fetched with snapshot_download (pickles skipped) and becomes the card's base_model."""
+    import huggingface_hub
+
+    import convert
+
+    fetched = []
+
+    def fake_snapshot_download(repo_id, revision=None, ignore_patterns=None, **kwargs):
+        fetched.append((repo_id, revision, ignore_patterns))
+        return str(stock)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    assert convert.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, capsys.readouterr().err
+    ((repo_id, revision, ignore),) = fetched
+    assert (repo_id, revision) == ("llava-hf/tiny-ov", "v1") and "*.bin" in ignore
+    text = (tmp_path / "dst" / "README.md").read_text()
+    assert yaml.safe_load(text[4 : text.index("\n---", 4)])["base_model"] == "llava-hf/tiny-ov"
