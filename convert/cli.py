@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", help="Hub id for the card's base_model (default: SRC when it is a Hub id)")
     parser.add_argument("--src-revision", help="revision of SRC when it is a Hub model id")
     parser.add_argument("--copy", action="store_true", help="copy the weights instead of hard-linking them")
+    parser.add_argument("--tokenizer", help="original LLaVA-NeXT SRC only: tokenizer directory or Hub id, if SRC ships none")
+    parser.add_argument("--vision-config", help="original LLaVA-NeXT SRC only: JSON file with the SigLIP vision config, for a tower not known by name")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a non-empty directory")
     hub = parser.add_argument_group("Hub upload")
     hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the repo to this Hub model repo (created if needed)")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> Path:
     """Check everything, then write the repo (and push it). Raises ConversionError before writing on bad input."""
     from .card import model_card
     from .hub import push_to_hub
-    from .repo import STGRIDPOOL_FIELDS, build_config, check_destination, check_processor_files, write_repo
+    from .repo import STGRIDPOOL_FIELDS, build_config, check_destination, check_processor_files, copy_stock_files, write_repo
     from .source import inspect_source
 
     # Cheapest checks first: building the config imports Transformers (seconds).
@@ -124,16 +126,49 @@ def run(args: argparse.Namespace) -> Path:
     source = inspect_source(args.src, args.src_revision)
     dst = Path(args.dst).absolute()
     check_destination(dst, source.path, args.overwrite)
-    check_processor_files(source)
-    config = build_config(source.config, chosen_settings(args))
+    if source.layout == "original":
+        config, fill = prepare_original(source, args)
+    else:
+        for flag, value in (("--tokenizer", args.tokenizer), ("--vision-config", args.vision_config)):
+            if value:
+                raise ConversionError(f"{flag}={value!r} is invalid for a Transformers-format SRC; allowed only for original LLaVA-NeXT checkpoints")
+        check_processor_files(source)
+        config = build_config(source.config, chosen_settings(args))
+
+        def fill(temp):
+            copy_stock_files(source, temp, args.copy)
+
     settings = {name: config[name] for name in STGRIDPOOL_FIELDS}
     card = model_card(source.card_metadata, args.base_model or source.hub_id, settings, args.push_to_hub)
-    write_repo(source, config, card, dst, overwrite=args.overwrite, copy=args.copy)
+    write_repo(source.path, config, card, dst, fill, overwrite=args.overwrite)
     print(f"Wrote {dst}", file=sys.stderr)
     if args.push_to_hub:
         url = push_to_hub(dst, args.push_to_hub, private=args.private, revision=args.revision)
         print(f"Pushed to {url}", file=sys.stderr)
     return dst
+
+
+def prepare_original(source, args: argparse.Namespace):
+    """Config and file writer for an original LLaVA-NeXT SRC; every check (weights, tokenizer, settings) runs here."""
+    import shutil
+
+    from . import original
+    from .repo import PROCESSOR_GEOMETRY_FIELDS, build_config
+
+    info = original.read_weight_info(source.path, source.weight_files)
+    original.check_weight_names(info, tied=bool(source.config.get("tie_word_embeddings", False)))
+    tokenizer = original.load_tokenizer(source.path, args.tokenizer)
+    converted, defaults = original.build_source_config(source.config, info, tokenizer, args.vision_config)
+    config = build_config(converted, {**defaults, **chosen_settings(args)})
+    processor = original.build_processor(config, tokenizer, {name: config[name] for name in PROCESSOR_GEOMETRY_FIELDS})
+
+    def fill(temp):
+        processor.save_pretrained(temp)
+        if (source.path / "generation_config.json").is_file():
+            shutil.copyfile(source.path / "generation_config.json", temp / "generation_config.json")
+        original.stream_weights(source.path, info, temp)
+
+    return config, fill
 
 
 def main(argv=None) -> int:

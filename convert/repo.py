@@ -42,7 +42,7 @@ STGRIDPOOL_FIELDS = (
 # The fields the processor needs to count <video> placeholders (STGridPoolProcessor's extra arguments).
 PROCESSOR_GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
 # Files of SRC that the repo gets from elsewhere, or never: rewritten, replaced, or not safe to carry.
-REWRITTEN_FILES = ("config.json", "README.md", "processor_config.json")
+REWRITTEN_FILES = ("config.json", "README.md")
 SKIPPED_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".msgpack", ".h5", ".onnx", ".py", ".pyc")
 # Files that may name the processor class; they are pointed at ours so AutoProcessor finds it whichever it reads.
 PROCESSOR_NAMING_FILES = ("tokenizer_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
@@ -131,9 +131,8 @@ def _write_json(path: Path, data: dict) -> None:
         handle.write("\n")
 
 
-def processor_config(source: SourceCheckpoint, config: dict) -> dict:
-    """processor_config.json: SRC's (if any) with our class, auto_map and the model config's geometry."""
-    path = source.path / "processor_config.json"
+def processor_config(path: Path, config: dict) -> dict:
+    """processor_config.json: the one at `path` (if any) with our class, auto_map and the model config's geometry."""
     data = _read_json(path) if path.is_file() else {}
     data.update({name: config[name] for name in PROCESSOR_GEOMETRY_FIELDS})
     data["processor_class"] = PROCESSOR_CLASS
@@ -205,23 +204,31 @@ def _move_into_place(temp: Path, dst: Path) -> None:
         os.rename(temp, dst)
 
 
-def write_repo(source: SourceCheckpoint, config: dict, card: str, dst: Path, *, overwrite: bool = False, copy: bool = False) -> Path:
-    """Write the complete repo to DST (see module docstring). `config` from `build_config`, `card` the README."""
-    check_destination(dst, source.path, overwrite)
-    check_processor_files(source)
+def copy_stock_files(source: SourceCheckpoint, target: Path, copy: bool) -> None:
+    """Fill `target` from a Transformers-format SRC: its processor/tokenizer/generation files and its weights."""
+    for name in carried_files(source):
+        shutil.copyfile(source.path / name, target / name)
+    transfer_weights(source, target, copy)
+
+
+def write_repo(source_path: Path, config: dict, card: str, dst: Path, fill, *, overwrite: bool = False) -> Path:
+    """Write the complete repo to DST (see module docstring).
+
+    `config` from `build_config`, `card` the README text, `fill(temp)` writes the source-specific files (processor,
+    tokenizer, generation config, weights) into the temporary directory; the rest is common.
+    """
+    check_destination(dst, source_path, overwrite)
     code = [code_file(module) for module in CODE_MODULES]
     temp = _new_temp_dir(dst)
     try:
-        for name in carried_files(source):
-            shutil.copyfile(source.path / name, temp / name)
+        fill(temp)
         for name in PROCESSOR_NAMING_FILES:
             point_processor_class(temp / name)
-        _write_json(temp / "processor_config.json", processor_config(source, config))
+        _write_json(temp / "processor_config.json", processor_config(temp / "processor_config.json", config))
         _write_json(temp / "config.json", config)
         for path in code:
             shutil.copyfile(path, temp / path.name)
         (temp / "README.md").write_text(card, encoding="utf-8")
-        transfer_weights(source, temp, copy)
         _move_into_place(temp, dst)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)

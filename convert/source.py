@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConversionError
+from .original import is_original_layout
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -27,6 +28,7 @@ class SourceCheckpoint:
     weight_files: list[str]  # file names relative to `path`, in index order
     index_file: str | None = None  # "model.safetensors.index.json" for sharded checkpoints
     hub_id: str | None = None  # the Hub model id SRC was given as, if it was one
+    layout: str = "transformers"  # or "original": LLaVA-NeXT's LlavaQwenForCausalLM (convert.original)
     card_metadata: dict = field(default_factory=dict)  # the YAML front matter of SRC's README.md
 
 
@@ -148,10 +150,15 @@ def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
         )
     config = read_json(config_path, "SRC config")
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type in SUPPORTED_MODEL_TYPES:
+        layout = "transformers"
+    elif is_original_layout(config):
+        layout = "original"
+    else:
         raise ConversionError(
             f"SRC={src!r} is invalid: its config.json has model_type={model_type!r}; allowed is a LLaVA-OneVision "
-            f"checkpoint in Transformers format, model_type in {SUPPORTED_MODEL_TYPES}"
+            f"checkpoint in Transformers format (model_type in {SUPPORTED_MODEL_TYPES}) or an original LLaVA-NeXT "
+            f"one (model_type 'llava', LlavaQwenForCausalLM: LLaVA-Video, lmms-lab LLaVA-OneVision)"
         )
     weight_files, index_file = find_weight_files(path)
     return SourceCheckpoint(
@@ -160,5 +167,6 @@ def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
         weight_files=weight_files,
         index_file=index_file,
         hub_id=hub_id,
+        layout=layout,
         card_metadata=read_card_metadata(path / "README.md"),
     )

@@ -328,7 +328,7 @@ def test_failure_leaves_nothing(stock, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert.repo, "transfer_weights", broken)
+    monkeypatch.setattr(convert.repo, "transfer_weights", broken)  # called while filling the temporary directory
     with pytest.raises(OSError, match="disk full"):
         convert.main([str(stock), str(tmp_path / "dst")])
     assert list(tmp_path.iterdir()) == []
