@@ -21,6 +21,7 @@ KNOWN_VISION_TOWERS = {
         layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
     ),  # fmt: skip
 }
+VISION_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
 SIGLIP_MEAN_STD = [0.5, 0.5, 0.5]
 # Top-level fields of the original config that are Qwen2 text-model fields.
 TEXT_FIELDS = (
@@ -106,6 +107,14 @@ def vision_config(config: dict, info: WeightInfo, vision_config_file: str | None
             base = json.loads(Path(vision_config_file).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ConversionError(f"--vision-config={vision_config_file!r} is invalid: {error}; allowed is a JSON file of SigLIP vision config fields") from None
+        if not isinstance(base, dict):
+            base = {}
+        missing = [k for k in VISION_FIELDS if not (isinstance(base.get(k), int) and base[k] > 0)]
+        if missing:
+            raise ConversionError(
+                f"--vision-config={vision_config_file!r} is invalid: no positive integer {', '.join(missing)}; allowed is "
+                f"a JSON object of SigLIP vision config fields with at least {', '.join(VISION_FIELDS)}"
+            )
     elif tower in KNOWN_VISION_TOWERS:
         base = dict(KNOWN_VISION_TOWERS[tower])
     else:

@@ -157,6 +157,80 @@ def compare_with_stock(project: str, repo: str, src: str, work: str) -> dict:
     }
 
 
+def original_reference(src: str, config: dict, pixel_values_videos):
+    """The original LLaVA-NeXT video path, written out from its source (not from this project), on SRC's own tensors:
+    SigLIP tower without its last layer (already dropped in SRC) -> last hidden state -> mm_projector (Linear, GELU,
+    Linear) -> 2x2 average pooling per frame (get_2dPool) -> a newline after each row of each frame
+    (add_token_per_grid)."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    tensors = {}
+    for shard in sorted(Path(src).glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    tower = SiglipVisionModel(SiglipVisionConfig(**config["vision_config"])).eval()
+    # SigLIP's own parameter names: under `vision_model.` in some Transformers versions, not in others
+    inner = "vision_model." if next(iter(tower.state_dict())).startswith("vision_model.") else ""
+    tower_prefix = "model.vision_tower.vision_tower."
+    tower_state = {}
+    for key, value in tensors.items():
+        if key.startswith(tower_prefix):
+            tower_state[inner + key[len(tower_prefix) :].removeprefix("vision_model.")] = value
+    tower.load_state_dict(tower_state, strict=True)
+    with torch.no_grad():
+        frames = pixel_values_videos[0]  # one video: [T, 3, H, W]
+        hidden = tower(frames, output_hidden_states=True).hidden_states[-1]
+        projected = F.linear(hidden, tensors["model.mm_projector.0.weight"], tensors["model.mm_projector.0.bias"])
+        projected = F.linear(F.gelu(projected), tensors["model.mm_projector.2.weight"], tensors["model.mm_projector.2.bias"])
+        num_frames, num_tokens, dim = projected.shape
+        side = int(num_tokens**0.5)
+        # get_2dPool, mode "average", stride 2
+        grid = projected.view(num_frames, side, side, dim).permute(0, 3, 1, 2)
+        pooled = F.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(num_frames, -1, dim)
+        # add_token_per_grid
+        resize_h = int(pooled.shape[1] ** 0.5)
+        feature = pooled.view(num_frames, 1, resize_h, resize_h, -1).permute(4, 0, 2, 1, 3).contiguous()
+        feature = feature.flatten(1, 2).flatten(2, 3)
+        newline = tensors["model.image_newline"]
+        feature = torch.cat((feature, newline[:, None, None].expand(*feature.shape[:-1], 1)), dim=-1)
+        return feature.flatten(1, 2).transpose(0, 1)
+
+
+def check_original(project: str, repo: str, src: str, work: str) -> dict:
+    """A repo converted from an original LLaVA-NeXT checkpoint: loads, counts agree, generates; in `average` mode its
+    video features equal the original forward's."""
+    isolate(Path(project))
+    import numpy as np
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config = json.loads((Path(repo) / "config.json").read_text())
+    model, info = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, output_loading_info=True)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+    frames = np.random.default_rng(2).integers(0, 256, size=(5, 54, 54, 3), dtype=np.uint8)
+    inputs = processor(text=video_prompt(processor, "what is happening in this video?"), videos=[frames], return_tensors="pt")
+    out = {
+        "model": origin(model),
+        "processor": origin(processor),
+        "loading_info": {key: sorted(map(str, value)) for key, value in info.items() if key in ("missing_keys", "unexpected_keys", "mismatched_keys")},
+        "video_placeholders": int((inputs["input_ids"] == config["video_token_index"]).sum()),
+        "processor_num_frames": processor.video_processor.num_frames,
+    }
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        if config["video_pooling_mode"] == "average":
+            ours = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output[0]
+            reference = original_reference(src, config, inputs["pixel_values_videos"])
+            out["features_shape"] = list(ours.shape)
+            out["reference_shape"] = list(reference.shape)
+            out["features_max_diff"] = float((ours - reference).abs().max()) if ours.shape == reference.shape else None
+    out["video_new_tokens"] = int(generated.shape[1] - inputs["input_ids"].shape[1])
+    return out
+
+
 if __name__ == "__main__":
-    check = compare_with_stock if sys.argv[1] == "stock" else main
+    check = {"stock": compare_with_stock, "original": check_original}.get(sys.argv[1], main)
     print("RESULT " + json.dumps(check(*sys.argv[2:6])))

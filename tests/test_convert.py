@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,7 @@ def run_cli_many(tmp: Path, commands: list[list]) -> list[tuple[int, str]]:
 
 def run_remote_check(tmp: Path, mode: str, repo: Path, src: Path) -> dict:
     """tests/remote_check.py in a fresh process whose cwd is outside the project; returns its JSON result."""
-    work = tmp / f"work-{mode}"
-    work.mkdir()
+    work = Path(tempfile.mkdtemp(prefix=f"work-{mode}-", dir=tmp))
     child_env = env(tmp)
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PROJECT
@@ -399,3 +399,224 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
     assert (repo_id, revision) == ("llava-hf/tiny-ov", "v1") and "*.bin" in ignore
     text = (tmp_path / "dst" / "README.md").read_text()
     assert yaml.safe_load(text[4 : text.index("\n---", 4)])["base_model"] == "llava-hf/tiny-ov"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Original LLaVA-NeXT checkpoints (LlavaQwenForCausalLM): LLaVA-Video and lmms-lab LLaVA-OneVision
+# ---------------------------------------------------------------------------------------------------------------
+
+TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "image_size": 54, "patch_size": 2}
+
+
+def original_name(name: str, vision_model_prefix: bool) -> str | None:
+    """In-memory Transformers parameter name -> the original LLaVA-NeXT weight name (what a test checkpoint holds)."""
+    for ours, theirs in (
+        ("model.language_model.", "model."),
+        ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+        ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+        ("model.image_newline", "model.image_newline"),
+        ("lm_head.", "lm_head."),
+    ):
+        if name.startswith(ours):
+            return theirs + name[len(ours) :]
+    assert name.startswith("model.vision_tower."), name
+    rest = name[len("model.vision_tower.") :].removeprefix("vision_model.")  # in memory with or without it, by version
+    return "model.vision_tower.vision_tower." + ("vision_model." if vision_model_prefix else "") + rest
+
+
+def expected_saved_name(original: str) -> str:
+    """Where the converter must put an original weight: the layout Transformers saves llava-onevision checkpoints in."""
+    for theirs, ours in (
+        ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+        ("model.vision_tower.vision_tower.", "vision_tower."),
+        ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+        ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+        ("model.image_newline", "image_newline"),
+        ("lm_head.", "language_model.lm_head."),
+        ("model.", "language_model.model."),
+    ):
+        if original.startswith(theirs):
+            return ours + original[len(theirs) :]
+    raise AssertionError(original)
+
+
+def save_original_checkpoint(path: Path, *, video: bool, vision_model_prefix: bool, tied: bool, shards: int) -> Path:
+    """A tiny synthetic checkpoint in the original LLaVA-NeXT layout: flat Qwen2 config with mm_* fields, original
+    weight names, Qwen-style tokenizer files. `video`: LLaVA-Video flavour (average pooling, grid newlines)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs
+
+    path.mkdir()
+    tokenizer = build_tiny_tokenizer()
+    kwargs = tiny_config_kwargs(tokenizer, tie_word_embeddings=tied)
+    names = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(**kwargs)).state_dict()
+    generator = torch.Generator().manual_seed(1 + video)
+    tensors = {}
+    for name, tensor in names.items():
+        if tied and name == "lm_head.weight":
+            continue
+        tensors[original_name(name, vision_model_prefix)] = torch.randn(tensor.shape, generator=generator) * 0.2
+    keys = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            file_name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[i::shards]
+            save_file({k: tensors[k] for k in part}, path / file_name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, file_name))
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    text = kwargs["text_config"]
+    config = {
+        "model_type": "llava",
+        "architectures": ["LlavaQwenForCausalLM"],
+        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings", "eos_token_id")},
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
+        "mm_vision_tower": "tiny/siglip-test",
+        "mm_hidden_size": 16,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_patch_merge_type": "spatial_unpad",
+        "image_aspect_ratio": "anyres_max_9",
+        "image_grid_pinpoints": "(1x1),...,(2x2)" if video else [[54, 54], [54, 108]],
+        "mm_spatial_pool_mode": "average" if video else "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "mm_newline_position": "grid" if video else "one_token",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(path)
+    (path / "vision_config.json").write_text(json.dumps(TINY_VISION))  # what --vision-config reads in these tests
+    return path
+
+
+ORIGINAL_FLAVOURS = {
+    # name: (checkpoint options, converter options)
+    "llava-video": (dict(video=True, vision_model_prefix=True, tied=False, shards=2), ["--video-pooling-mode", "average"]),
+    "onevision": (dict(video=False, vision_model_prefix=False, tied=True, shards=1), []),
+}
+
+
+@pytest.fixture(scope="module")
+def originals(workdir) -> dict:
+    """Each flavour: (SRC, DST) after a CLI conversion; SRC must stay as it was."""
+    out = {}
+    for name, (checkpoint, options) in ORIGINAL_FLAVOURS.items():
+        src = save_original_checkpoint(workdir / f"original-{name}", **checkpoint)
+        out[name] = (src, workdir / "repos" / f"from-{name}", options)
+    before = {name: tree_digest(src) for name, (src, _, _) in out.items()}
+    commands = [[src, dst, "--vision-config", src / "vision_config.json", *options] for src, dst, options in out.values()]
+    for (code, stderr) in run_cli_many(workdir, commands):
+        assert code == 0, stderr
+    assert {name: tree_digest(src) for name, (src, _, _) in out.items()} == before, "the converter modified SRC"
+    return {name: (src, dst) for name, (src, dst, _) in out.items()}
+
+
+def read_safetensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.parametrize("flavour", list(ORIGINAL_FLAVOURS))
+def test_original_tensors_and_config(originals, flavour):
+    import torch
+
+    src, dst = originals[flavour]
+    video = ORIGINAL_FLAVOURS[flavour][0]["video"]
+    source, converted = read_safetensors(src), read_safetensors(dst)
+    assert sorted(converted) == sorted(expected_saved_name(k) for k in source)
+    for key, tensor in source.items():
+        new = converted[expected_saved_name(key)]
+        assert new.dtype == tensor.dtype and torch.equal(new, tensor), key
+    shards = sorted(p.name for p in dst.glob("*.safetensors"))
+    if ORIGINAL_FLAVOURS[flavour][0]["shards"] > 1:
+        index = json.loads((dst / "model.safetensors.index.json").read_text())
+        assert sorted(set(index["weight_map"].values())) == shards and sorted(index["weight_map"]) == sorted(converted)
+    else:
+        assert shards == ["model.safetensors"]
+    config = json.loads((dst / "config.json").read_text())
+    original = json.loads((src / "config.json").read_text())
+    assert config["model_type"] == "stgridpool_llava_onevision"
+    assert config["vision_config"]["num_hidden_layers"] == 2 and config["vision_config"]["vision_use_head"] is False
+    assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-1, "full")
+    assert config["text_config"]["hidden_size"] == 32 and config["tie_word_embeddings"] is original["tie_word_embeddings"]
+    for key in ("mm_spatial_pool_mode", "mm_newline_position", "mm_vision_tower"):  # the source's stock pooling, recorded
+        assert config[key] == original[key]
+    assert config["video_newline_position"] == ("grid" if video else "one_token")
+    assert config["video_pooling_mode"] == ("average" if video else "stgridpool")
+    assert config["image_grid_pinpoints"] == [[54, 54], [54, 108], [108, 54], [108, 108]] if video else [[54, 54], [54, 108]]
+    processor = json.loads((dst / "processor_config.json").read_text())
+    assert processor["video_processor"]["num_frames"] == (64 if video else 32)
+    assert processor["video_newline_position"] == config["video_newline_position"]
+    assert processor["auto_map"]["AutoProcessor"] == "processing_stgridpool.STGridPoolProcessor"
+    assert set(CODE_MODULES) <= {p.name for p in dst.iterdir()}
+
+
+@pytest.mark.parametrize("flavour", list(ORIGINAL_FLAVOURS))
+def test_original_loads_and_matches_original_forward(originals, flavour, workdir):
+    from configuration_stgridpool import video_token_count
+
+    src, dst = originals[flavour]
+    video = ORIGINAL_FLAVOURS[flavour][0]["video"]
+    out = run_remote_check(workdir, "original", dst, src)
+    assert out["model"]["name"] == "STGridPoolLlavaOnevisionForConditionalGeneration"
+    assert out["model"]["module"].startswith("transformers_modules.")
+    assert out["processor"]["name"] == "STGridPoolProcessor"
+    assert out["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    side = 13  # 27x27 tokens: average pooling and the paper's NSP (k = 2, no partial windows) both give 13x13
+    assert out["video_placeholders"] == video_token_count(5, side, side, "grid" if video else "one_token")
+    assert out["processor_num_frames"] == (64 if video else 32)
+    assert out["video_new_tokens"] > 0
+    if video:
+        assert out["features_shape"] == out["reference_shape"] == [5 * 13 * 14, 32]
+        assert out["features_max_diff"] <= 1e-5, out
+
+
+def test_original_refusals(workdir, tmp_path):
+    base, _ = ORIGINAL_FLAVOURS["onevision"]
+    src = save_original_checkpoint(tmp_path / "src", **base)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors", "vision_config.json"):
+        (no_tokenizer / name).write_bytes((src / name).read_bytes())
+    unknown_key = tmp_path / "unknown-key"
+    unknown_key.mkdir()
+    for p in src.iterdir():
+        (unknown_key / p.name).write_bytes(p.read_bytes())
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.vision_resampler.weight"] = tensors["model.image_newline"].clone()
+    save_file(tensors, unknown_key / "model.safetensors", metadata={"format": "pt"})
+    vision = ["--vision-config", src / "vision_config.json"]
+    wrong_vision = tmp_path / "wrong_vision.json"
+    wrong_vision.write_text(json.dumps({**TINY_VISION, "hidden_size": 24}))
+    cases = [
+        (no_tokenizer, vision, ["SRC=", "tokenizer", "--tokenizer"]),
+        (src, [], ["mm_vision_tower='tiny/siglip-test'", "--vision-config", "google/siglip-so400m-patch14-384"]),
+        (unknown_key, vision, ["model.vision_resampler.weight", "allowed"]),
+        (src, ["--vision-config", src / "config.json"], ["--vision-config=", "image_size", "patch_size", "allowed"]),
+        (src, ["--vision-config", wrong_vision], ["vision config", "shape", "patch_embedding"]),
+    ]
+    results = run_cli_many(tmp_path, [[s, tmp_path / "out" / str(i), *args] for i, (s, args, _) in enumerate(cases)])
+    for (s, args, words), (code, stderr) in zip(cases, results):
+        assert code == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        for word in words:
+            assert word in stderr, (word, stderr)
+    assert not (tmp_path / "out").exists()
+    # --tokenizer supplies what SRC lacks
+    result = run_cli(tmp_path, no_tokenizer, tmp_path / "with-tokenizer", *vision, "--tokenizer", src)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "with-tokenizer" / "tokenizer.json").is_file()
