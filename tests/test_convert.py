@@ -539,6 +539,18 @@ def test_original_tensors_and_config(originals, flavour):
     for key, tensor in source.items():
         new = converted[expected_saved_name(key)]
         assert new.dtype == tensor.dtype and torch.equal(new, tensor), key
+    # and the model built from the repo holds each original tensor in the parameter it came from
+    from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
+
+    model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(dst)
+    vision_model_prefix = ORIGINAL_FLAVOURS[flavour][0]["vision_model_prefix"]
+    state = model.state_dict()
+    for name, tensor in state.items():
+        key = original_name(name, vision_model_prefix)
+        if key == "lm_head.weight" and key not in source:  # tied head: the input embedding
+            key = "model.embed_tokens.weight"
+        assert torch.equal(tensor, source[key]), (name, key)
+    assert len(state) == len(source) + (ORIGINAL_FLAVOURS[flavour][0]["tied"])
     shards = sorted(p.name for p in dst.glob("*.safetensors"))
     if ORIGINAL_FLAVOURS[flavour][0]["shards"] > 1:
         index = json.loads((dst / "model.safetensors.index.json").read_text())
