@@ -34,7 +34,7 @@ def card_metadata(source_metadata: dict, base_model: str | None) -> dict:
     return metadata
 
 
-def model_card(source_metadata: dict, base_model: str | None, settings: dict, repo_id: str | None) -> str:
+def model_card(source_metadata: dict, base_model: str | None, settings: dict, repo_id: str | None, source_name: str = "") -> str:
     """README.md text: YAML front matter, the settings used, how to load the model, the citation."""
     metadata = yaml.safe_dump(card_metadata(source_metadata, base_model), sort_keys=False, allow_unicode=True)
     name = repo_id or "path/to/this/repo"
@@ -43,7 +43,7 @@ def model_card(source_metadata: dict, base_model: str | None, settings: dict, re
     return f"""---
 {metadata}---
 
-# ST-GridPool: {base_model or "LLaVA-OneVision"}
+# ST-GridPool: {base_model or source_name or "LLaVA-OneVision"}
 
 {base} with **ST-GridPool** (ICLR 2026), a training-free replacement for LLaVA-OneVision's per-frame 2x2
 video-token pooling: Pyramid Temporal Gridding (PTG) gives the language model multi-grained temporal context,

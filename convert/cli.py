@@ -139,13 +139,21 @@ def run(args: argparse.Namespace) -> Path:
             copy_stock_files(source, temp, args.copy)
 
     settings = {name: config[name] for name in STGRIDPOOL_FIELDS}
-    card = model_card(source.card_metadata, args.base_model or source.hub_id, settings, args.push_to_hub)
+    card = model_card(source.card_metadata, args.base_model or source.hub_id, settings, args.push_to_hub, source.path.name)
     write_repo(source.path, config, card, dst, fill, overwrite=args.overwrite)
     print(f"Wrote {dst}", file=sys.stderr)
     if args.push_to_hub:
-        url = push_to_hub(dst, args.push_to_hub, private=args.private, revision=args.revision)
+        try:
+            url = push_to_hub(dst, args.push_to_hub, private=args.private, revision=args.revision)
+        except Exception as error:  # network, auth, permissions: the repo on disk is complete; say so in one line
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise PushError(f"wrote {dst} but uploading it to {args.push_to_hub!r} failed ({type(error).__name__}: {reason})") from None
         print(f"Pushed to {url}", file=sys.stderr)
     return dst
+
+
+class PushError(Exception):
+    """DST was written but the upload failed (exit code 1)."""
 
 
 def prepare_original(source, args: argparse.Namespace):
@@ -172,11 +180,14 @@ def prepare_original(source, args: argparse.Namespace):
 
 
 def main(argv=None) -> int:
-    """Entry point; returns 0 on success, 2 on a refused conversion."""
+    """Entry point; returns 0 on success, 2 on a refused conversion (nothing written), 1 when only the upload failed."""
     args = build_parser().parse_args(argv)
     try:
         run(args)
     except ConversionError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
+    except PushError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
     return 0

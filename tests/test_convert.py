@@ -632,3 +632,19 @@ def test_original_refusals(workdir, tmp_path):
     result = run_cli(tmp_path, no_tokenizer, tmp_path / "with-tokenizer", *vision, "--tokenizer", src)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "with-tokenizer" / "tokenizer.json").is_file()
+
+
+def test_push_failure_keeps_the_written_repo(stock, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    import convert
+
+    class Offline(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
+    assert convert.main([str(stock), str(tmp_path / "dst"), "--push-to-hub", "me/x"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "me/x" in err and "ConnectionError: no network" in err
+    assert (tmp_path / "dst" / "config.json").is_file()
