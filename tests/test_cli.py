@@ -50,7 +50,11 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
     from stgridpool.tiny import save_tiny_stock_checkpoint
 
     stock_dir = save_tiny_stock_checkpoint(tmp_path / "stock")
-    for model in (stgridpool_dir, stock_dir):
+    converted_dir = tmp_path / "converted"  # a Hub-style repo: loads through the Auto classes and remote code
+    convert = subprocess.run([sys.executable, "-m", "convert", str(stock_dir), str(converted_dir)],
+                             env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert convert.returncode == 0, convert.stderr
+    for model in (stgridpool_dir, stock_dir, converted_dir):
         result = run_cli(
             ["ask", str(clip), "what is happening?", "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"],
             cli_env(tmp_path),
