@@ -23,6 +23,8 @@ STGRIDPOOL_FIELDS = (
     "nsp_partial_windows",
     "video_newline_position",
 )
+# The fields that fix how many tokens a video becomes: the processor takes these too, under the same names.
+GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
 
 
 def window_size(keep_ratio: float) -> int:

@@ -116,9 +116,11 @@ def check_hub_options(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> Path:
     """Check everything, then write the repo (and push it). Raises ConversionError before writing on bad input."""
+    from configuration_stgridpool import STGRIDPOOL_FIELDS
+
     from .card import model_card
     from .hub import push_to_hub
-    from .repo import STGRIDPOOL_FIELDS, build_config, check_destination, check_processor_files, copy_stock_files, write_repo
+    from .repo import build_config, check_destination, check_processor_files, copy_stock_files, write_repo
     from .source import inspect_source
 
     # Cheapest checks first: building the config imports Transformers (seconds).
@@ -160,15 +162,17 @@ def prepare_original(source, args: argparse.Namespace):
     """Config and file writer for an original LLaVA-NeXT SRC; every check (weights, tokenizer, settings) runs here."""
     import shutil
 
+    from configuration_stgridpool import GEOMETRY_FIELDS
+
     from . import original
-    from .repo import PROCESSOR_GEOMETRY_FIELDS, build_config
+    from .repo import build_config
 
     info = original.read_weight_info(source.path, source.weight_files)
     original.check_weight_names(info, tied=bool(source.config.get("tie_word_embeddings", False)))
     tokenizer = original.load_tokenizer(source.path, args.tokenizer)
     converted, defaults = original.build_source_config(source.config, info, tokenizer, args.vision_config)
     config = build_config(converted, {**defaults, **chosen_settings(args)})
-    processor = original.build_processor(config, tokenizer, {name: config[name] for name in PROCESSOR_GEOMETRY_FIELDS})
+    processor = original.build_processor(config, tokenizer, {name: config[name] for name in GEOMETRY_FIELDS})
 
     def fill(temp):
         processor.save_pretrained(temp)

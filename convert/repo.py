@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from configuration_stgridpool import GEOMETRY_FIELDS, STGRIDPOOL_FIELDS
+
 from .errors import ConversionError
 from .source import PICKLE_SUFFIXES, SourceCheckpoint
 
@@ -28,19 +30,6 @@ MODEL_AUTO_MAP = {
     "AutoModelForMultimodalLM": f"modeling_stgridpool_llava.{ARCHITECTURE}",
     **PROCESSOR_AUTO_MAP,
 }
-# Every ST-GridPool field of STGridPoolConfig, in the order the model card lists them.
-STGRIDPOOL_FIELDS = (
-    "video_pooling_mode",
-    "pyramid_levels",
-    "nsp_keep_ratio",
-    "nsp_temperature",
-    "nsp_norm_p",
-    "nsp_padding",
-    "nsp_partial_windows",
-    "video_newline_position",
-)
-# The fields the processor needs to count <video> placeholders (STGridPoolProcessor's extra arguments).
-PROCESSOR_GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
 # Files of SRC that the repo gets from elsewhere, or never: rewritten, replaced, or not safe to carry.
 REWRITTEN_FILES = ("config.json", "README.md")
 SKIPPED_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".msgpack", ".h5", ".onnx", ".py", ".pyc")
@@ -134,7 +123,7 @@ def _write_json(path: Path, data: dict) -> None:
 def processor_config(path: Path, config: dict) -> dict:
     """processor_config.json: the one at `path` (if any) with our class, auto_map and the model config's geometry."""
     data = _read_json(path) if path.is_file() else {}
-    data.update({name: config[name] for name in PROCESSOR_GEOMETRY_FIELDS})
+    data.update({name: config[name] for name in GEOMETRY_FIELDS})
     data["processor_class"] = PROCESSOR_CLASS
     data["auto_map"] = {**data.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
     return data

@@ -23,19 +23,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-# ST-GridPool settings `--model_args` may override, each a field of STGridPoolConfig.
-CONFIG_OVERRIDES = (
-    "video_pooling_mode",
-    "pyramid_levels",
-    "nsp_keep_ratio",
-    "nsp_temperature",
-    "nsp_norm_p",
-    "nsp_padding",
-    "nsp_partial_windows",
-    "video_newline_position",
-)
-# The ones the processor needs too: they fix how many <video> placeholders a video becomes.
-PROCESSOR_GEOMETRY = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
+from configuration_stgridpool import GEOMETRY_FIELDS, STGRIDPOOL_FIELDS
+
 LOADER_ARGS = ("pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num", "trust_remote_code")
 
 
@@ -109,7 +98,7 @@ def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "
     # Rebuilt from a dict, not set attribute by attribute, so the config's own checks see the overridden values.
     config = type(config).from_dict({**config.to_dict(), **overrides})
     model = model_class.from_pretrained(pretrained, config=config, revision=revision, **model_kwargs)
-    geometry = {name: getattr(model.config, name) for name in PROCESSOR_GEOMETRY}
+    geometry = {name: getattr(model.config, name) for name in GEOMETRY_FIELDS}
     if _has_auto_map(pretrained, "processor_config.json", "AutoProcessor", revision) or _has_auto_map(
         pretrained, "tokenizer_config.json", "AutoProcessor", revision
     ):
@@ -148,11 +137,11 @@ class STGridPoolLMM(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        unknown = sorted(set(kwargs) - set(CONFIG_OVERRIDES))
+        unknown = sorted(set(kwargs) - set(STGRIDPOOL_FIELDS))
         if unknown:
             raise ValueError(
                 f"model_args {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)} not understood by the stgridpool model: "
-                f"allowed are {', '.join(LOADER_ARGS + CONFIG_OVERRIDES)}"
+                f"allowed are {', '.join(LOADER_ARGS + STGRIDPOOL_FIELDS)}"
             )
         if str(batch_size) != "1":
             raise ValueError(f"model_args batch_size={batch_size!r} is invalid: allowed is 1")
