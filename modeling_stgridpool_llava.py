@@ -653,13 +653,17 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
 
     def get_video_features(
         self,
-        pixel_values_videos: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """pixel_values_videos: [B, T, C, H, W] -> `pooler_output` [B, N, D], each video's tokens in the newline
-        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`)."""
+        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`).
+        Also accepts the videos as `pixel_values=` (the keyword older Transformers, e.g. 5.17, pass)."""
+        if pixel_values_videos is None:
+            pixel_values_videos = kwargs.pop("pixel_values")
+        kwargs.pop("pixel_values", None)
         config = self.config
         if vision_feature_layer is None:
             vision_feature_layer = config.vision_feature_layer
