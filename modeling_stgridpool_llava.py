@@ -170,15 +170,20 @@ def _make_device_maps(plan: PTGPlan, device: torch.device) -> dict:
     return maps
 
 
-# Host -> device copies of the maps happen once per (plan, device), not once per call: a copy from pageable host
-# memory would make every call wait for the device.
-_cached_device_maps = functools.lru_cache(maxsize=64)(_make_device_maps)
+# Host -> device copies of the maps happen once per (geometry, device), not once per call: a copy from pageable host
+# memory would make every call wait for the device. Keyed by the small geometry tuple, not the plan (cheap to hash).
+@functools.lru_cache(maxsize=64)
+def _cached_device_maps(num_frames: int, height: int, width: int, levels: tuple, device: torch.device) -> dict:
+    return _make_device_maps(ptg_plan(num_frames, height, width, levels), device)
 
 
-def _device_maps(plan: PTGPlan, device: torch.device) -> dict:
+def _plan_and_maps(frames: torch.Tensor, levels: tuple[tuple[int, int], ...]) -> tuple[PTGPlan, dict]:
+    """The PTG plan of `frames`' geometry and its index maps on `frames.device` (cached; constants under compile)."""
+    num_frames, height, width = frames.shape[:3]
+    plan = _ptg_plan_constant(num_frames, height, width, levels)
     if torch.compiler.is_compiling():  # the maps become constants of the compiled graph
-        return _make_device_maps(plan, device)
-    return _cached_device_maps(plan, device)
+        return plan, _make_device_maps(plan, frames.device)
+    return plan, _cached_device_maps(num_frames, height, width, levels, frames.device)
 
 
 def summary_frames(groups: torch.Tensor) -> torch.Tensor:
@@ -231,8 +236,7 @@ def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequenc
     (`st_grid_pool` does not call this: it never materialises the gridded video.)
     """
     levels = validate_pyramid_levels(pyramid_levels)
-    plan = _ptg_plan_constant(*frames.shape[:3], levels)
-    maps = _device_maps(plan, frames.device)
+    plan, maps = _plan_and_maps(frames, levels)
     out = frames.clone()
     if plan.num_summaries:
         bank = _ptg_bank(frames, plan, maps, ptg_backend(frames))
@@ -307,15 +311,10 @@ def norm_spatial_pool(
     k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     if _resolve_backend(backend, frames, norm_p) == "triton":
         out = frames.new_empty(num_frames, out_h, out_w, dim)
-        pairs = _device_maps(_identity_plan(num_frames), frames.device)["kept_pairs"]
+        pairs = _plan_and_maps(frames, ())[1]["kept_pairs"]
         _nsp_triton(frames, pairs, out, k, temperature, norm_p, padding)
         return out
     return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
-
-
-@functools.lru_cache(maxsize=64)
-def _identity_plan(num_frames: int) -> PTGPlan:
-    return PTGPlan((), 0, tuple(range(num_frames)), (), ())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,8 +375,7 @@ def st_grid_pool(
     levels = validate_pyramid_levels(pyramid_levels)
     num_frames, height, width, dim = frames.shape
     k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
-    plan = _ptg_plan_constant(num_frames, height, width, levels)
-    maps = _device_maps(plan, frames.device)
+    plan, maps = _plan_and_maps(frames, levels)
     backend = _resolve_backend(backend, frames, norm_p)
     bank = _ptg_bank(frames, plan, maps, backend) if plan.num_summaries else None
     if backend == "triton":
@@ -502,6 +500,7 @@ if triton is not None:
                 tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
 
 
+@functools.lru_cache(maxsize=256)
 def _max_area_window(size_in: int, size_out: int) -> int:
     return max(end - start for start, end in (_area_window(i, size_in, size_out) for i in range(size_out)))
 

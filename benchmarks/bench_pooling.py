@@ -192,8 +192,7 @@ def nsp_variants(device, dtype, num_frames=64, dim=3584, side=27) -> dict:
     res = {}
     for one_pass in (True, False):
         res[f"nsp_one_pass={one_pass}"] = time_fn(lambda v: ours._nsp_triton(v, pairs, out, 2, 1.0, 2.0, 0, one_pass=one_pass), [x], device)
-    plan = ours.ptg_plan(num_frames, side, side, LEVELS)
-    maps = ours._device_maps(plan, x.device)
+    plan, maps = ours._plan_and_maps(x, LEVELS)
     res["ptg_bank_triton"] = time_fn(lambda v: ours._ptg_bank_triton(v, plan, maps), [x], device)
     res["ptg_bank_torch"] = time_fn(lambda v: ours._ptg_bank_torch(v, plan, maps), [x], device)
     res["nsp_torch"] = time_fn(lambda v: ours._nsp_torch(v, 2, 13, 13, 1.0, 2.0, 0), [x], device)
@@ -396,7 +395,7 @@ def main(argv=None) -> int:
                 print(traceback.format_exc(), flush=True)
             save()
     comp = None
-    if args.compile or args.smoke:
+    if args.compile:
         try:
             comp = compile_check(device, dtype, 64 if not args.smoke else 8, 3584 if not args.smoke else 8, args.side)
             results["compile"] = comp

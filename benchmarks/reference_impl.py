@@ -50,10 +50,10 @@ def reference_nsp(
     num_frames, height, width, dim = frames.shape
     outs = []
     for t in range(num_frames):
-        x = frames[t].permute(2, 0, 1).float()  # [D, H, W]
+        x = frames[t].permute(2, 0, 1).to(torch.promote_types(frames.dtype, torch.float32))  # [D, H, W]
         x = F.pad(x, (padding, padding, padding, padding))
         hp, wp = x.shape[1:]
-        valid = torch.ones(1, 1, hp, wp)
+        valid = torch.ones(1, 1, hp, wp, dtype=x.dtype)
         if partial_windows:
             eh, ew = (-hp) % k, (-wp) % k
             x = F.pad(x, (0, ew, 0, eh))
