@@ -164,8 +164,16 @@ def _make_device_maps(plan: PTGPlan, device: torch.device) -> dict:
         "kept": _index_tensor(plan.kept_frames, device),
         "summary_positions": _index_tensor(plan.summary_positions, device),
         "summary_rows": _index_tensor(plan.summary_rows, device),
-        "kept_pairs": _index_tensor(tuple((t, t) for t in plan.kept_frames), device, 2),
-        "summary_pairs": _index_tensor(tuple(zip(plan.summary_rows, plan.summary_positions)), device, 2),
+        # Triton: one launch per level / one NSP launch over both sources; column 0 says which (0 frames, 1 bank).
+        "level_slots": [
+            _index_tensor(tuple((0, *r) for r in level.frame_slots) + tuple((1, *r) for r in level.bank_slots), device, 5)
+            for level in plan.levels
+        ],
+        "nsp_entries": _index_tensor(
+            tuple((0, t, t) for t in plan.kept_frames) + tuple((1, r, t) for r, t in zip(plan.summary_rows, plan.summary_positions)),
+            device,
+            3,
+        ),
     }
     return maps
 
@@ -311,8 +319,8 @@ def norm_spatial_pool(
     k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     if _resolve_backend(backend, frames, norm_p) == "triton":
         out = frames.new_empty(num_frames, out_h, out_w, dim)
-        pairs = _plan_and_maps(frames, ())[1]["kept_pairs"]
-        _nsp_triton(frames, pairs, out, k, temperature, norm_p, padding)
+        entries = _plan_and_maps(frames, ())[1]["nsp_entries"]
+        _nsp_triton(frames, frames, entries, out, k, temperature, norm_p, padding)
         return out
     return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
 
@@ -380,9 +388,7 @@ def st_grid_pool(
     bank = _ptg_bank(frames, plan, maps, backend) if plan.num_summaries else None
     if backend == "triton":
         out = frames.new_empty(num_frames, out_h, out_w, dim)
-        _nsp_triton(frames, maps["kept_pairs"], out, k, temperature, norm_p, padding)
-        if bank is not None:
-            _nsp_triton(bank, maps["summary_pairs"], out, k, temperature, norm_p, padding)
+        _nsp_triton(frames, frames if bank is None else bank, maps["nsp_entries"], out, k, temperature, norm_p, padding)
         return out
     # PyTorch: NSP of every input frame (the few that PTG replaces are wasted work, cheaper than gathering the
     # rest), then the summaries' NSP written over them.
@@ -401,20 +407,22 @@ if triton is not None:
 
     @triton.jit
     def _area_tile_kernel(
-        src_ptr, dst_ptr, table_ptr, H, W, D, tile_h, tile_w,
+        frames_ptr, dst_ptr, table_ptr, H, W, D, tile_h, tile_w,
         KH: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         """One program = one tile pixel of one slot x BLOCK_D channels: area average of its input window, written
-        into its place in the summary frame (dst row) unless cropped. table rows: (src, dst, top, left)."""
+        into its place in the summary frame (dst row of the bank at dst_ptr) unless cropped.
+        table rows: (source kind: 0 input frames / 1 bank, source index, dst, top, left)."""
         slot = tl.program_id(0)
         pixel = tl.program_id(1)
         block = tl.program_id(2)
         i = pixel // tile_w
         j = pixel % tile_w
-        src = tl.load(table_ptr + slot * 4).to(tl.int64)
-        dst = tl.load(table_ptr + slot * 4 + 1).to(tl.int64)
-        y = tl.load(table_ptr + slot * 4 + 2) + i
-        x = tl.load(table_ptr + slot * 4 + 3) + j
+        from_bank = tl.load(table_ptr + slot * 5) != 0
+        src = tl.load(table_ptr + slot * 5 + 1).to(tl.int64)
+        dst = tl.load(table_ptr + slot * 5 + 2).to(tl.int64)
+        y = tl.load(table_ptr + slot * 5 + 3) + i
+        x = tl.load(table_ptr + slot * 5 + 4) + j
         h0 = (i * H) // tile_h
         h1 = ((i + 1) * H + tile_h - 1) // tile_h
         w0 = (j * W) // tile_w
@@ -426,7 +434,10 @@ if triton is not None:
             for b in tl.static_range(KW):
                 inside = (h0 + a < h1) & (w0 + b < w1)
                 base = ((src * H + h0 + a) * W + w0 + b) * D
-                acc += tl.load(src_ptr + base + offs, mask=dmask & inside, other=0.0).to(tl.float32)
+                # Two masked loads, one of them fully masked off (no memory traffic): both sources in one launch.
+                m = dmask & inside
+                acc += tl.load(frames_ptr + base + offs, mask=m & ~from_bank, other=0.0).to(tl.float32)
+                acc += tl.load(dst_ptr + base + offs, mask=m & from_bank, other=0.0).to(tl.float32)
         acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)
         keep = dmask & (y < H) & (x < W)
         out_base = ((dst * H + y) * W + x) * D
@@ -434,16 +445,17 @@ if triton is not None:
 
     @triton.jit
     def _nsp_kernel(
-        src_ptr, out_ptr, table_ptr, H, W, D, Wo, out_tokens, pad, scale, norm_p,
+        a_ptr, b_ptr, out_ptr, table_ptr, H, W, D, Wo, out_tokens, pad, scale, norm_p,
         K: tl.constexpr, KK: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, L2: tl.constexpr,
     ):  # fmt: skip
         """One program = one output token (window) of one frame: p-norms of the window's tokens, softmax of the
         scaled norms, weighted sum; float32 arithmetic, one read of the window (ONE_PASS: it stays in registers;
-        else a second read, from cache). table rows: (source frame, output frame)."""
+        else a second read, from cache). table rows: (source kind: 0 a / 1 b, source frame, output frame)."""
         entry = tl.program_id(0)
         token = tl.program_id(1)
-        src = tl.load(table_ptr + entry * 2).to(tl.int64)
-        dst = tl.load(table_ptr + entry * 2 + 1).to(tl.int64)
+        from_b = tl.load(table_ptr + entry * 3) != 0
+        src = tl.load(table_ptr + entry * 3 + 1).to(tl.int64)
+        dst = tl.load(table_ptr + entry * 3 + 2).to(tl.int64)
         oh = token // Wo
         ow = token % Wo
         kk = tl.arange(0, KK)
@@ -458,8 +470,10 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_D)
         if ONE_PASS:
             dmask = offs < D
-            v = tl.load(src_ptr + token_base[:, None] + offs[None, :], mask=in_frame[:, None] & dmask[None, :], other=0.0)
-            v = v.to(tl.float32)
+            m = in_frame[:, None] & dmask[None, :]
+            # Two masked loads, one fully masked off (no memory traffic): input frames and summaries in one launch.
+            v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m & ~from_b, other=0.0).to(tl.float32)
+            v += tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m & from_b, other=0.0).to(tl.float32)
             if L2:
                 norm = tl.sqrt(tl.sum(v * v, axis=1))
             else:
@@ -476,9 +490,10 @@ if triton is not None:
             total = tl.zeros([KK], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dmask = (d0 + offs) < D
-                v = tl.load(
-                    src_ptr + token_base[:, None] + d0 + offs[None, :], mask=in_frame[:, None] & dmask[None, :], other=0.0
-                ).to(tl.float32)
+                m = in_frame[:, None] & dmask[None, :]
+                ptrs = token_base[:, None] + d0 + offs[None, :]
+                v = tl.load(a_ptr + ptrs, mask=m & ~from_b, other=0.0).to(tl.float32)
+                v += tl.load(b_ptr + ptrs, mask=m & from_b, other=0.0).to(tl.float32)
                 if L2:
                     total += tl.sum(v * v, axis=1)
                 else:
@@ -493,9 +508,10 @@ if triton is not None:
             weight = e / tl.sum(e, axis=0)
             for d0 in range(0, D, BLOCK_D):
                 dmask = (d0 + offs) < D
-                v = tl.load(
-                    src_ptr + token_base[:, None] + d0 + offs[None, :], mask=in_frame[:, None] & dmask[None, :], other=0.0
-                ).to(tl.float32)
+                m = in_frame[:, None] & dmask[None, :]
+                ptrs = token_base[:, None] + d0 + offs[None, :]
+                v = tl.load(a_ptr + ptrs, mask=m & ~from_b, other=0.0).to(tl.float32)
+                v += tl.load(b_ptr + ptrs, mask=m & from_b, other=0.0).to(tl.float32)
                 pooled = tl.sum(v * weight[:, None], axis=0)
                 tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
 
@@ -506,34 +522,35 @@ def _max_area_window(size_in: int, size_out: int) -> int:
 
 
 def _ptg_bank_triton(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Tensor:
-    """All summary frames of `plan` with the Triton area kernel: frames [T, H, W, D] -> bank [S, H, W, D].
-    Each slot's tile is averaged straight from its source frame into its place: no gather, no canvas."""
+    """All summary frames of `plan` with the Triton area kernel, one launch per level: frames [T, H, W, D] ->
+    bank [S, H, W, D]. Each slot's tile is averaged straight from its source frame into its place: no gather, no
+    canvas. A level reads only rows earlier levels wrote (earlier launches), so there is no race."""
     frames = frames.contiguous()
     num_frames, height, width, dim = frames.shape
     bank = frames.new_empty(plan.num_summaries, height, width, dim)
     block_d = min(1024, triton.next_power_of_2(dim))
-    for level, (frame_table, bank_table) in zip(plan.levels, maps["levels"]):
+    for level, table in zip(plan.levels, maps["level_slots"]):
+        if table.shape[0] == 0:
+            continue
         kh, kw = _max_area_window(height, level.tile_h), _max_area_window(width, level.tile_w)
-        for table, source in ((frame_table, frames), (bank_table, bank)):
-            if table.shape[0] == 0:
-                continue
-            grid = (table.shape[0], level.tile_h * level.tile_w, triton.cdiv(dim, block_d))
-            _area_tile_kernel[grid](
-                source, bank, table, height, width, dim, level.tile_h, level.tile_w,
-                KH=kh, KW=kw, BLOCK_D=block_d, num_warps=4,
-            )  # fmt: skip
+        grid = (table.shape[0], level.tile_h * level.tile_w, triton.cdiv(dim, block_d))
+        _area_tile_kernel[grid](
+            frames, bank, table, height, width, dim, level.tile_h, level.tile_w,
+            KH=kh, KW=kw, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
     return bank
 
 
 def _nsp_triton(
-    src: torch.Tensor, pairs: torch.Tensor, out: torch.Tensor, k: int, temperature: float, norm_p: float, padding: int,
-    one_pass: bool | None = None,
+    a: torch.Tensor, b: torch.Tensor, entries: torch.Tensor, out: torch.Tensor, k: int, temperature: float,
+    norm_p: float, padding: int, one_pass: bool | None = None,
 ) -> None:
-    """NSP of frames src[pairs[i, 0]] into out[pairs[i, 1]] with the fused Triton kernel (out: [T, Ho, Wo, D])."""
-    if pairs.shape[0] == 0:
+    """NSP with the fused Triton kernel, one launch: for each row (kind, i, t) of entries [n, 3], frame i of `a`
+    (kind 0) or of `b` (kind 1), both [*, H, W, D], pooled into out[t] (out: [T, Ho, Wo, D])."""
+    if entries.shape[0] == 0:
         return
-    src = src.contiguous()
-    _, height, width, dim = src.shape
+    a, b = a.contiguous(), b.contiguous()
+    _, height, width, dim = a.shape
     _, out_h, out_w, _ = out.shape
     window = triton.next_power_of_2(k * k)
     full = triton.next_power_of_2(dim)
@@ -541,9 +558,9 @@ def _nsp_triton(
         one_pass = window * full <= 16384  # the whole window fits in registers
     block_d = full if one_pass else max(16, min(triton.next_power_of_2(max(1, 4096 // window)), full))
     num_warps = 8 if window * block_d >= 8192 else 4
-    grid = (pairs.shape[0], out_h * out_w)
+    grid = (entries.shape[0], out_h * out_w)
     _nsp_kernel[grid](
-        src, out, pairs, height, width, dim, out_w, out_h * out_w, padding,
+        a, b, out, entries, height, width, dim, out_w, out_h * out_w, padding,
         float(temperature / dim ** (1 / norm_p)), float(norm_p),
         K=k, KK=window, BLOCK_D=block_d, ONE_PASS=one_pass, L2=norm_p == 2, num_warps=num_warps,
     )  # fmt: skip
