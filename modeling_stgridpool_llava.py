@@ -434,10 +434,12 @@ if triton is not None:
             for b in tl.static_range(KW):
                 inside = (h0 + a < h1) & (w0 + b < w1)
                 base = ((src * H + h0 + a) * W + w0 + b) * D
-                # Two masked loads, one of them fully masked off (no memory traffic): both sources in one launch.
-                m = dmask & inside
-                acc += tl.load(frames_ptr + base + offs, mask=m & ~from_bank, other=0.0).to(tl.float32)
-                acc += tl.load(dst_ptr + base + offs, mask=m & from_bank, other=0.0).to(tl.float32)
+                # The source is uniform per program: a scalar branch picks it, one load either way.
+                if from_bank:
+                    v = tl.load(dst_ptr + base + offs, mask=dmask & inside, other=0.0)
+                else:
+                    v = tl.load(frames_ptr + base + offs, mask=dmask & inside, other=0.0)
+                acc += v.to(tl.float32)
         acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)
         keep = dmask & (y < H) & (x < W)
         out_base = ((dst * H + y) * W + x) * D
@@ -471,9 +473,12 @@ if triton is not None:
         if ONE_PASS:
             dmask = offs < D
             m = in_frame[:, None] & dmask[None, :]
-            # Two masked loads, one fully masked off (no memory traffic): input frames and summaries in one launch.
-            v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m & ~from_b, other=0.0).to(tl.float32)
-            v += tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m & from_b, other=0.0).to(tl.float32)
+            # The source (input frames or summaries) is uniform per program: a scalar branch, one load either way.
+            if from_b:
+                v = tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
+            else:
+                v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
             if L2:
                 norm = tl.sqrt(tl.sum(v * v, axis=1))
             else:
@@ -492,8 +497,11 @@ if triton is not None:
                 dmask = (d0 + offs) < D
                 m = in_frame[:, None] & dmask[None, :]
                 ptrs = token_base[:, None] + d0 + offs[None, :]
-                v = tl.load(a_ptr + ptrs, mask=m & ~from_b, other=0.0).to(tl.float32)
-                v += tl.load(b_ptr + ptrs, mask=m & from_b, other=0.0).to(tl.float32)
+                if from_b:
+                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
+                else:
+                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
+                v = v.to(tl.float32)
                 if L2:
                     total += tl.sum(v * v, axis=1)
                 else:
@@ -510,8 +518,11 @@ if triton is not None:
                 dmask = (d0 + offs) < D
                 m = in_frame[:, None] & dmask[None, :]
                 ptrs = token_base[:, None] + d0 + offs[None, :]
-                v = tl.load(a_ptr + ptrs, mask=m & ~from_b, other=0.0).to(tl.float32)
-                v += tl.load(b_ptr + ptrs, mask=m & from_b, other=0.0).to(tl.float32)
+                if from_b:
+                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
+                else:
+                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
+                v = v.to(tl.float32)
                 pooled = tl.sum(v * weight[:, None], axis=0)
                 tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
 
