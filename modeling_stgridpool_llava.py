@@ -809,4 +809,5 @@ __all__ = [
     "pyramid_temporal_grid",
     "norm_spatial_pool",
     "st_grid_pool",
+    "nsp_backend",
 ]
