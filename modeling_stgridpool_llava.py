@@ -8,6 +8,7 @@ Two layers, in this order:
    llava-onevision checkpoint loads as is.
 """
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+try:  # optional: the fused CUDA kernels; without it (CPU installs) everything runs in plain PyTorch
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import (
@@ -61,15 +68,130 @@ def sampled_positions(num_frames: int, stride: int) -> tuple[int, ...]:
     return tuple(int(p) for p in positions.clamp(0, num_frames - 1).tolist())
 
 
+def _area_window(i: int, size_in: int, size_out: int) -> tuple[int, int]:
+    """[start, end) of the input rows that output row i averages in adaptive average pooling ("area")."""
+    return (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class PTGLevelPlan:
+    """One PTG level as fixed index maps. A slot is one tile of one summary frame; slots whose tile falls wholly
+    outside the cropped H x W frame are left out (they cannot change the result).
+
+    frame_slots / bank_slots: (source index, summary row, tile top row, tile left column) per slot, reading
+    the input frames / an earlier level's summary (row of the summary bank) respectively.
+    """
+
+    rows: int
+    cols: int
+    tile_h: int
+    tile_w: int
+    first_row: int  # this level's summaries are bank rows first_row .. first_row + num_chunks - 1
+    num_chunks: int
+    frame_slots: tuple[tuple[int, int, int, int], ...]
+    bank_slots: tuple[tuple[int, int, int, int], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PTGPlan:
+    """PTG of a [T, H, W, D] video as host-side index maps; depends only on (T, H, W, pyramid), never on data.
+
+    Summary frames live in a "bank" [num_summaries, H, W, D]. After PTG, frame t is the input frame t when t is in
+    `kept_frames`, else bank row `summary_rows[i]` where `summary_positions[i] == t`.
+    """
+
+    levels: tuple[PTGLevelPlan, ...]
+    num_summaries: int
+    kept_frames: tuple[int, ...]
+    summary_positions: tuple[int, ...]
+    summary_rows: tuple[int, ...]
+
+
 @functools.lru_cache(maxsize=256)
-def _area_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """[size_out, size_in] float32 matrix whose row i averages input rows floor(i*in/out) .. ceil((i+1)*in/out)-1:
-    PyTorch's adaptive average pooling (interpolate mode="area") along one axis."""
-    matrix = torch.zeros(size_out, size_in, dtype=torch.float32)
-    for i in range(size_out):
-        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
-        matrix[i, start:end] = 1.0 / (end - start)
-    return matrix
+def ptg_plan(num_frames: int, height: int, width: int, pyramid_levels: tuple[tuple[int, int], ...]) -> PTGPlan:
+    """Index maps of PTG (SPEC.md 1) for this geometry, computed once on the host and cached."""
+    # state[t] = ("frame", t) or ("bank", row): where frame t's current content lives.
+    state: list[tuple[str, int]] = [("frame", t) for t in range(num_frames)]
+    levels, next_row = [], 0
+    for group_size, stride in pyramid_levels:
+        positions = sampled_positions(num_frames, stride)
+        num_chunks = len(positions) // group_size
+        if num_chunks == 0:
+            continue
+        rows, cols = summary_layout(group_size)
+        tile_h, tile_w = math.ceil(height / rows), math.ceil(width / cols)
+        snapshot = [state[p] for p in positions[: num_chunks * group_size]]  # read before this level writes
+        frame_slots, bank_slots = [], []
+        for chunk in range(num_chunks):
+            for k in range(group_size):
+                top, left = (k // cols) * tile_h, (k % cols) * tile_w
+                if top >= height or left >= width:
+                    continue  # cropped away
+                kind, index = snapshot[chunk * group_size + k]
+                (frame_slots if kind == "frame" else bank_slots).append((index, next_row + chunk, top, left))
+        for chunk in range(num_chunks):
+            state[positions[chunk * group_size + group_size - 1]] = ("bank", next_row + chunk)
+        levels.append(
+            PTGLevelPlan(rows, cols, tile_h, tile_w, next_row, num_chunks, tuple(frame_slots), tuple(bank_slots))
+        )
+        next_row += num_chunks
+    kept = tuple(t for t, (kind, _) in enumerate(state) if kind == "frame")
+    changed = tuple(t for t, (kind, _) in enumerate(state) if kind == "bank")
+    return PTGPlan(tuple(levels), next_row, kept, changed, tuple(state[t][1] for t in changed))
+
+
+# torch.compile: the plan is a constant of the graph (it depends on shapes alone), so Dynamo calls this instead of
+# tracing the host-side arithmetic (which reads a CPU tensor back with .tolist()).
+@torch.compiler.assume_constant_result
+def _ptg_plan_constant(num_frames: int, height: int, width: int, pyramid_levels: tuple) -> PTGPlan:
+    return ptg_plan(num_frames, height, width, pyramid_levels)
+
+
+def _index_tensor(values: tuple, device: torch.device, columns: int = 0) -> torch.Tensor:
+    """int64 tensor of `values` on `device`: [n] (columns=0) or [n, columns] (rows of `columns` ints)."""
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    return tensor.reshape(-1, columns) if columns else tensor.reshape(-1)
+
+
+def _make_device_maps(plan: PTGPlan, device: torch.device) -> dict:
+    """The plan's index maps as tensors on `device`: 'levels' (per level: frame/bank slot tables, int64
+    [n, 4]), 'kept', 'summary_positions', 'summary_rows' (int64), and the NSP tables (int64 [n, 2]: source, target)."""
+    maps = {
+        "levels": [
+            (_index_tensor(level.frame_slots, device, 4), _index_tensor(level.bank_slots, device, 4))
+            for level in plan.levels
+        ],
+        "kept": _index_tensor(plan.kept_frames, device),
+        "summary_positions": _index_tensor(plan.summary_positions, device),
+        "summary_rows": _index_tensor(plan.summary_rows, device),
+        # Triton: one launch per level / one NSP launch over both sources; column 0 says which (0 frames, 1 bank).
+        "level_slots": [
+            _index_tensor(tuple((0, *r) for r in level.frame_slots) + tuple((1, *r) for r in level.bank_slots), device, 5)
+            for level in plan.levels
+        ],
+        "nsp_entries": _index_tensor(
+            tuple((0, t, t) for t in plan.kept_frames) + tuple((1, r, t) for r, t in zip(plan.summary_rows, plan.summary_positions)),
+            device,
+            3,
+        ),
+    }
+    return maps
+
+
+# Host -> device copies of the maps happen once per (geometry, device), not once per call: a copy from pageable host
+# memory would make every call wait for the device. Keyed by the small geometry tuple, not the plan (cheap to hash).
+@functools.lru_cache(maxsize=64)
+def _cached_device_maps(num_frames: int, height: int, width: int, levels: tuple, device: torch.device) -> dict:
+    return _make_device_maps(ptg_plan(num_frames, height, width, levels), device)
+
+
+def _plan_and_maps(frames: torch.Tensor, levels: tuple[tuple[int, int], ...]) -> tuple[PTGPlan, dict]:
+    """The PTG plan of `frames`' geometry and its index maps on `frames.device` (cached; constants under compile)."""
+    num_frames, height, width = frames.shape[:3]
+    plan = _ptg_plan_constant(num_frames, height, width, levels)
+    if torch.compiler.is_compiling():  # the maps become constants of the compiled graph
+        return plan, _make_device_maps(plan, frames.device)
+    return plan, _cached_device_maps(num_frames, height, width, levels, frames.device)
 
 
 def summary_frames(groups: torch.Tensor) -> torch.Tensor:
@@ -81,39 +203,101 @@ def summary_frames(groups: torch.Tensor) -> torch.Tensor:
     m, g, height, width, dim = groups.shape
     rows, cols = summary_layout(g)
     tile_h, tile_w = math.ceil(height / rows), math.ceil(width / cols)
-    if (tile_h, tile_w) == (height, width):  # g = 1: the bilinear resize to the same size is the identity
-        return groups[:, 0]
-    area_h = _area_matrix(height, tile_h).to(groups.device)
-    area_w = _area_matrix(width, tile_w).to(groups.device)
-    tiles = torch.einsum("ih,mghwd,jw->mgijd", area_h, groups.float(), area_w)  # [M, g, h, w, D]
+    tiles = _area_resize(groups.flatten(0, 1), tile_h, tile_w)  # [M*g, h, w, D]
     tiled = tiles.reshape(m, rows, cols, tile_h, tile_w, dim).permute(0, 1, 3, 2, 4, 5)
-    tiled = tiled.reshape(m, rows * tile_h, cols * tile_w, dim)
-    return tiled[:, :height, :width].to(groups.dtype)
+    return tiled.reshape(m, rows * tile_h, cols * tile_w, dim)[:, :height, :width]
+
+
+def _area_resize(frames: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """interpolate(mode="area") of channels-last frames [N, H, W, D] -> [N, out_h, out_w, D], same dtype (the
+    kernels accumulate in float32). Works on the channels-last view: no transpose copy. Same size: identity."""
+    if (out_h, out_w) == tuple(frames.shape[1:3]):
+        return frames
+    return F.adaptive_avg_pool2d(frames.permute(0, 3, 1, 2), (out_h, out_w)).permute(0, 2, 3, 1)
+
+
+def _ptg_bank_torch(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Tensor:
+    """All summary frames of `plan`, pure PyTorch: frames [T, H, W, D] -> bank [S, H, W, D]."""
+    num_frames, height, width, dim = frames.shape
+    bank = frames.new_empty(plan.num_summaries, height, width, dim)
+    for level, (frame_table, bank_table) in zip(plan.levels, maps["levels"]):
+        rows, cols, tile_h, tile_w = level.rows, level.cols, level.tile_h, level.tile_w
+        # Tiles land in a canvas [M, rows, cols, h, w, D]; slot id = chunk * g + tile index. Cropped-away slots stay
+        # unwritten: they are cut off below.
+        canvas = frames.new_empty(level.num_chunks * rows * cols, tile_h, tile_w, dim)
+        for table, source in ((frame_table, frames), (bank_table, bank)):
+            if table.shape[0] == 0:
+                continue
+            tiles = _area_resize(source.index_select(0, table[:, 0]), tile_h, tile_w)
+            slot = (table[:, 1] - level.first_row) * (rows * cols) + (table[:, 2] // tile_h) * cols + table[:, 3] // tile_w
+            canvas.index_copy_(0, slot, tiles)
+        tiled = canvas.reshape(level.num_chunks, rows, cols, tile_h, tile_w, dim).permute(0, 1, 3, 2, 4, 5)
+        tiled = tiled.reshape(level.num_chunks, rows * tile_h, cols * tile_w, dim)[:, :height, :width]
+        bank[level.first_row : level.first_row + level.num_chunks] = tiled
+    return bank
 
 
 def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> torch.Tensor:
     """Overwrite some frames with summary frames, level by level (SPEC.md 1). Does not modify `frames`.
 
     frames: [T, H, W, D]; pyramid_levels: [(group size, stride), ...]. Returns [T, H, W, D].
+    (`st_grid_pool` does not call this: it never materialises the gridded video.)
     """
     levels = validate_pyramid_levels(pyramid_levels)
-    num_frames = frames.shape[0]
+    plan, maps = _plan_and_maps(frames, levels)
     out = frames.clone()
-    for group_size, stride in levels:
-        positions = sampled_positions(num_frames, stride)
-        num_chunks = len(positions) // group_size
-        if num_chunks == 0:
-            continue
-        used = torch.tensor(positions[: num_chunks * group_size], device=frames.device)
-        # All chunks of a level read the frames as the previous level left them: index out before writing.
-        groups = out[used].unflatten(0, (num_chunks, group_size))
-        out[used[group_size - 1 :: group_size]] = summary_frames(groups)
+    if plan.num_summaries:
+        bank = _ptg_bank(frames, plan, maps, ptg_backend(frames))
+        out.index_copy_(0, maps["summary_positions"], bank.index_select(0, maps["summary_rows"]))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # NSP: Norm-based Spatial Pooling (SPEC.md 2)
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _nsp_geometry(height: int, width: int, keep_ratio: float, padding: int, partial_windows: bool) -> tuple[int, int, int]:
+    """(k, Ho, Wo) for NSP of H x W frames; raises ValueError when the window does not fit."""
+    k = window_size(keep_ratio)
+    out_h, out_w = pooled_frame_size(
+        height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
+    )
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(
+            f"keep_ratio={keep_ratio!r} is invalid for {height}x{width} frames with padding={padding}: its {k}x{k} "
+            f"window is larger than the padded frame"
+        )
+    return k, out_h, out_w
+
+
+def _nsp_torch(
+    frames: torch.Tensor, k: int, out_h: int, out_w: int, temperature: float, norm_p: float, padding: int
+) -> torch.Tensor:
+    """NSP in plain PyTorch, float32 arithmetic: frames [N, H, W, D] -> [N, Ho, Wo, D] in frames.dtype."""
+    num_frames, height, width, dim = frames.shape
+    x = frames
+    if padding:
+        x = F.pad(x, (0, 0, padding, padding, padding, padding))  # zero tokens: score 0, still weighed
+    padded_h, padded_w = x.shape[1:3]
+    need_h, need_w = out_h * k, out_w * k
+    if need_h > padded_h or need_w > padded_w:  # partial windows: grow with tokens that are not there
+        x = F.pad(x, (0, 0, 0, max(0, need_w - padded_w), 0, max(0, need_h - padded_h)))
+    x = x[:, :need_h, :need_w]  # a view: trailing rows/columns that fill no window are dropped
+    compute = torch.promote_types(frames.dtype, torch.float32)  # float32, or float64 for float64 input
+    scores = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=compute) * (temperature / dim ** (1 / norm_p))
+    if need_h > padded_h or need_w > padded_w:
+        scores[:, padded_h:] = -math.inf
+        scores[:, :, padded_w:] = -math.inf
+    weights = scores.reshape(num_frames, out_h, k, out_w, k).permute(0, 1, 3, 2, 4).reshape(num_frames, out_h, out_w, k * k)
+    weights = weights.softmax(-1)
+    # One strided pass per window offset: reads x once, with no [.., k*k, D] intermediate.
+    pooled = None
+    for dy in range(k):
+        for dx in range(k):
+            term = x[:, dy::k, dx::k].to(compute) * weights[..., dy * k + dx, None]
+            pooled = term if pooled is None else pooled.add_(term)
+    return pooled.to(frames.dtype)
 
 
 def norm_spatial_pool(
@@ -123,33 +307,60 @@ def norm_spatial_pool(
     norm_p: float = 2.0,
     padding: int = 0,
     partial_windows: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Pool each frame in non-overlapping k x k windows (k = 1/sqrt(keep_ratio)), each window's output being the
     softmax(tau * ||x||_p / D^(1/p))-weighted sum of its tokens. Does not modify `frames`.
 
     frames: [T, H, W, D] -> [T, Ho, Wo, D] (see `configuration_stgridpool.pooled_frame_size`), in frames.dtype;
-    the arithmetic runs in float32.
+    the arithmetic runs in float32. backend: "auto" (see `nsp_backend`), "torch" or "triton".
     """
-    k = window_size(keep_ratio)
     num_frames, height, width, dim = frames.shape
-    out_h, out_w = pooled_frame_size(
-        height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
-    )
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(
-            f"keep_ratio={keep_ratio!r} is invalid for {height}x{width} frames with padding={padding}: its {k}x{k} "
-            f"window is larger than the padded frame"
-        )
-    x = F.pad(frames.float(), (0, 0, padding, padding, padding, padding))  # zero tokens: score 0, still weighed
-    scores = temperature * torch.linalg.vector_norm(x, ord=norm_p, dim=-1) / dim ** (1 / norm_p)
-    # Grow (partial windows: with tokens that are not there, score -inf) or crop (dropped border) to whole windows.
-    extra_h, extra_w = out_h * k - x.shape[1], out_w * k - x.shape[2]
-    x = F.pad(x, (0, 0, 0, extra_w, 0, extra_h))
-    scores = F.pad(scores, (0, extra_w, 0, extra_h), value=-math.inf)
-    windows = x.reshape(num_frames, out_h, k, out_w, k, dim).transpose(2, 3)  # [T, Ho, Wo, k, k, D]
-    weights = scores.reshape(num_frames, out_h, k, out_w, k).transpose(2, 3).flatten(3).softmax(-1)
-    pooled = torch.einsum("thwn,thwnd->thwd", weights, windows.flatten(3, 4))
-    return pooled.to(frames.dtype)
+    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
+    if _resolve_backend(backend, frames, norm_p) == "triton":
+        out = frames.new_empty(num_frames, out_h, out_w, dim)
+        entries = _plan_and_maps(frames, ())[1]["nsp_entries"]
+        _nsp_triton(frames, frames, entries, out, k, temperature, norm_p, padding)
+        return out
+    return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend choice: Triton kernels on CUDA where they apply, plain PyTorch everywhere else
+# ---------------------------------------------------------------------------------------------------------------
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0) -> str:
+    """"triton" where the fused kernels can run on `frames` (Triton importable, a CUDA tensor of float32/bf16/fp16,
+    a finite norm p, not inside torch.compile, which fuses the PyTorch path itself), else "torch"."""
+    if triton is None or torch.compiler.is_compiling():
+        return "torch"
+    if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+        return "torch"
+    return "triton"
+
+
+def ptg_backend(frames: torch.Tensor) -> str:
+    """Backend for PTG's area resizes: the same rule as `nsp_backend`."""
+    return nsp_backend(frames)
+
+
+def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0) -> str:
+    if backend == "auto":
+        return nsp_backend(frames, norm_p)
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend={backend!r} is invalid: allowed values are 'auto', 'torch', 'triton'")
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
+    return backend
+
+
+def _ptg_bank(frames: torch.Tensor, plan: PTGPlan, maps: dict, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _ptg_bank_triton(frames, plan, maps)
+    return _ptg_bank_torch(frames, plan, maps)
 
 
 def st_grid_pool(
@@ -161,10 +372,209 @@ def st_grid_pool(
     norm_p: float = 2.0,
     padding: int = 0,
     partial_windows: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
-    """ST-GridPool of one video: PTG across its frames, then NSP per frame. frames: [T, H, W, D] -> [T, Ho, Wo, D]."""
-    gridded = pyramid_temporal_grid(frames, pyramid_levels)
-    return norm_spatial_pool(gridded, keep_ratio, temperature, norm_p, padding, partial_windows)
+    """ST-GridPool of one video: PTG across its frames, then NSP per frame. frames: [T, H, W, D] -> [T, Ho, Wo, D].
+
+    Does not modify `frames` and never copies it whole: only the summary frames are computed (into a small bank);
+    NSP reads unchanged frames straight from `frames` and the changed ones from the bank. No host-device sync:
+    the index maps depend on shapes alone and are cached on the device.
+    """
+    levels = validate_pyramid_levels(pyramid_levels)
+    num_frames, height, width, dim = frames.shape
+    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
+    plan, maps = _plan_and_maps(frames, levels)
+    backend = _resolve_backend(backend, frames, norm_p)
+    bank = _ptg_bank(frames, plan, maps, backend) if plan.num_summaries else None
+    if backend == "triton":
+        out = frames.new_empty(num_frames, out_h, out_w, dim)
+        _nsp_triton(frames, frames if bank is None else bank, maps["nsp_entries"], out, k, temperature, norm_p, padding)
+        return out
+    # PyTorch: NSP of every input frame (the few that PTG replaces are wasted work, cheaper than gathering the
+    # rest), then the summaries' NSP written over them.
+    out = _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
+    if bank is not None:
+        summaries = _nsp_torch(bank.index_select(0, maps["summary_rows"]), k, out_h, out_w, temperature, norm_p, padding)
+        out = out.index_copy(0, maps["summary_positions"], summaries)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels (optional: imported lazily; CPU-only installs never need them)
+# ---------------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _area_tile_kernel(
+        frames_ptr, dst_ptr, table_ptr, H, W, D, tile_h, tile_w,
+        KH: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """One program = one tile pixel of one slot x BLOCK_D channels: area average of its input window, written
+        into its place in the summary frame (dst row of the bank at dst_ptr) unless cropped.
+        table rows: (source kind: 0 input frames / 1 bank, source index, dst, top, left)."""
+        slot = tl.program_id(0)
+        pixel = tl.program_id(1)
+        block = tl.program_id(2)
+        i = pixel // tile_w
+        j = pixel % tile_w
+        from_bank = tl.load(table_ptr + slot * 5) != 0
+        src = tl.load(table_ptr + slot * 5 + 1).to(tl.int64)
+        dst = tl.load(table_ptr + slot * 5 + 2).to(tl.int64)
+        y = tl.load(table_ptr + slot * 5 + 3) + i
+        x = tl.load(table_ptr + slot * 5 + 4) + j
+        h0 = (i * H) // tile_h
+        h1 = ((i + 1) * H + tile_h - 1) // tile_h
+        w0 = (j * W) // tile_w
+        w1 = ((j + 1) * W + tile_w - 1) // tile_w
+        offs = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for a in tl.static_range(KH):
+            for b in tl.static_range(KW):
+                inside = (h0 + a < h1) & (w0 + b < w1)
+                base = ((src * H + h0 + a) * W + w0 + b) * D
+                # The source is uniform per program: a scalar branch picks it, one load either way.
+                if from_bank:
+                    v = tl.load(dst_ptr + base + offs, mask=dmask & inside, other=0.0)
+                else:
+                    v = tl.load(frames_ptr + base + offs, mask=dmask & inside, other=0.0)
+                acc += v.to(tl.float32)
+        acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)
+        keep = dmask & (y < H) & (x < W)
+        out_base = ((dst * H + y) * W + x) * D
+        tl.store(dst_ptr + out_base + offs, acc.to(dst_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _nsp_kernel(
+        a_ptr, b_ptr, out_ptr, table_ptr, H, W, D, Wo, out_tokens, pad, scale, norm_p,
+        K: tl.constexpr, KK: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, L2: tl.constexpr,
+    ):  # fmt: skip
+        """One program = one output token (window) of one frame: p-norms of the window's tokens, softmax of the
+        scaled norms, weighted sum; float32 arithmetic, one read of the window (ONE_PASS: it stays in registers;
+        else a second read, from cache). table rows: (source kind: 0 a / 1 b, source frame, output frame)."""
+        entry = tl.program_id(0)
+        token = tl.program_id(1)
+        from_b = tl.load(table_ptr + entry * 3) != 0
+        src = tl.load(table_ptr + entry * 3 + 1).to(tl.int64)
+        dst = tl.load(table_ptr + entry * 3 + 2).to(tl.int64)
+        oh = token // Wo
+        ow = token % Wo
+        kk = tl.arange(0, KK)
+        py = oh * K + kk // K  # padded-frame coordinates of the window's tokens
+        px = ow * K + kk % K
+        in_padded = (kk < K * K) & (py < H + 2 * pad) & (px < W + 2 * pad)
+        y = py - pad
+        x = px - pad
+        in_frame = in_padded & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+        token_base = ((src * H + y) * W + x) * D  # [KK]; only read where in_frame
+        out_base = (dst * out_tokens + token) * D
+        offs = tl.arange(0, BLOCK_D)
+        if ONE_PASS:
+            dmask = offs < D
+            m = in_frame[:, None] & dmask[None, :]
+            # The source (input frames or summaries) is uniform per program: a scalar branch, one load either way.
+            if from_b:
+                v = tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
+            else:
+                v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
+            v = v.to(tl.float32)
+            if L2:
+                norm = tl.sqrt(tl.sum(v * v, axis=1))
+            else:
+                av = tl.abs(v)
+                powered = tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0)
+                total = tl.sum(powered, axis=1)
+                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
+            score = tl.where(in_padded, norm * scale, -float("inf"))
+            e = tl.exp(score - tl.max(score, axis=0))
+            weight = e / tl.sum(e, axis=0)
+            pooled = tl.sum(v * weight[:, None], axis=0)
+            tl.store(out_ptr + out_base + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
+        else:
+            total = tl.zeros([KK], dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dmask = (d0 + offs) < D
+                m = in_frame[:, None] & dmask[None, :]
+                ptrs = token_base[:, None] + d0 + offs[None, :]
+                if from_b:
+                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
+                else:
+                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
+                v = v.to(tl.float32)
+                if L2:
+                    total += tl.sum(v * v, axis=1)
+                else:
+                    av = tl.abs(v)
+                    total += tl.sum(tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0), axis=1)
+            if L2:
+                norm = tl.sqrt(total)
+            else:
+                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
+            score = tl.where(in_padded, norm * scale, -float("inf"))
+            e = tl.exp(score - tl.max(score, axis=0))
+            weight = e / tl.sum(e, axis=0)
+            for d0 in range(0, D, BLOCK_D):
+                dmask = (d0 + offs) < D
+                m = in_frame[:, None] & dmask[None, :]
+                ptrs = token_base[:, None] + d0 + offs[None, :]
+                if from_b:
+                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
+                else:
+                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
+                v = v.to(tl.float32)
+                pooled = tl.sum(v * weight[:, None], axis=0)
+                tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+@functools.lru_cache(maxsize=256)
+def _max_area_window(size_in: int, size_out: int) -> int:
+    return max(end - start for start, end in (_area_window(i, size_in, size_out) for i in range(size_out)))
+
+
+def _ptg_bank_triton(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Tensor:
+    """All summary frames of `plan` with the Triton area kernel, one launch per level: frames [T, H, W, D] ->
+    bank [S, H, W, D]. Each slot's tile is averaged straight from its source frame into its place: no gather, no
+    canvas. A level reads only rows earlier levels wrote (earlier launches), so there is no race."""
+    frames = frames.contiguous()
+    num_frames, height, width, dim = frames.shape
+    bank = frames.new_empty(plan.num_summaries, height, width, dim)
+    block_d = min(1024, triton.next_power_of_2(dim))
+    for level, table in zip(plan.levels, maps["level_slots"]):
+        if table.shape[0] == 0:
+            continue
+        kh, kw = _max_area_window(height, level.tile_h), _max_area_window(width, level.tile_w)
+        grid = (table.shape[0], level.tile_h * level.tile_w, triton.cdiv(dim, block_d))
+        _area_tile_kernel[grid](
+            frames, bank, table, height, width, dim, level.tile_h, level.tile_w,
+            KH=kh, KW=kw, BLOCK_D=block_d, num_warps=4,
+        )  # fmt: skip
+    return bank
+
+
+def _nsp_triton(
+    a: torch.Tensor, b: torch.Tensor, entries: torch.Tensor, out: torch.Tensor, k: int, temperature: float,
+    norm_p: float, padding: int, one_pass: bool | None = None,
+) -> None:
+    """NSP with the fused Triton kernel, one launch: for each row (kind, i, t) of entries [n, 3], frame i of `a`
+    (kind 0) or of `b` (kind 1), both [*, H, W, D], pooled into out[t] (out: [T, Ho, Wo, D])."""
+    if entries.shape[0] == 0:
+        return
+    a, b = a.contiguous(), b.contiguous()
+    _, height, width, dim = a.shape
+    _, out_h, out_w, _ = out.shape
+    window = triton.next_power_of_2(k * k)
+    full = triton.next_power_of_2(dim)
+    if one_pass is None:
+        one_pass = window * full <= 16384  # the whole window fits in registers
+    block_d = full if one_pass else max(16, min(triton.next_power_of_2(max(1, 4096 // window)), full))
+    num_warps = 8 if window * block_d >= 8192 else 4
+    grid = (entries.shape[0], out_h * out_w)
+    _nsp_kernel[grid](
+        a, b, out, entries, height, width, dim, out_w, out_h * out_w, padding,
+        float(temperature / dim ** (1 / norm_p)), float(norm_p),
+        K=k, KK=window, BLOCK_D=block_d, ONE_PASS=one_pass, L2=norm_p == 2, num_warps=num_warps,
+    )  # fmt: skip
 
 
 def bilinear_pool(frames: torch.Tensor) -> torch.Tensor:
@@ -270,13 +680,17 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
 
     def get_video_features(
         self,
-        pixel_values_videos: torch.Tensor,
+        pixel_values_videos: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling:
         """pixel_values_videos: [B, T, C, H, W] -> `pooler_output` [B, N, D], each video's tokens in the newline
-        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`)."""
+        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`).
+        Also accepts the videos as `pixel_values=` (the keyword older Transformers, e.g. 5.17, pass)."""
+        if pixel_values_videos is None:
+            pixel_values_videos = kwargs.pop("pixel_values")
+        kwargs.pop("pixel_values", None)
         config = self.config
         if vision_feature_layer is None:
             vision_feature_layer = config.vision_feature_layer
@@ -395,4 +809,5 @@ __all__ = [
     "pyramid_temporal_grid",
     "norm_spatial_pool",
     "st_grid_pool",
+    "nsp_backend",
 ]
