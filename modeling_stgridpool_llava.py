@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import (
+        GEOMETRY_FIELDS,
         STGridPoolConfig,
         pooled_frame_size,
         validate_pyramid_levels,
@@ -35,6 +36,7 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     )
 except ImportError:  # installed as top-level modules of this project
     from configuration_stgridpool import (
+        GEOMETRY_FIELDS,
         STGridPoolConfig,
         pooled_frame_size,
         validate_pyramid_levels,
@@ -192,20 +194,6 @@ def _plan_and_maps(frames: torch.Tensor, levels: tuple[tuple[int, int], ...]) ->
     if torch.compiler.is_compiling():  # the maps become constants of the compiled graph
         return plan, _make_device_maps(plan, frames.device)
     return plan, _cached_device_maps(num_frames, height, width, levels, frames.device)
-
-
-def summary_frames(groups: torch.Tensor) -> torch.Tensor:
-    """Tile each group of g frames into one frame of the same size.
-
-    groups: [M, g, H, W, D] -> [M, H, W, D]. Each frame is area-averaged to ceil(H/rows) x ceil(W/cols)
-    (kept as is for g = 1) and placed row-major in a `summary_layout(g)` grid; the top-left H x W is kept.
-    """
-    m, g, height, width, dim = groups.shape
-    rows, cols = summary_layout(g)
-    tile_h, tile_w = math.ceil(height / rows), math.ceil(width / cols)
-    tiles = _area_resize(groups.flatten(0, 1), tile_h, tile_w)  # [M*g, h, w, D]
-    tiled = tiles.reshape(m, rows, cols, tile_h, tile_w, dim).permute(0, 1, 3, 2, 4, 5)
-    return tiled.reshape(m, rows * tile_h, cols * tile_w, dim)[:, :height, :width]
 
 
 def _area_resize(frames: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
@@ -632,9 +620,6 @@ def pool_video(frames: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
 # Transformers glue
 # ---------------------------------------------------------------------------------------------------------------
 
-_GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
-
-
 def _settings_giving(num_tokens: int, num_frames: int, frame_size: int) -> list[dict]:
     """Common geometry settings under which a video of `num_frames` frames takes `num_tokens` tokens."""
     found = []
@@ -650,13 +635,13 @@ def _settings_giving(num_tokens: int, num_frames: int, frame_size: int) -> list[
                     )  # fmt: skip
                     for newline in ("one_token", "grid", "frame", "none"):
                         if video_token_count(num_frames, rows, cols, newline) == num_tokens:
-                            found.append(dict(zip(_GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline))))
+                            found.append(dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline))))
     return found
 
 
 def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, num_videos: int, tokens_per_video: int) -> str:
     """Explain a <video> placeholder / feature count mismatch in terms of the settings that differ."""
-    ours = {name: getattr(config, name) for name in _GEOMETRY_FIELDS}
+    ours = {name: getattr(config, name) for name in GEOMETRY_FIELDS}
     rows, cols = config.pooled_frame_size
     per_frame = {"one_token": rows * cols, "grid": rows * (cols + 1), "frame": rows * cols + 1, "none": rows * cols}
     num_frames = (tokens_per_video - (config.video_newline_position == "one_token")) // per_frame[config.video_newline_position]
