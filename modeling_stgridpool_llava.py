@@ -259,26 +259,58 @@ def _nsp_geometry(height: int, width: int, keep_ratio: float, padding: int, part
     return k, out_h, out_w
 
 
+def _whole_windows(frames: torch.Tensor, k: int, out_h: int, out_w: int, padding: int) -> torch.Tensor:
+    """frames [N, H, W, D] zero-padded by `padding` on every side, then grown (partial windows) or cropped (dropped
+    border) to exactly Ho*k x Wo*k tokens: [N, Ho*k, Wo*k, D]; a view when nothing needs padding."""
+    x = F.pad(frames, (0, 0, padding, padding, padding, padding)) if padding else frames
+    grow_h, grow_w = max(0, out_h * k - x.shape[1]), max(0, out_w * k - x.shape[2])
+    if grow_h or grow_w:
+        x = F.pad(x, (0, 0, 0, grow_w, 0, grow_h))
+    return x[:, : out_h * k, : out_w * k]
+
+
+def _window_weights(
+    x: torch.Tensor, k: int, padded_h: int, padded_w: int, temperature: float, norm_p: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Softmax weights of the tokens of each window of x [N, Ho*k, Wo*k, D] (from `_whole_windows`):
+    [N, Ho, Wo, k*k], row-major within the window. Zero padding tokens score 0 and take part; tokens past the
+    padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0."""
+    num_frames, rows, cols, dim = x.shape
+    scores = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=dtype) * (temperature / dim ** (1 / norm_p))
+    if rows > padded_h or cols > padded_w:
+        scores[:, padded_h:] = -math.inf
+        scores[:, :, padded_w:] = -math.inf
+    windows = scores.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
+    return windows.reshape(num_frames, rows // k, cols // k, k * k).softmax(-1)
+
+
+def nsp_window_weights(
+    frames: torch.Tensor,
+    keep_ratio: float,
+    temperature: float = 1.0,
+    norm_p: float = 2.0,
+    padding: int = 0,
+    partial_windows: bool = False,
+) -> torch.Tensor:
+    """NSP's softmax weight of every token of every window: frames [T, H, W, D] -> [T, Ho, Wo, k, k] (float32, or
+    float64 for float64 input), in the padded frame's coordinates: token (i, j) of window (r, c) is padded-frame
+    token (r*k + i, c*k + j). For inspecting what NSP does (`stgridpool visualize`)."""
+    num_frames, height, width, _ = frames.shape
+    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
+    x = _whole_windows(frames, k, out_h, out_w, padding)
+    dtype = torch.promote_types(frames.dtype, torch.float32)
+    weights = _window_weights(x, k, height + 2 * padding, width + 2 * padding, temperature, norm_p, dtype)
+    return weights.reshape(num_frames, out_h, out_w, k, k)
+
+
 def _nsp_torch(
     frames: torch.Tensor, k: int, out_h: int, out_w: int, temperature: float, norm_p: float, padding: int
 ) -> torch.Tensor:
     """NSP in plain PyTorch, float32 arithmetic: frames [N, H, W, D] -> [N, Ho, Wo, D] in frames.dtype."""
-    num_frames, height, width, dim = frames.shape
-    x = frames
-    if padding:
-        x = F.pad(x, (0, 0, padding, padding, padding, padding))  # zero tokens: score 0, still weighed
-    padded_h, padded_w = x.shape[1:3]
-    need_h, need_w = out_h * k, out_w * k
-    if need_h > padded_h or need_w > padded_w:  # partial windows: grow with tokens that are not there
-        x = F.pad(x, (0, 0, 0, max(0, need_w - padded_w), 0, max(0, need_h - padded_h)))
-    x = x[:, :need_h, :need_w]  # a view: trailing rows/columns that fill no window are dropped
+    height, width = frames.shape[1:3]
+    x = _whole_windows(frames, k, out_h, out_w, padding)
     compute = torch.promote_types(frames.dtype, torch.float32)  # float32, or float64 for float64 input
-    scores = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=compute) * (temperature / dim ** (1 / norm_p))
-    if need_h > padded_h or need_w > padded_w:
-        scores[:, padded_h:] = -math.inf
-        scores[:, :, padded_w:] = -math.inf
-    weights = scores.reshape(num_frames, out_h, k, out_w, k).permute(0, 1, 3, 2, 4).reshape(num_frames, out_h, out_w, k * k)
-    weights = weights.softmax(-1)
+    weights = _window_weights(x, k, height + 2 * padding, width + 2 * padding, temperature, norm_p, compute)
     # One strided pass per window offset: reads x once, with no [.., k*k, D] intermediate.
     pooled = None
     for dy in range(k):
@@ -794,5 +826,6 @@ __all__ = [
     "pyramid_temporal_grid",
     "norm_spatial_pool",
     "st_grid_pool",
+    "nsp_window_weights",
     "nsp_backend",
 ]

@@ -8,11 +8,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from configuration_stgridpool import pooled_frame_size, window_size
-from modeling_stgridpool_llava import pyramid_temporal_grid, sampled_positions, summary_layout
+from configuration_stgridpool import window_size
+from modeling_stgridpool_llava import nsp_window_weights, pyramid_temporal_grid, sampled_positions, summary_layout
 
 LEVEL_COLORS = [(230, 120, 0), (150, 60, 200), (0, 150, 90), (200, 30, 90), (30, 110, 220)]
 BACKGROUND, TEXT, GRAY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
@@ -26,22 +25,16 @@ def nsp_token_weights(
     padding: int = 0,
     partial_windows: bool = False,
 ) -> torch.Tensor:
-    """NSP's softmax weight of every token within its window, as `norm_spatial_pool` computes them (SPEC.md 2).
+    """NSP's softmax weight of every token within its window (`nsp_window_weights`), laid out over the frame.
 
     frames: [T, H, W, D] -> [T, H, W] float32; each full window's weights sum to 1 (uniform = 1/k^2). Tokens in no
     window (the border rows/columns NSP drops) are NaN; the zero padding tokens' weights are not returned.
     """
-    k = window_size(keep_ratio)
-    num_frames, height, width, dim = frames.shape
-    out_h, out_w = pooled_frame_size(
-        height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
-    )
-    x = F.pad(frames.float(), (0, 0, padding, padding, padding, padding))
-    scores = temperature * torch.linalg.vector_norm(x, ord=norm_p, dim=-1) / dim ** (1 / norm_p)  # [T, H', W']
-    padded_h, padded_w = scores.shape[1:]
-    scores = F.pad(scores, (0, out_w * k - padded_w, 0, out_h * k - padded_h), value=-math.inf)
-    weights = scores.reshape(num_frames, out_h, k, out_w, k).transpose(2, 3).flatten(3).softmax(-1)
-    weights = weights.reshape(num_frames, out_h, out_w, k, k).transpose(2, 3).reshape(num_frames, out_h * k, out_w * k)
+    num_frames, height, width, _ = frames.shape
+    windows = nsp_window_weights(frames.float(), keep_ratio, temperature, norm_p, padding, partial_windows)
+    _, out_h, out_w, k, _ = windows.shape
+    weights = windows.permute(0, 1, 3, 2, 4).reshape(num_frames, out_h * k, out_w * k)
+    padded_h, padded_w = height + 2 * padding, width + 2 * padding
     full = torch.full((num_frames, padded_h, padded_w), math.nan)
     rows, cols = min(padded_h, out_h * k), min(padded_w, out_w * k)
     full[:, :rows, :cols] = weights[:, :rows, :cols]
