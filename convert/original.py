@@ -12,6 +12,17 @@ from pathlib import Path
 
 from .errors import ConversionError
 
+# LLaVA-OneVision's chat template (llava-hf repos), images and videos first, then text.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
 ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 # SigLIP towers LLaVA-NeXT uses, by `mm_vision_tower`; the layer count comes from the weights (the original drops the
 # tower's last layer). Other towers: pass --vision-config.
@@ -224,7 +235,6 @@ def build_processor(config: dict, tokenizer, geometry: dict):
     from processing_stgridpool import STGridPoolProcessor
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
 
-    from stgridpool.tiny import CHAT_TEMPLATE
 
     vision = config["vision_config"]
     size = {"height": vision["image_size"], "width": vision["image_size"]}
