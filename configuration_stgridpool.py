@@ -7,7 +7,7 @@ the two cannot disagree for the same settings. They are plain Python: no torch n
 
 import math
 
-from transformers import LlavaOnevisionConfig
+from transformers import AutoConfig, LlavaOnevisionConfig
 
 POOLING_MODES = ("stgridpool", "bilinear", "average")
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
@@ -219,5 +219,8 @@ class STGridPoolConfig(LlavaOnevisionConfig):
             nsp_partial_windows=self.nsp_partial_windows,
         )
 
+
+# So AutoConfig (which AutoTokenizer and AutoProcessor consult) knows the model type of a repo saved by these classes.
+AutoConfig.register(STGridPoolConfig.model_type, STGridPoolConfig, exist_ok=True)
 
 __all__ = ["STGridPoolConfig"]
