@@ -5,6 +5,7 @@ place that says how many tokens a video becomes; the model and the processor bot
 the two cannot disagree for the same settings. They are plain Python: no torch needed.
 """
 
+import dataclasses
 import math
 
 from transformers import AutoConfig, LlavaOnevisionConfig
@@ -111,6 +112,18 @@ def validate_video_geometry(
         )
 
 
+def validate_pooling_scalars(*, nsp_temperature: float, nsp_norm_p: float) -> None:
+    """Raise ValueError naming the field, the value and what is allowed, for NSP's temperature and norm p."""
+    temperature = nsp_temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+        math.isfinite(temperature) and temperature > 0
+    ):
+        raise ValueError(f"nsp_temperature={temperature!r} is invalid: allowed values are finite numbers > 0")
+    norm_p = nsp_norm_p
+    if isinstance(norm_p, bool) or not isinstance(norm_p, (int, float)) or not norm_p > 0:
+        raise ValueError(f"nsp_norm_p={norm_p!r} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
+
+
 def validate_pyramid_levels(pyramid_levels) -> tuple[tuple[int, int], ...]:
     """Check `pyramid_levels` is a sequence of (group size, stride) pairs of positive ints; return it as tuples."""
     allowed = "a list of [group_size, stride] pairs of positive integers, e.g. [[4, 2], [4, 4], [4, 8]], or []"
@@ -128,6 +141,76 @@ def validate_pyramid_levels(pyramid_levels) -> tuple[tuple[int, int], ...]:
                 )
         levels.append((level[0], level[1]))
     return tuple(levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPoolingSettings:
+    """The ST-GridPool settings as one validated value, under the config's field names.
+
+    Every consumer (config, model, processor, CLI, visualize, converter, lmms-eval model, vLLM plugin) passes this
+    object instead of fanning out the fields. Constructing it validates every field (ValueError naming the field,
+    the value and what is allowed); `check_frame_size` adds the window-fits check once the frame size is known.
+    """
+
+    video_pooling_mode: str = "stgridpool"
+    pyramid_levels: tuple[tuple[int, int], ...] = DEFAULT_PYRAMID_LEVELS
+    nsp_keep_ratio: float = 0.25
+    nsp_temperature: float = 1.0
+    nsp_norm_p: float = 2.0
+    nsp_padding: int = 0
+    nsp_partial_windows: bool = False
+    video_newline_position: str = "one_token"
+
+    def __post_init__(self):
+        levels = self.pyramid_levels
+        object.__setattr__(
+            self, "pyramid_levels", DEFAULT_PYRAMID_LEVELS if levels is None else validate_pyramid_levels(levels)
+        )
+        validate_pooling_scalars(nsp_temperature=self.nsp_temperature, nsp_norm_p=self.nsp_norm_p)
+        validate_video_geometry(**self.geometry())
+
+    @classmethod
+    def from_config(cls, source) -> "VideoPoolingSettings":
+        """The settings held by `source`: a config, a processor, a dict or any object with (some of) the fields;
+        missing fields take their defaults."""
+        get = source.get if isinstance(source, dict) else lambda name, default: getattr(source, name, default)
+        defaults = cls()
+        return cls(**{name: get(name, getattr(defaults, name)) for name in STGRIDPOOL_FIELDS})
+
+    def to_kwargs(self) -> dict:
+        """The fields as JSON-friendly keyword arguments (pyramid levels as lists), e.g. for a config."""
+        kwargs = {name: getattr(self, name) for name in STGRIDPOOL_FIELDS}
+        kwargs["pyramid_levels"] = [list(level) for level in self.pyramid_levels]
+        return kwargs
+
+    def geometry(self) -> dict:
+        """The fields that fix how many tokens a video becomes (`GEOMETRY_FIELDS`): what a processor needs."""
+        return {name: getattr(self, name) for name in GEOMETRY_FIELDS}
+
+    def replace(self, **changes) -> "VideoPoolingSettings":
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def window_size(self) -> int:
+        """NSP window side k (keep ratio 1/k^2)."""
+        return window_size(self.nsp_keep_ratio)
+
+    def check_frame_size(self, frame_size: int) -> None:
+        """Raise ValueError if the NSP window does not fit a padded frame of `frame_size` tokens a side."""
+        validate_video_geometry(**self.geometry(), frame_size=frame_size)
+
+    def pooled_size(self, height: int, width: int) -> tuple[int, int]:
+        """(Ho, Wo): the grid one `height x width` frame of tokens is pooled to."""
+        return pooled_frame_size(height, width, **{k: v for k, v in self.geometry().items() if k != "video_newline_position"})
+
+    def num_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Language-model tokens one video of `num_frames` frames of `height x width` tokens becomes."""
+        return video_token_count(num_frames, *self.pooled_size(height, width), self.video_newline_position)
+
+    def diff(self, other: "VideoPoolingSettings", fields=STGRIDPOOL_FIELDS) -> dict:
+        """{field: (ours, theirs)} for the `fields` whose values differ."""
+        return {n: (getattr(self, n), getattr(other, n)) for n in fields if getattr(self, n) != getattr(other, n)}
 
 
 class STGridPoolConfig(LlavaOnevisionConfig):
@@ -182,25 +265,16 @@ class STGridPoolConfig(LlavaOnevisionConfig):
 
     def validate_stgridpool_settings(self) -> None:
         """Raise ValueError naming the field, the value and what is allowed for any invalid ST-GridPool setting."""
-        levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]
+        settings = VideoPoolingSettings.from_config(self)
+        settings.check_frame_size(self.frame_size)
+        levels = [list(level) for level in settings.pyramid_levels]
         if levels != self.pyramid_levels:
             self.__dict__["pyramid_levels"] = levels  # JSON-friendly lists, whatever sequence type came in
-        temperature = self.nsp_temperature
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0
-        ):
-            raise ValueError(f"nsp_temperature={temperature!r} is invalid: allowed values are finite numbers > 0")
-        norm_p = self.nsp_norm_p
-        if isinstance(norm_p, bool) or not isinstance(norm_p, (int, float)) or not norm_p > 0:
-            raise ValueError(f"nsp_norm_p={norm_p!r} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
-        validate_video_geometry(
-            video_pooling_mode=self.video_pooling_mode,
-            nsp_keep_ratio=self.nsp_keep_ratio,
-            nsp_padding=self.nsp_padding,
-            nsp_partial_windows=self.nsp_partial_windows,
-            video_newline_position=self.video_newline_position,
-            frame_size=self.frame_size,
-        )
+
+    @property
+    def video_pooling(self) -> VideoPoolingSettings:
+        """The ST-GridPool settings as one validated value."""
+        return VideoPoolingSettings.from_config(self)
 
     @property
     def frame_size(self) -> int:
@@ -223,4 +297,4 @@ class STGridPoolConfig(LlavaOnevisionConfig):
 # So AutoConfig (which AutoTokenizer and AutoProcessor consult) knows the model type of a repo saved by these classes.
 AutoConfig.register(STGridPoolConfig.model_type, STGridPoolConfig, exist_ok=True)
 
-__all__ = ["STGridPoolConfig"]
+__all__ = ["STGridPoolConfig", "VideoPoolingSettings"]
