@@ -5,7 +5,9 @@
         --launcher "accelerate launch --num_processes 8 -m" --output-dir results/ov7b
 
 Each run writes lmms-eval's own results under OUTPUT_DIR/stock and OUTPUT_DIR/stgridpool; `--no-run` only reads
-them back (e.g. after runs made by hand with the same layout). Scores in [0, 1] are shown as percentages.
+them back (e.g. after runs made by hand with the same layout). Scores are shown in percent: each paper task's metric
+has a known scale (METRICS, from lmms-eval 0.7.3's task code: some report fractions, some percentages); a metric not
+in METRICS is shown as lmms-eval reported it, marked `*`, and left out of the mean.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 STOCK_MODES = ("bilinear", "average")
@@ -28,41 +31,90 @@ def latest_results(run_dir: Path) -> dict:
     return json.loads(files[-1].read_text())
 
 
-def primary_score(metrics: dict) -> float | None:
-    """The first numeric metric lmms-eval reported for a task (not its stderr), as a percentage."""
+MVBENCH_SUBTASKS = (
+    "action_antonym", "action_count", "action_localization", "action_prediction", "action_sequence", "character_order",
+    "counterfactual_inference", "egocentric_navigation", "episodic_reasoning", "fine_grained_action",
+    "fine_grained_pose", "moving_attribute", "moving_count", "moving_direction", "object_existence",
+    "object_interaction", "object_shuffle", "scene_transition", "state_change", "unexpected_action",
+)
+# task -> (its headline metric, the factor that makes it a percentage), read from lmms-eval 0.7.3's task code: the
+# aggregation functions of videomme, tempcompass, mvbench and egoschema's server score return percentages (x 100);
+# longvideobench's lvb_acc, egoschema_subset's score and nextqa's exact_match (a mean of 0/1) return fractions.
+# This project's offline tasks (stgridpool_eval/tasks) are the same tasks with `_local` appended to the name.
+METRICS = {
+    "videomme": ("videomme_perception_score", 1.0),
+    "longvideobench_val_v": ("lvb_acc", 100.0),
+    "egoschema": ("submission", 1.0),
+    "egoschema_subset": ("score", 100.0),
+    "nextqa_mc_test": ("exact_match", 100.0),
+    "tempcompass_multi_choice": ("avg_accuracy", 1.0),
+    **{f"mvbench_{name}": ("mvbench_accuracy", 1.0) for name in MVBENCH_SUBTASKS},
+}
+LOCAL_SUFFIX = "_local"
+
+
+@dataclass(frozen=True)
+class Score:
+    """A task's score: `value` in percent when `known` (its scale is in METRICS), else as lmms-eval reported it."""
+
+    value: float
+    known: bool
+
+
+def _metric_value(metrics: dict, metric: str | None) -> float | None:
+    """The value of `metric` (any filter: `name,none`), or with metric None the first numeric one (not a stderr)."""
     for key, value in metrics.items():
-        if key == "alias" or "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
+        name = key.split(",", 1)[0]
+        if key == "alias" or name.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        return 100.0 * value if abs(value) <= 1.0 else float(value)
+        if metric is None or name == metric:
+            return float(value)
     return None
 
 
-def task_score(results: dict, task: str) -> float | None:
-    """Score of `task`: its own metric, else (a group like mvbench) the mean of its subtasks' scores."""
+def task_metric(task: str) -> tuple[str, float] | None:
+    """(headline metric, factor to percent) of `task` or of its `_local` copy; None when the scale is unknown."""
+    return METRICS.get(task.removesuffix(LOCAL_SUFFIX))
+
+
+def task_score(results: dict, task: str) -> Score | None:
+    """Score of `task`: its headline metric, else (a group like mvbench) the mean of its subtasks' scores."""
     own = results.get("results", {}).get(task) or results.get("groups", {}).get(task)
-    score = primary_score(own) if own else None
-    if score is not None:
-        return score
+    if own:
+        known = task_metric(task)
+        value = _metric_value(own, known[0] if known else None)
+        if value is not None:
+            return Score(value * known[1], True) if known else Score(value, False)
     subtasks = results.get("group_subtasks", {}).get(task) or []
-    scores = [task_score(results, sub) for sub in subtasks]
-    scores = [s for s in scores if s is not None]
-    return sum(scores) / len(scores) if scores else None
+    scores = [s for s in (task_score(results, sub) for sub in subtasks) if s is not None]
+    if not scores:
+        return None
+    return Score(sum(s.value for s in scores) / len(scores), all(s.known for s in scores))
 
 
 def format_table(tasks: list[str], stock: dict, stgp: dict, stock_label: str) -> str:
-    """Markdown table: task | stock | +ST-GridPool | delta, one row per task, with the mean of the rows."""
+    """Markdown table: task | stock | +ST-GridPool | delta, one row per task, with the mean of the rows whose scale is
+    known (percent); a score whose scale is unknown is shown as reported, marked `*`, with a note under the table."""
     lines = [f"| Task | {stock_label} | +ST-GridPool | Δ |", "|---|---:|---:|---:|"]
-    pairs = []
+    pairs, unknown = [], []
     for task in tasks:
         a, b = task_score(stock, task), task_score(stgp, task)
-        cell = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-        delta = "n/a" if a is None or b is None else f"{b - a:+.1f}"
-        lines.append(f"| {task} | {cell(a)} | {cell(b)} | {delta} |")
-        if a is not None and b is not None:
-            pairs.append((a, b))
+        mark = "*" if any(s is not None and not s.known for s in (a, b)) else ""
+        cells = ["n/a" if s is None else f"{s.value:.1f}{mark}" for s in (a, b)]
+        cells.append("n/a" if a is None or b is None else f"{b.value - a.value:+.1f}{mark}")
+        lines.append(f"| {task} | {' | '.join(cells)} |")
+        if mark:
+            unknown.append(task)
+        elif a is not None and b is not None:
+            pairs.append((a.value, b.value))
     if len(pairs) > 1:
         mean_a, mean_b = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
         lines.append(f"| mean | {mean_a:.1f} | {mean_b:.1f} | {mean_b - mean_a:+.1f} |")
+    if unknown:
+        lines.append(
+            f"\n\\* {', '.join(unknown)}: metric scale unknown to stgridpool_eval.compare (not in its METRICS table): "
+            "shown as lmms-eval reported it (a fraction or a percentage) and left out of the mean."
+        )
     return "\n".join(lines)
 
 
@@ -97,6 +149,7 @@ def main(argv=None) -> int:
             parser.error(f"{flag} must not set video_pooling_mode: the runs use --stock-mode and stgridpool")
 
     runs = {"stock": (args.stock_mode, ""), "stgridpool": ("stgridpool", args.stgridpool_args)}
+    failed = []
     if not args.no_run:
         for name, (mode, extra) in runs.items():
             run_args = argparse.Namespace(**{**vars(args), "model_args": ",".join(a for a in (args.model_args, extra) if a)})
@@ -105,12 +158,18 @@ def main(argv=None) -> int:
             before = set((args.output_dir / name).rglob("*_results.json"))
             subprocess.run(command, check=True)
             if not set((args.output_dir / name).rglob("*_results.json")) - before:  # lmms-eval may exit 0 on errors
-                raise SystemExit(f"the {name} run wrote no results under {args.output_dir / name}: see its log above")
+                failed.append(name)  # the other run still runs: its answers (e.g. a submission file) are not lost
+    for path in sorted(args.output_dir.rglob("submissions/*")):
+        print(f"submission file (lmms-eval's answers to upload; see README): {path}")
+    if failed:
+        raise SystemExit(
+            f"the {' and '.join(failed)} run(s) wrote no results under {args.output_dir}: see the log above "
+            "(lmms-eval exits 0 even when a task fails)"
+        )
     results = {name: latest_results(args.output_dir / name) for name in runs}
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     print(format_table(tasks, results["stock"], results["stgridpool"], f"stock ({args.stock_mode})"))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

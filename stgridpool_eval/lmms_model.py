@@ -2,7 +2,7 @@
 overridable from `--model_args`.
 
     accelerate launch --num_processes 8 -m lmms_eval --model stgridpool \
-        --model_args pretrained=REPO_OR_DIR,max_frames_num=64,video_pooling_mode=stgridpool,nsp_keep_ratio=0.25 \
+        --model_args pretrained=REPO_OR_DIR,max_frames_num=64,frame_sampling=authors,video_pooling_mode=stgridpool \
         --tasks videomme --batch_size 1 --output_path results/
 
 Under `accelerate launch` each process holds its own copy of the model on its own device and lmms-eval shards the
@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from configuration_stgridpool import GEOMETRY_FIELDS, STGRIDPOOL_FIELDS
 
-LOADER_ARGS = ("pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num", "trust_remote_code")
+LOADER_ARGS = (
+    "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
+    "frame_sampling", "trust_remote_code",
+)
+# `uniform`: always `max_frames_num` frames, evenly spaced (lmms-eval's llava_onevision / llava_hf models).
+# `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the paper's runs).
+FRAME_SAMPLINGS = ("uniform", "authors")
 
 
 def parse_override(name: str, value: Any) -> Any:
@@ -54,17 +60,37 @@ def parse_override(name: str, value: Any) -> Any:
     return value
 
 
-def load_video(path: str, num_frames: int) -> np.ndarray:
-    """Decode `num_frames` frames of the video at `path`: uint8 [T, H, W, 3].
+def uniform_indices(total_num_frames: int, max_frames_num: int) -> np.ndarray:
+    """`max_frames_num` frame indices evenly spaced over `0 .. total_num_frames - 1`, truncated (repeats when the
+    video is shorter): lmms-eval's llava_onevision / llava_hf sampling."""
+    return np.linspace(0, total_num_frames - 1, max_frames_num, dtype=int)
 
-    Decoding is the processor's PyAV reader; the indices are lmms-eval's LLaVA sampling,
-    `linspace(0, total - 1, num_frames)` truncated, as in the runs behind the paper's table."""
+
+def authors_indices(total_num_frames: int, fps: float | None, max_frames_num: int) -> np.ndarray:
+    """One frame a second (every `round(fps)`-th frame from frame 0); only when that gives more than
+    `max_frames_num` frames, `uniform_indices` instead: lmms-eval's llava_vid sampling (`video_fps=1`,
+    `force_sample=False`), which the paper's runs used. A 16 s clip gets 16 frames, not `max_frames_num`.
+
+    fps: the video's frame rate; None (a one-frame video) counts as one frame a second."""
+    step = max(1, round(fps)) if fps else 1  # a video under 0.5 fps still keeps every frame, not a 0 step
+    indices = np.arange(0, total_num_frames, step)
+    if len(indices) > max_frames_num:
+        return uniform_indices(total_num_frames, max_frames_num)
+    return indices
+
+
+def load_video(path: str, max_frames_num: int, frame_sampling: str = "uniform") -> np.ndarray:
+    """Decode the frames `frame_sampling` picks (see FRAME_SAMPLINGS) from the video at `path`: uint8 [T, H, W, 3].
+
+    Decoding is the processor's PyAV reader; only the indices are chosen here."""
     from processing_stgridpool import read_video_pyav
 
-    def lmms_eval_indices(metadata):
-        return np.linspace(0, metadata.total_num_frames - 1, num_frames, dtype=int)
+    def indices(metadata):
+        if frame_sampling == "authors":
+            return authors_indices(metadata.total_num_frames, metadata.fps, max_frames_num)
+        return uniform_indices(metadata.total_num_frames, max_frames_num)
 
-    return read_video_pyav(path, sample_indices_fn=lmms_eval_indices)[0]
+    return read_video_pyav(path, sample_indices_fn=indices)[0]
 
 
 def _has_auto_map(pretrained: str, filename: str, key: str, revision: str) -> bool:
@@ -118,7 +144,10 @@ def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "
 
 class STGridPoolLMM(lmms):
     """lmms-eval model `stgridpool`: generation (`generate_until`) and multiple-choice (`loglikelihood`) tasks on
-    videos (decoded with PyAV, `max_frames_num` frames sampled uniformly) and images, batch size 1."""
+    videos (decoded with PyAV, frames picked by `frame_sampling`, at most `max_frames_num`) and images, batch size 1.
+
+    Prompts are the task's own (`doc_to_text` with the `default` block of its `lmms_eval_specific_kwargs`: this
+    model has no block of its own), as in the paper's runs."""
 
     is_simple = True
 
@@ -133,6 +162,7 @@ class STGridPoolLMM(lmms):
         batch_size: int = 1,
         max_batch_size: int | None = None,  # lmms-eval passes it; unused at batch size 1
         max_frames_num: int = 32,
+        frame_sampling: str = "uniform",
         trust_remote_code: bool = True,
         **kwargs,
     ) -> None:
@@ -147,6 +177,9 @@ class STGridPoolLMM(lmms):
             raise ValueError(f"model_args batch_size={batch_size!r} is invalid: allowed is 1")
         if isinstance(max_frames_num, bool) or not isinstance(max_frames_num, int) or max_frames_num < 1:
             raise ValueError(f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers >= 1")
+        if frame_sampling not in FRAME_SAMPLINGS:
+            allowed = ", ".join(FRAME_SAMPLINGS)
+            raise ValueError(f"model_args frame_sampling={frame_sampling!r} is invalid: allowed are {allowed}")
         overrides = {name: parse_override(name, value) for name, value in kwargs.items()}
 
         accelerator = Accelerator()
@@ -183,6 +216,7 @@ class STGridPoolLMM(lmms):
         self._world_size = accelerator.num_processes
         self.pretrained = pretrained
         self.max_frames_num = max_frames_num
+        self.frame_sampling = frame_sampling
         self.batch_size_per_gpu = 1
 
     @property
@@ -204,7 +238,7 @@ class STGridPoolLMM(lmms):
     def _inputs(self, context: str, visuals: list, continuation: str | None = None):
         """Processor inputs for one request: the chat-formatted prompt (plus `continuation` as the assistant's
         answer, for scoring) with its videos and images. Returns (inputs, prompt length in tokens or None)."""
-        videos = [load_video(v, self.max_frames_num) for v in visuals if isinstance(v, str)]
+        videos = [load_video(v, self.max_frames_num, self.frame_sampling) for v in visuals if isinstance(v, str)]
         images = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
         if len(videos) + len(images) != len(visuals):
             kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, (str, Image.Image))})

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from stgridpool_eval.compare import lmms_eval_command, main, task_score
+from stgridpool_eval.compare import Score, format_table, lmms_eval_command, main, task_score
 
 
 def write_results(run_dir, results, group_subtasks=None):
@@ -16,33 +16,60 @@ def write_results(run_dir, results, group_subtasks=None):
 MVBENCH = {"mvbench": ["mvbench_action_count", "mvbench_object_shuffle"]}
 
 
-def test_scores_are_percentages_and_groups_average_their_subtasks():
+def test_each_metric_is_scaled_by_its_task_not_by_its_value():
+    """Fractions (lvb_acc, egoschema_subset, nextqa) become percentages; percentages (videomme, tempcompass,
+    mvbench) stay as they are, including a real score of 1.0 or less; groups average their subtasks."""
     results = {
         "results": {
-            "videomme": {"alias": "videomme", "videomme_perception_score,none": 58.2, "videomme_perception_score_stderr,none": "N/A"},
+            "videomme": {"alias": "videomme", "videomme_perception_score,none": 0.8, "videomme_perception_score_stderr,none": "N/A"},
+            "longvideobench_val_v": {"lvb_acc,none": 0.565, "lvb_acc_stderr,none": 0.01},
+            "egoschema_subset": {"score,none": 0.6},
             "nextqa_mc_test": {"alias": "nextqa_mc_test", "exact_match,none": 0.794, "exact_match_stderr,none": 0.01},
+            "tempcompass_multi_choice": {"speed_accuracy,none": 50.0, "avg_accuracy,none": 1.0},
             "mvbench": {"alias": "mvbench"},
-            "mvbench_action_count": {"mvbench_accuracy,none": 50.0},
+            "mvbench_action_count": {"mvbench_accuracy,none": 0.5},
             "mvbench_object_shuffle": {"mvbench_accuracy,none": 60.0},
+            "egoschema": {"submission,none": None},
+            "nextqa_mc_test_local": {"exact_match,none": 1.0},
+            "videomme_local": {"videomme_perception_score,none": 1.0},
         },
         "group_subtasks": MVBENCH,
     }
-    assert task_score(results, "videomme") == pytest.approx(58.2)
-    assert task_score(results, "nextqa_mc_test") == pytest.approx(79.4)
-    assert task_score(results, "mvbench") == pytest.approx(55.0)
-    assert task_score(results, "egoschema") is None
+    expected = {"videomme": 0.8, "longvideobench_val_v": 56.5, "egoschema_subset": 60.0, "nextqa_mc_test": 79.4,
+                "tempcompass_multi_choice": 1.0, "mvbench": 30.25, "nextqa_mc_test_local": 100.0, "videomme_local": 1.0}
+    for task, value in expected.items():
+        assert task_score(results, task) == Score(pytest.approx(value), True), task
+    assert task_score(results, "egoschema") is None  # a submission the server did not score: no number
+    assert task_score(results, "not_run") is None
+
+
+def test_a_metric_of_unknown_scale_is_shown_as_reported_with_a_note():
+    stock = {"results": {"videomme": {"videomme_perception_score,none": 0.9}, "mystery": {"acc,none": 0.5}}}
+    stgp = {"results": {"videomme": {"videomme_perception_score,none": 1.0}, "mystery": {"acc,none": 0.75}}}
+    assert task_score(stock, "mystery") == Score(0.5, False)
+    table = format_table(["videomme", "mystery"], stock, stgp, "stock")
+    assert "| videomme | 0.9 | 1.0 | +0.1 |" in table
+    assert "| mystery | 0.5* | 0.8* | +0.2* |" in table
+    assert "| mean |" not in table  # only one row of known scale
+    assert "mystery: metric scale unknown" in table and "shown as lmms-eval reported it" in table
 
 
 def test_no_run_prints_the_table_with_deltas(tmp_path, capsys):
-    write_results(tmp_path / "stock", {"videomme": {"score,none": 58.2}, "mvbench_action_count": {"acc,none": 0.5},
-                                       "mvbench_object_shuffle": {"acc,none": 0.6}}, MVBENCH)
-    write_results(tmp_path / "stgridpool", {"videomme": {"score,none": 59.0}, "mvbench_action_count": {"acc,none": 0.55},
-                                            "mvbench_object_shuffle": {"acc,none": 0.61}}, MVBENCH)
-    assert main(["--no-run", "--tasks", "videomme,mvbench", "--output-dir", str(tmp_path)]) == 0
+    write_results(tmp_path / "stock", {"videomme": {"videomme_perception_score,none": 58.2},
+                                       "mvbench_action_count": {"mvbench_accuracy,none": 50.0},
+                                       "mvbench_object_shuffle": {"mvbench_accuracy,none": 60.0},
+                                       "nextqa_mc_test": {"exact_match,none": 0.794}}, MVBENCH)
+    write_results(tmp_path / "stgridpool", {"videomme": {"videomme_perception_score,none": 59.0},
+                                            "mvbench_action_count": {"mvbench_accuracy,none": 55.0},
+                                            "mvbench_object_shuffle": {"mvbench_accuracy,none": 61.0},
+                                            "nextqa_mc_test": {"exact_match,none": 0.796}}, MVBENCH)
+    assert main(["--no-run", "--tasks", "videomme,mvbench,nextqa_mc_test", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| videomme | 58.2 | 59.0 | +0.8 |" in out
     assert "| mvbench | 55.0 | 58.0 | +3.0 |" in out
-    assert "| mean | 56.6 | 58.5 | +1.9 |" in out
+    assert "| nextqa_mc_test | 79.4 | 79.6 | +0.2 |" in out
+    assert "| mean | 64.2 | 65.5 | +1.3 |" in out
+    assert "*" not in out
 
 
 def test_missing_results_and_conflicting_args_are_reported(tmp_path):
