@@ -2,11 +2,11 @@
 run through `python -m lmms_eval` on a tiny checkpoint in both pooling modes, model_args overrides, and a
 two-process data-parallel run. Skipped when lmms-eval (the `[eval]` extra) is not installed."""
 
+import inspect
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +55,12 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-def encode_clip(path: Path, seed: int, num_frames: int = 12, size: int = 48) -> None:
-    """A short random-coloured MPEG-4 clip, so each clip gives the model different pixels."""
+def encode_clip(path: Path, seed: int, num_frames: int = 12, size: int = 48, rate: int = 8) -> None:
+    """A random-coloured MPEG-4 clip at `rate` frames a second, so each clip gives the model different pixels."""
     rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
+        stream = container.add_stream("mpeg4", rate=rate)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for _ in range(num_frames):
@@ -134,6 +135,7 @@ def test_model_args_reach_model_and_processor(bench):
         ("pyramid_levels=4x2", "model_args pyramid_levels='4x2' is invalid"),
         ("pooling=average", "model_args pooling='average' not understood"),
         ("max_frames_num=0", "model_args max_frames_num=0 is invalid"),
+        ("frame_sampling=fps", "model_args frame_sampling='fps' is invalid"),
         ("dtype=fp8", "model_args dtype='fp8' is invalid"),
         ("batch_size=auto", "model_args batch_size='auto' is invalid"),
     ],
@@ -273,3 +275,268 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
     assert lm.processor.video_newline_position == "grid"
     inputs, _ = lm._inputs("what is this", [str(bench["root"] / "clip3.mp4")])
     lm.model(**inputs)
+
+
+# --- The paper's tasks: lmms-eval 0.7.3's own configs, and this project's offline copies of them -------------------
+
+PAPER_TASKS = ("videomme", "longvideobench_val_v", "egoschema", "egoschema_subset", "nextqa_mc_test",
+               "tempcompass_multi_choice", "mvbench")
+LMMS_EVAL_TASK_DIRS = ("videomme", "longvideobench", "egoschema", "nextqa", "tempcompass", "mvbench")
+
+
+@pytest.fixture(scope="module")
+def task_manager(bench):
+    """lmms-eval's task manager over the paper's task folders and this project's offline folder, as `--tasks` sees
+    them (only those folders are indexed: indexing all of lmms-eval's tasks takes half a minute)."""
+    import lmms_eval.tasks
+    from lmms_eval.tasks import TaskManager
+
+    from stgridpool_eval.tasks import TASKS_DIR
+
+    os.environ.setdefault("HF_HOME", str(bench["root"] / "hf_home"))  # nextqa's and tempcompass's utils read it
+    stock_dir = Path(lmms_eval.tasks.__file__).parent
+    folders = [str(stock_dir / name) for name in LMMS_EVAL_TASK_DIRS] + [str(TASKS_DIR)]
+    return TaskManager(include_path=folders, include_defaults=False)
+
+
+def paper_task_names(task_manager) -> list[str]:
+    """The paper's tasks with mvbench expanded into its subtasks, as lmms-eval's group config lists them."""
+    names = [t for t in PAPER_TASKS if t != "mvbench"]
+    return names + list(task_manager._get_config("mvbench")["task"])
+
+
+def test_paper_task_configs_load_offline_with_the_eval_extra(task_manager):
+    """Every paper task's config loads in full (its utils imported: longvideobench's needs decord, which the `[eval]`
+    extra installs), and so does each offline copy; compare's METRICS names each task's own headline metric."""
+    from stgridpool_eval.compare import METRICS
+
+    names = paper_task_names(task_manager)
+    assert len(names) == len(PAPER_TASKS) - 1 + 20
+    assert sorted(METRICS) == sorted(names)
+    for name in names:
+        config = task_manager._get_config(name)
+        assert callable(config["doc_to_text"]) and callable(config["process_results"]), name
+        assert config["metric_list"][0]["metric"] == METRICS[name][0], name
+        local = task_manager._get_config(f"{name}_local")
+        assert task_manager.task_index[f"{name}_local"]["type"] == "python_task"
+        assert callable(local["doc_to_visual"]) and local["doc_to_visual"].__module__ == "stgridpool_eval.tasks.local"
+    assert task_manager._get_config("mvbench_local")["task"] == [f"{t}_local" for t in task_manager._get_config("mvbench")["task"]]
+
+
+class JudgeStub:
+    """A local stand-in for TempCompass's OpenAI judge (OPENAI_API_URL), which lmms-eval asks when an answer cannot
+    be matched by rule; it answers "Incorrect" and counts the calls."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        stub = self
+        self.calls = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                stub.calls += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.dumps({"choices": [{"message": {"content": "Incorrect"}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/chat/completions"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def save_docs(folder: Path, split: str, docs: list[dict], how: str) -> None:
+    """Write `docs` as a local copy of one Hub dataset config, in one of the forms the offline tasks read."""
+    import datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if how == "save_to_disk":
+        datasets.DatasetDict({split: datasets.Dataset.from_list(docs)}).save_to_disk(str(folder))
+    elif how == "parquet":
+        datasets.Dataset.from_list(docs).to_parquet(str(folder / f"{split}.parquet"))
+    elif how == "jsonl":
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    else:
+        (folder / f"{split}.json").write_text(json.dumps(docs))
+
+
+def mvbench_subtasks() -> list[str]:
+    """The mvbench group's subtasks, as lmms-eval's group config lists them."""
+    import lmms_eval.tasks
+    from lmms_eval.utils import load_yaml_config
+
+    return load_yaml_config(str(Path(lmms_eval.tasks.__file__).parent / "mvbench" / "mvbench.yaml"), mode="simple")["task"]
+
+
+SHORT_CLIP = dict(num_frames=20, rate=8)  # 2.5 s: one frame a second gives 3 frames
+LONG_CLIP = dict(num_frames=48, rate=8)  # 6 s: 6 frames, more than max_frames_num=4
+
+
+@pytest.fixture(scope="module")
+def paper_copies(bench):
+    """Local copies of every paper task, 2 documents each (1 per mvbench subtask), in each task's own schema (the
+    fields its lmms-eval utils read), with clips encoded here and laid out as lmms-eval unpacks the videos.
+    Returns {"root": $STGRIDPOOL_EVAL_DATA, "docs": {task: [doc, ...]}}; the correct answer of every doc is A."""
+    from lmms_eval.tasks.mvbench.utils import DATA_LIST
+
+    root = bench["root"] / "eval_data"
+    clip_number = iter(range(1000))
+
+    def clip(benchmark: str, relative: str, long: bool = False) -> None:
+        encode_clip(root / benchmark / "cache" / relative, seed=next(clip_number), **(LONG_CLIP if long else SHORT_CLIP))
+
+    docs = {}
+    docs["videomme"] = [
+        {"videoID": f"vm{i}", "video_id": f"{i:03d}", "question_id": f"{i:03d}-1", "duration": "short", "domain": "Knowledge",
+         "sub_category": "Humanity & History", "task_type": "Temporal Perception", "url": "", "question": "what is it",
+         "options": ["A. a cat", "B. a dog", "C. a car", "D. a ball"], "answer": "A"} for i in range(2)]
+    docs["longvideobench_val_v"] = [
+        {"id": f"lvb{i}", "video_id": f"lvb{i}", "video_path": f"lvb{i}.mp4", "question": "what is it", "option0": "cat",
+         "option1": "dog", "option2": "car", "option3": "ball", "option4": "N/A", "correct_choice": 0, "duration": 6.0,
+         "duration_group": 15, "question_category": "S2E", "subtitle_path": "", "starting_timestamp_for_subtitles": 0.0}
+        for i in range(2)]
+    egoschema = [
+        {"question_idx": f"q{i}", "video_idx": f"ego{i}", "question": "what did c do",
+         "option": ["A. cook", "B. read", "C. walk", "D. sleep", "E. run"], "answer": "0"} for i in range(2)]
+    docs["egoschema"], docs["egoschema_subset"] = egoschema, egoschema
+    docs["nextqa_mc_test"] = [
+        {"video": 4010069381 + i, "frame_count": 20, "width": 48, "height": 48, "question": "what is the dog doing",
+         "answer": 0, "qid": i, "type": "CW", "a0": "running", "a1": "sitting", "a2": "eating", "a3": "sleeping",
+         "a4": "barking"} for i in range(2)]
+    docs["tempcompass_multi_choice"] = [
+        {"video_id": f"tc{i}", "dim": dim, "question": "which way is it moving\nA. left\nB. right", "answer": "A. left"}
+        for i, dim in enumerate(("direction", "speed"))]
+    subtasks = [name.removeprefix("mvbench_") for name in mvbench_subtasks()]
+    for sub in subtasks:
+        docs[f"mvbench_{sub}"] = [{"video": f"{sub}.mp4", "question": "what happens", "candidates": ["it moves", "it stays"],
+                                   "answer": "it moves"}]
+
+    for i, doc in enumerate(docs["videomme"]):
+        clip("videomme", f"data/{doc['videoID']}.mp4", long=i == 1)
+    save_docs(root / "videomme", "test", docs["videomme"], "save_to_disk")
+    for i, doc in enumerate(docs["longvideobench_val_v"]):
+        clip("longvideobench", f"videos/{doc['video_path']}", long=i == 1)
+    save_docs(root / "longvideobench", "validation", docs["longvideobench_val_v"], "jsonl")
+    for doc in egoschema:
+        clip("egoschema", f"videos/{doc['video_idx']}.mp4")
+    save_docs(root / "egoschema" / "GENERATION", "test", [{**d, "answer": ""} for d in egoschema], "parquet")
+    save_docs(root / "egoschema" / "Subset", "test", egoschema, "json")
+    for doc in docs["nextqa_mc_test"]:
+        clip("nextqa", f"NExTVideo/{doc['video']}.mp4")
+    save_docs(root / "nextqa" / "MC", "test", docs["nextqa_mc_test"], "parquet")
+    for doc in docs["tempcompass_multi_choice"]:
+        clip("tempcompass", f"videos/{doc['video_id']}.mp4")
+    save_docs(root / "tempcompass" / "multi-choice", "test", docs["tempcompass_multi_choice"], "jsonl")
+    for sub in subtasks:
+        clip("mvbench", f"{DATA_LIST[sub]}/{sub}.mp4")
+        save_docs(root / "mvbench" / sub, "train", docs[f"mvbench_{sub}"], "jsonl")
+    return {"root": root, "docs": docs}
+
+def stock_prompt_kwargs(config: dict) -> dict:
+    """The task's `lmms_eval_specific_kwargs` as lmms-eval resolves them for a model without a block of its own."""
+    kwargs = dict(config.get("lmms_eval_specific_kwargs") or {})
+    kwargs.update(kwargs.get("default", {}))
+    return kwargs
+
+
+def test_metric_scales_match_the_task_code(task_manager, paper_copies):
+    """compare's METRICS factor turns each task's score for all-correct answers into exactly 100: the scale is read
+    from lmms-eval's own process_results and aggregation, not assumed."""
+    from lmms_eval.api.registry import get_aggregation
+
+    from stgridpool_eval.compare import METRICS
+
+    for name in paper_task_names(task_manager):
+        if name == "egoschema":
+            continue  # scored by the EgoSchema server (x 100 in lmms-eval's code): no local aggregation to run
+        config = task_manager._get_config(name)
+        metric = config["metric_list"][0]
+        items = [config["process_results"](doc, ["A"])[metric["metric"]] for doc in paper_copies["docs"][name]]
+        aggregate = metric["aggregation"]
+        aggregate = get_aggregation(aggregate) if isinstance(aggregate, str) else aggregate
+        score = aggregate(items, args=None) if "args" in inspect.signature(aggregate).parameters else aggregate(items)
+        assert score * METRICS[name][1] == pytest.approx(100.0), name
+
+
+def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
+    """One `python -m lmms_eval --model stgridpool` run over every offline paper task (mvbench: its 20 subtasks),
+    frame_sampling=authors: every document answered, with lmms-eval's own prompt (the `default` block) and scoring;
+    egoschema_local writes the submission file; compare reads the results with each metric's own scale."""
+    from stgridpool_eval.compare import METRICS
+    from stgridpool_eval.tasks import TASKS_DIR
+
+    judge = JudgeStub()
+    out = bench["root"] / "paper"
+    local_tasks = [f"{t}_local" for t in PAPER_TASKS]
+    command = [
+        sys.executable, "-m", "lmms_eval", "--model", "stgridpool", "--model_args",
+        f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,frame_sampling=authors,video_pooling_mode=stgridpool",
+        "--tasks", ",".join(local_tasks), "--include_path", str(TASKS_DIR), "--batch_size", "1", "--log_samples",
+        "--output_path", str(out), "--verbosity", "WARNING",
+    ]
+    env = {**bench["env"], "STGRIDPOOL_EVAL_DATA": str(paper_copies["root"]), "OPENAI_API_URL": judge.url,
+           "OPENAI_API_KEY": "test"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "Error during evaluation" not in log, log[-5000:]
+    (results_file,) = out.rglob("*_results.json")
+    results = json.loads(results_file.read_text())
+    assert "frame_sampling=authors" in results["config"]["model_args"]
+
+    for name in paper_task_names(task_manager):
+        local, docs = f"{name}_local", paper_copies["docs"][name]
+        assert results["n-samples"][local]["effective"] == len(docs), local
+        samples = read_samples(out, local)
+        assert sorted(samples) == list(range(len(docs))), local
+        config = task_manager._get_config(name)
+        for doc_id, doc in enumerate(docs):
+            # The prompt is lmms-eval's own for this task (its default block), as in the authors' runs.
+            assert samples[doc_id]["arguments"][0] == config["doc_to_text"](doc, stock_prompt_kwargs(config)), local
+        value = results["results"][local][f"{METRICS[name][0]},none"]
+        if name == "egoschema":
+            assert value is None  # no score offline: the answers go to the submission file
+        else:
+            assert 0 <= value * METRICS[name][1] <= 100, (local, value)
+    assert results["group_subtasks"]["mvbench_local"] == [f"{t}_local" for t in mvbench_subtasks()]
+
+    (submission,) = out.rglob("submissions/inference_results_egoschema_MC_local_*.json")
+    answers = json.loads(submission.read_text())
+    assert sorted(answers) == ["ego0", "ego1"] and all(a in range(-1, 5) for a in answers.values())
+
+    # compare, on this run's results file (as both runs): each row in percent, by its task's own scale.
+    for run in ("stock", "stgridpool"):
+        (bench["root"] / "paper_compare" / run).mkdir(parents=True)
+        (bench["root"] / "paper_compare" / run / results_file.name).write_text(results_file.read_text())
+    run_main = subprocess.run(
+        [sys.executable, "-m", "stgridpool_eval.compare", "--no-run", "--tasks", ",".join(local_tasks),
+         "--output-dir", str(bench["root"] / "paper_compare")], capture_output=True, text=True, env=bench["env"])
+    assert run_main.returncode == 0, run_main.stderr
+    for name in ("videomme", "longvideobench_val_v", "egoschema_subset", "nextqa_mc_test", "tempcompass_multi_choice"):
+        percent = results["results"][f"{name}_local"][f"{METRICS[name][0]},none"] * METRICS[name][1]
+        assert f"| {name}_local | {percent:.1f} | {percent:.1f} | +0.0 |" in run_main.stdout, run_main.stdout
+    assert "| egoschema_local | n/a | n/a | n/a |" in run_main.stdout
+
+
+@pytest.mark.parametrize("clip, expected", [(SHORT_CLIP, [0, 8, 16]), (LONG_CLIP, [0, 15, 31, 47])])
+def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_path, clip, expected):
+    """frame_sampling=authors at max_frames_num=4 on 8 fps clips: 2.5 s -> frames 0, 8, 16 (one a second: fewer
+    than 4, kept); 6 s -> one a second gives 6 > 4, so linspace(0, 47, 4) as ints. uniform always takes 4."""
+    from processing_stgridpool import read_video_pyav
+
+    from stgridpool_eval.lmms_model import load_video
+
+    path = tmp_path / "clip.mp4"
+    encode_clip(path, seed=3, **clip)
+    every_frame = read_video_pyav(path)[0]
+    assert len(every_frame) == clip["num_frames"]
+    np.testing.assert_array_equal(load_video(str(path), 4, "authors"), every_frame[expected])
+    uniform = np.linspace(0, clip["num_frames"] - 1, 4, dtype=int)
+    np.testing.assert_array_equal(load_video(str(path), 4, "uniform"), every_frame[uniform])
