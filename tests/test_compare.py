@@ -1,6 +1,7 @@
 """stgridpool_eval.compare reads lmms-eval result files and prints the stock vs ST-GridPool table (no lmms-eval needed)."""
 
 import json
+import sys
 
 import pytest
 
@@ -89,3 +90,17 @@ def test_command_lines_of_the_two_runs(tmp_path):
     assert command[5:10] == ["lmms_eval", "--model", "stgridpool", "--model_args",
                              "pretrained=repo,video_pooling_mode=average,max_frames_num=32,pyramid_levels=[[4,2],[4,4]]"]
     assert command[-2:] == ["--limit", "4"] and str(tmp_path / "stock") in command
+
+
+def test_a_run_that_writes_no_results_does_not_stop_the_other(tmp_path, capsys):
+    """lmms-eval exits 0 when a task fails (e.g. egoschema's upload, after writing its submission file): compare
+    still makes the other run, lists the submission files, then fails naming the runs without results."""
+    fake_lmms_eval = (
+        f"{sys.executable} -c \"import pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--output_path') + 1]); "
+        "(out / 'submissions').mkdir(parents=True); (out / 'submissions' / 'answers.json').write_text('{}')\""
+    )
+    with pytest.raises(SystemExit, match="the stock and stgridpool run"):
+        main(["--pretrained", "repo", "--tasks", "egoschema", "--launcher", fake_lmms_eval, "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    for run in ("stock", "stgridpool"):
+        assert f"submission file (lmms-eval's answers to upload; see README): {tmp_path / run / 'submissions' / 'answers.json'}" in out

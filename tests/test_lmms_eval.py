@@ -499,13 +499,16 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
         config = task_manager._get_config(name)
         for doc_id, doc in enumerate(docs):
             # The prompt is lmms-eval's own for this task (its default block), as in the authors' runs.
-            assert samples[doc_id]["arguments"][0] == config["doc_to_text"](doc, stock_prompt_kwargs(config)), local
+            assert samples[doc_id]["input"] == config["doc_to_text"](doc, stock_prompt_kwargs(config)), local
         value = results["results"][local][f"{METRICS[name][0]},none"]
         if name == "egoschema":
             assert value is None  # no score offline: the answers go to the submission file
         else:
             assert 0 <= value * METRICS[name][1] <= 100, (local, value)
     assert results["group_subtasks"]["mvbench_local"] == [f"{t}_local" for t in mvbench_subtasks()]
+
+    tempcompass = read_samples(out, "tempcompass_multi_choice_local").values()
+    assert judge.calls == sum(not sample["avg_accuracy"]["match_success"] for sample in tempcompass)
 
     (submission,) = out.rglob("submissions/inference_results_egoschema_MC_local_*.json")
     answers = json.loads(submission.read_text())
