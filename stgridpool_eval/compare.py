@@ -137,8 +137,10 @@ def main(argv=None) -> int:
                         help="stock pooling: bilinear (LLaVA-OneVision) or average (LLaVA-Video)")
     parser.add_argument("--model-args", default="", help="extra model_args for both runs, e.g. max_frames_num=32")
     parser.add_argument("--stgridpool-args", default="", help="extra model_args for the ST-GridPool run only")
-    parser.add_argument("--launcher", default="", help='e.g. "accelerate launch --num_processes 8 -m" (default: this python -m)')
-    parser.add_argument("--lmms-eval-args", default="", help="extra lmms-eval flags, e.g. '--limit 8 --include_path DIR'")
+    parser.add_argument("--launcher", default="",
+                        help='e.g. "accelerate launch --num_processes 8 -m" (default: this python -m)')
+    parser.add_argument("--lmms-eval-args", default="",
+                        help="extra lmms-eval flags, e.g. '--limit 8 --include_path DIR'")
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--no-run", action="store_true", help="only read OUTPUT_DIR/stock and OUTPUT_DIR/stgridpool")
     args = parser.parse_args(argv)
@@ -152,7 +154,8 @@ def main(argv=None) -> int:
     failed = []
     if not args.no_run:
         for name, (mode, extra) in runs.items():
-            run_args = argparse.Namespace(**{**vars(args), "model_args": ",".join(a for a in (args.model_args, extra) if a)})
+            model_args = ",".join(a for a in (args.model_args, extra) if a)
+            run_args = argparse.Namespace(**{**vars(args), "model_args": model_args})
             command = lmms_eval_command(run_args, mode, args.output_dir / name)
             print("$", shlex.join(command), flush=True)
             before = set((args.output_dir / name).rglob("*_results.json"))

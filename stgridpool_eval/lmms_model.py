@@ -242,8 +242,11 @@ class STGridPoolLMM(lmms):
         images = [v.convert("RGB") for v in visuals if isinstance(v, Image.Image)]
         if len(videos) + len(images) != len(visuals):
             kinds = sorted({type(v).__name__ for v in visuals if not isinstance(v, (str, Image.Image))})
-            raise ValueError(f"stgridpool model: unsupported visual type(s) {kinds}: allowed are video paths and PIL images")
-        content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(images) + [{"type": "text", "text": context}]
+            raise ValueError(
+                f"stgridpool model: unsupported visual type(s) {kinds}: allowed are video paths and PIL images"
+            )
+        content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(images)
+        content.append({"type": "text", "text": context})
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         text = prompt if continuation is None else prompt + continuation
         media = {"videos": videos or None, "images": images or None}

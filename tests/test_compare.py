@@ -1,4 +1,5 @@
-"""stgridpool_eval.compare reads lmms-eval result files and prints the stock vs ST-GridPool table (no lmms-eval needed)."""
+"""stgridpool_eval.compare reads lmms-eval result files and prints the stock vs ST-GridPool table (no lmms-eval
+needed)."""
 
 import json
 import sys
@@ -22,7 +23,8 @@ def test_each_metric_is_scaled_by_its_task_not_by_its_value():
     mvbench) stay as they are, including a real score of 1.0 or less; groups average their subtasks."""
     results = {
         "results": {
-            "videomme": {"alias": "videomme", "videomme_perception_score,none": 0.8, "videomme_perception_score_stderr,none": "N/A"},
+            "videomme": {"alias": "videomme", "videomme_perception_score,none": 0.8,
+                         "videomme_perception_score_stderr,none": "N/A"},
             "longvideobench_val_v": {"lvb_acc,none": 0.565, "lvb_acc_stderr,none": 0.01},
             "egoschema_subset": {"score,none": 0.6},
             "nextqa_mc_test": {"alias": "nextqa_mc_test", "exact_match,none": 0.794, "exact_match_stderr,none": 0.01},
@@ -77,18 +79,21 @@ def test_missing_results_and_conflicting_args_are_reported(tmp_path):
     with pytest.raises(FileNotFoundError, match="no lmms-eval"):
         main(["--no-run", "--tasks", "videomme", "--output-dir", str(tmp_path)])
     with pytest.raises(SystemExit):
-        main(["--pretrained", "x", "--tasks", "videomme", "--output-dir", str(tmp_path), "--model-args", "video_pooling_mode=average"])
+        main(["--pretrained", "x", "--tasks", "videomme", "--output-dir", str(tmp_path),
+              "--model-args", "video_pooling_mode=average"])
 
 
 def test_command_lines_of_the_two_runs(tmp_path):
     from argparse import Namespace
 
-    args = Namespace(pretrained="repo", tasks="videomme,mvbench", model_args="max_frames_num=32,pyramid_levels=[[4,2],[4,4]]",
+    args = Namespace(pretrained="repo", tasks="videomme,mvbench",
+                     model_args="max_frames_num=32,pyramid_levels=[[4,2],[4,4]]",
                      launcher="accelerate launch --num_processes 8 -m", lmms_eval_args="--limit 4")
     command = lmms_eval_command(args, "average", tmp_path / "stock")
     assert command[:5] == ["accelerate", "launch", "--num_processes", "8", "-m"]
     assert command[5:10] == ["lmms_eval", "--model", "stgridpool", "--model_args",
-                             "pretrained=repo,video_pooling_mode=average,max_frames_num=32,pyramid_levels=[[4,2],[4,4]]"]
+                             "pretrained=repo,video_pooling_mode=average,max_frames_num=32,"
+                             "pyramid_levels=[[4,2],[4,4]]"]
     assert command[-2:] == ["--limit", "4"] and str(tmp_path / "stock") in command
 
 
@@ -96,11 +101,14 @@ def test_a_run_that_writes_no_results_does_not_stop_the_other(tmp_path, capsys):
     """lmms-eval exits 0 when a task fails (e.g. egoschema's upload, after writing its submission file): compare
     still makes the other run, lists the submission files, then fails naming the runs without results."""
     fake_lmms_eval = (
-        f"{sys.executable} -c \"import pathlib, sys; out = pathlib.Path(sys.argv[sys.argv.index('--output_path') + 1]); "
+        f"{sys.executable} -c \"import pathlib, sys; "
+        "out = pathlib.Path(sys.argv[sys.argv.index('--output_path') + 1]); "
         "(out / 'submissions').mkdir(parents=True); (out / 'submissions' / 'answers.json').write_text('{}')\""
     )
     with pytest.raises(SystemExit, match="the stock and stgridpool run"):
-        main(["--pretrained", "repo", "--tasks", "egoschema", "--launcher", fake_lmms_eval, "--output-dir", str(tmp_path)])
+        main(["--pretrained", "repo", "--tasks", "egoschema", "--launcher", fake_lmms_eval,
+              "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     for run in ("stock", "stgridpool"):
-        assert f"submission file (lmms-eval's answers to upload; see README): {tmp_path / run / 'submissions' / 'answers.json'}" in out
+        path = tmp_path / run / "submissions" / "answers.json"
+        assert f"submission file (lmms-eval's answers to upload; see README): {path}" in out

@@ -77,7 +77,8 @@ def bench(tmp_path_factory):
     docs = []
     for i in range(NUM_CLIPS):
         encode_clip(root / f"clip{i}.mp4", seed=i)
-        docs.append({"video": str(root / f"clip{i}.mp4"), "question": "how many cat", "options": ["one", "two", "three", "red"],
+        docs.append({"video": str(root / f"clip{i}.mp4"), "question": "how many cat",
+                     "options": ["one", "two", "three", "red"],
                      "answer": "ABCD"[i % 4], "answer_index": i % 4})
     (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks = root / "tasks"
@@ -110,7 +111,8 @@ def test_model_args_reach_model_and_processor(bench):
 
     lm = STGridPoolLMM.create_from_arg_string(
         f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,video_pooling_mode=stgridpool,"
-        "pyramid_levels=[[2,2]],nsp_keep_ratio=1/9,nsp_partial_windows=true,nsp_temperature=2,video_newline_position=frame"
+        "pyramid_levels=[[2,2]],nsp_keep_ratio=1/9,nsp_partial_windows=true,nsp_temperature=2,"
+        "video_newline_position=frame"
     )
     config, processor = lm.model.config, lm.processor
     assert config.pyramid_levels == [[2, 2]]
@@ -164,11 +166,15 @@ def test_loglikelihood_scores_choices_as_lmms_eval_expects(bench):
     to_visual = lambda doc: [doc["video"]]  # noqa: E731
     scores = {}
     for mode in ("bilinear", "stgridpool"):
-        lm = STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,video_pooling_mode={mode}")
+        lm = STGridPoolLMM.create_from_arg_string(
+            f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,video_pooling_mode={mode}"
+        )
         lm.task_dict = docs
-        (answer,) = lm.generate_until(_requests("generate_until", [("what color", {"max_new_tokens": 1}, to_visual, 0, "t", "test")]))
+        request = ("what color", {"max_new_tokens": 1}, to_visual, 0, "t", "test")
+        (answer,) = lm.generate_until(_requests("generate_until", [request]))
         choices = [answer.strip()] + [w for w in ("red", "dog", "left", "two") if w != answer.strip()][:3]
-        scores[mode] = lm.loglikelihood(_requests("loglikelihood", [("what color", c, to_visual, 0, "t", "test") for c in choices]))
+        requests = [("what color", c, to_visual, 0, "t", "test") for c in choices]
+        scores[mode] = lm.loglikelihood(_requests("loglikelihood", requests))
         nlls, greedy = zip(*scores[mode])
         assert all(nll > 0 for nll in nlls)
         assert int(np.argmin(nlls)) == 0 and greedy == (True, False, False, False), (choices, scores[mode])
@@ -182,7 +188,8 @@ def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
     command = [
         sys.executable, "-m", "stgridpool_eval.compare", "--pretrained", str(bench["checkpoint"]),
         "--tasks", "stgp_tiny_gen", "--stock-mode", "bilinear", "--model-args", "device=cpu,max_frames_num=8",
-        "--lmms-eval-args", f"--include_path {bench['tasks']} --log_samples --verbosity WARNING", "--output-dir", str(out),
+        "--lmms-eval-args", f"--include_path {bench['tasks']} --log_samples --verbosity WARNING",
+        "--output-dir", str(out),
     ]
     result = subprocess.run(command, env=bench["env"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -197,8 +204,10 @@ def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
         assert sorted(samples[run]) == list(range(NUM_CLIPS))
         assert all(isinstance(s["filtered_resps"], str) for s in samples[run].values())
     table = result.stdout[result.stdout.index("| Task |"):]
-    accuracy = {run: 100 * json.loads(next((out / run).rglob("*_results.json")).read_text())["results"]["stgp_tiny_gen"]["accuracy,none"] for run in samples}
-    assert f"| stgp_tiny_gen | {accuracy['stock']:.1f} | {accuracy['stgridpool']:.1f} | {accuracy['stgridpool'] - accuracy['stock']:+.1f} |" in table
+    accuracy = {run: 100 * json.loads(next((out / run).rglob("*_results.json")).read_text())["results"]
+                ["stgp_tiny_gen"]["accuracy,none"] for run in samples}
+    a, b = accuracy["stock"], accuracy["stgridpool"]
+    assert f"| stgp_tiny_gen | {a:.1f} | {b:.1f} | {b - a:+.1f} |" in table
     bench["single_process_samples"] = samples["stgridpool"]  # reused by the two-process test
 
 
@@ -214,7 +223,8 @@ def test_two_processes_shard_documents_and_merge_results(bench):
         pytest.skip("needs the single-process run of test_cli_runs_both_modes_and_compare_prints_the_table")
     out = bench["root"] / "ddp"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "lmms_eval",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "lmms_eval",
         "--model", "stgridpool", "--model_args",
         f"pretrained={bench['checkpoint']},max_frames_num=8,video_pooling_mode=stgridpool,device=cpu",
         "--tasks", "stgp_tiny_gen", "--include_path", str(bench["tasks"]), "--batch_size", "1",
@@ -261,14 +271,17 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
         shutil.copy(Path(__file__).parents[1] / module, repo / module)
     auto_maps = {
         "config.json": {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
-                        "AutoModelForImageTextToText": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration"},
+                        "AutoModelForImageTextToText":
+                            "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration"},
         "processor_config.json": {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"},
     }
     for filename, auto_map in auto_maps.items():
         data = json.loads((repo / filename).read_text())
         (repo / filename).write_text(json.dumps({**data, "auto_map": auto_map}))
 
-    lm = STGridPoolLMM.create_from_arg_string(f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid")
+    lm = STGridPoolLMM.create_from_arg_string(
+        f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid"
+    )
     assert type(lm.model).__module__.startswith("transformers_modules")  # the repo's code, not the installed one
     assert type(lm.processor).__module__.startswith("transformers_modules")
     assert lm.model.config.video_pooling_mode == lm.processor.video_pooling_mode == "average"
@@ -320,7 +333,8 @@ def test_paper_task_configs_load_offline_with_the_eval_extra(task_manager):
         local = task_manager._get_config(f"{name}_local")
         assert task_manager.task_index[f"{name}_local"]["type"] == "python_task"
         assert callable(local["doc_to_visual"]) and local["doc_to_visual"].__module__ == "stgridpool_eval.tasks.local"
-    assert task_manager._get_config("mvbench_local")["task"] == [f"{t}_local" for t in task_manager._get_config("mvbench")["task"]]
+    stock_group = task_manager._get_config("mvbench")["task"]
+    assert task_manager._get_config("mvbench_local")["task"] == [f"{t}_local" for t in stock_group]
 
 
 class JudgeStub:
@@ -373,7 +387,8 @@ def mvbench_subtasks() -> list[str]:
     import lmms_eval.tasks
     from lmms_eval.utils import load_yaml_config
 
-    return load_yaml_config(str(Path(lmms_eval.tasks.__file__).parent / "mvbench" / "mvbench.yaml"), mode="simple")["task"]
+    group_yaml = Path(lmms_eval.tasks.__file__).parent / "mvbench" / "mvbench.yaml"
+    return load_yaml_config(str(group_yaml), mode="simple")["task"]
 
 
 SHORT_CLIP = dict(num_frames=20, rate=8)  # 2.5 s: one frame a second gives 3 frames
@@ -391,17 +406,19 @@ def paper_copies(bench):
     clip_number = iter(range(1000))
 
     def clip(benchmark: str, relative: str, long: bool = False) -> None:
-        encode_clip(root / benchmark / "cache" / relative, seed=next(clip_number), **(LONG_CLIP if long else SHORT_CLIP))
+        path = root / benchmark / "cache" / relative
+        encode_clip(path, seed=next(clip_number), **(LONG_CLIP if long else SHORT_CLIP))
 
     docs = {}
     docs["videomme"] = [
-        {"videoID": f"vm{i}", "video_id": f"{i:03d}", "question_id": f"{i:03d}-1", "duration": "short", "domain": "Knowledge",
+        {"videoID": f"vm{i}", "video_id": f"{i:03d}", "question_id": f"{i:03d}-1", "duration": "short",
+         "domain": "Knowledge",
          "sub_category": "Humanity & History", "task_type": "Temporal Perception", "url": "", "question": "what is it",
          "options": ["A. a cat", "B. a dog", "C. a car", "D. a ball"], "answer": "A"} for i in range(2)]
     docs["longvideobench_val_v"] = [
-        {"id": f"lvb{i}", "video_id": f"lvb{i}", "video_path": f"lvb{i}.mp4", "question": "what is it", "option0": "cat",
-         "option1": "dog", "option2": "car", "option3": "ball", "option4": "N/A", "correct_choice": 0, "duration": 6.0,
-         "duration_group": 15, "question_category": "S2E", "subtitle_path": "", "starting_timestamp_for_subtitles": 0.0}
+        {"id": f"lvb{i}", "video_id": f"lvb{i}", "video_path": f"lvb{i}.mp4", "question": "what is it",
+         "option0": "cat", "option1": "dog", "option2": "car", "option3": "ball", "option4": "N/A", "correct_choice": 0,
+         "duration": 6.0, "duration_group": 15, "question_category": "S2E", "subtitle_path": "", "starting_timestamp_for_subtitles": 0.0}
         for i in range(2)]
     egoschema = [
         {"question_idx": f"q{i}", "video_idx": f"ego{i}", "question": "what did c do",
@@ -416,8 +433,8 @@ def paper_copies(bench):
         for i, dim in enumerate(("direction", "speed"))]
     subtasks = [name.removeprefix("mvbench_") for name in mvbench_subtasks()]
     for sub in subtasks:
-        docs[f"mvbench_{sub}"] = [{"video": f"{sub}.mp4", "question": "what happens", "candidates": ["it moves", "it stays"],
-                                   "answer": "it moves"}]
+        docs[f"mvbench_{sub}"] = [{"video": f"{sub}.mp4", "question": "what happens",
+                                   "candidates": ["it moves", "it stays"], "answer": "it moves"}]
 
     for i, doc in enumerate(docs["videomme"]):
         clip("videomme", f"data/{doc['videoID']}.mp4", long=i == 1)
@@ -478,7 +495,8 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
     local_tasks = [f"{t}_local" for t in PAPER_TASKS]
     command = [
         sys.executable, "-m", "lmms_eval", "--model", "stgridpool", "--model_args",
-        f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,frame_sampling=authors,video_pooling_mode=stgridpool",
+        f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,frame_sampling=authors,"
+        "video_pooling_mode=stgridpool",
         "--tasks", ",".join(local_tasks), "--include_path", str(TASKS_DIR), "--batch_size", "1", "--log_samples",
         "--output_path", str(out), "--verbosity", "WARNING",
     ]
