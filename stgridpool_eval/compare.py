@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -118,6 +119,14 @@ def format_table(tasks: list[str], stock: dict, stgp: dict, stock_label: str) ->
     return "\n".join(lines)
 
 
+def run_environment() -> dict:
+    """This process's environment, with HF_HOME named: lmms-eval 0.7.3's nextqa and tempcompass task code reads
+    os.environ["HF_HOME"] and fails when it is unset (unset means huggingface_hub's default, which is what is set)."""
+    from huggingface_hub import constants
+
+    return {**os.environ, "HF_HOME": os.environ.get("HF_HOME") or constants.HF_HOME}
+
+
 def lmms_eval_command(args, pooling_mode: str, output: Path) -> list[str]:
     """argv of one lmms-eval run (no shell): launcher + `lmms_eval --model stgridpool ...`."""
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m"]
@@ -159,7 +168,7 @@ def main(argv=None) -> int:
             command = lmms_eval_command(run_args, mode, args.output_dir / name)
             print("$", shlex.join(command), flush=True)
             before = set((args.output_dir / name).rglob("*_results.json"))
-            subprocess.run(command, check=True)
+            subprocess.run(command, check=True, env=run_environment())
             if not set((args.output_dir / name).rglob("*_results.json")) - before:  # lmms-eval may exit 0 on errors
                 failed.append(name)  # the other run still runs: its answers (e.g. a submission file) are not lost
     for path in sorted(args.output_dir.rglob("submissions/*")):

@@ -97,13 +97,18 @@ def test_command_lines_of_the_two_runs(tmp_path):
     assert command[-2:] == ["--limit", "4"] and str(tmp_path / "stock") in command
 
 
-def test_a_run_that_writes_no_results_does_not_stop_the_other(tmp_path, capsys):
+def test_a_run_that_writes_no_results_does_not_stop_the_other(tmp_path, capsys, monkeypatch):
     """lmms-eval exits 0 when a task fails (e.g. egoschema's upload, after writing its submission file): compare
-    still makes the other run, lists the submission files, then fails naming the runs without results."""
-    fake_lmms_eval = (
-        f"{sys.executable} -c \"import pathlib, sys; "
+    still makes the other run, lists the submission files, then fails naming the runs without results. The runs get
+    HF_HOME even where it is unset (lmms-eval's nextqa and tempcompass code needs it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HOME", raising=False)
+    fake_lmms_eval = (  # writes its HF_HOME where egoschema writes its answers
+        f"{sys.executable} -c \"import os, pathlib, sys; "
         "out = pathlib.Path(sys.argv[sys.argv.index('--output_path') + 1]); "
-        "(out / 'submissions').mkdir(parents=True); (out / 'submissions' / 'answers.json').write_text('{}')\""
+        "(out / 'submissions').mkdir(parents=True); "
+        "(out / 'submissions' / 'answers.json').write_text(os.environ['HF_HOME'])\""
     )
     with pytest.raises(SystemExit, match="the stock and stgridpool run"):
         main(["--pretrained", "repo", "--tasks", "egoschema", "--launcher", fake_lmms_eval,
@@ -112,3 +117,4 @@ def test_a_run_that_writes_no_results_does_not_stop_the_other(tmp_path, capsys):
     for run in ("stock", "stgridpool"):
         path = tmp_path / run / "submissions" / "answers.json"
         assert f"submission file (lmms-eval's answers to upload; see README): {path}" in out
+        assert path.read_text() == constants.HF_HOME

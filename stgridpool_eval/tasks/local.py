@@ -19,6 +19,7 @@ import json
 import os
 from pathlib import Path
 
+import huggingface_hub.constants
 import lmms_eval.tasks
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.tasks._task_utils.file_utils import generate_submission_file
@@ -70,6 +71,9 @@ class LocalTask(ConfigurableTask):
         config.pop("class", None)  # lmms-eval's python-task marker, not a TaskConfig field
         stock_config = config.pop("stock_config")
         benchmark = config.pop("benchmark")
+        # lmms-eval 0.7.3's nextqa and tempcompass utils read os.environ["HF_HOME"] on import and fail when it is
+        # unset; unset means huggingface_hub's default, so say that one.
+        os.environ.setdefault("HF_HOME", huggingface_hub.constants.HF_HOME)
         merged = {**load_yaml_config(str(LMMS_EVAL_TASKS / stock_config), mode="full"), **config}
         docs_dir = data_dir(benchmark) / (merged.get("dataset_name") or "")
         merged["dataset_path"], merged["dataset_kwargs"] = local_dataset(docs_dir, merged["test_split"])
