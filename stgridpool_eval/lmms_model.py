@@ -161,8 +161,8 @@ class STGridPoolLMM(lmms):
         attn_implementation: str | None = None,
         batch_size: int = 1,
         max_batch_size: int | None = None,  # lmms-eval passes it; unused at batch size 1
-        max_frames_num: int = 32,
         frame_sampling: str = "uniform",
+        max_frames_num: int = 32,
         trust_remote_code: bool = True,
         **kwargs,
     ) -> None:

@@ -308,10 +308,11 @@ def task_manager(bench):
 
     from stgridpool_eval.tasks import TASKS_DIR
 
-    os.environ.setdefault("HF_HOME", str(bench["root"] / "hf_home"))  # nextqa's and tempcompass's utils read it
     stock_dir = Path(lmms_eval.tasks.__file__).parent
     folders = [str(stock_dir / name) for name in LMMS_EVAL_TASK_DIRS] + [str(TASKS_DIR)]
-    return TaskManager(include_path=folders, include_defaults=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", bench["env"]["HF_HOME"])  # nextqa's and tempcompass's utils read it on import
+        yield TaskManager(include_path=folders, include_defaults=False)
 
 
 def paper_task_names(task_manager) -> list[str]:
@@ -563,3 +564,25 @@ def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_
     np.testing.assert_array_equal(load_video(str(path), 4, "authors"), every_frame[expected])
     uniform = np.linspace(0, clip["num_frames"] - 1, 4, dtype=int)
     np.testing.assert_array_equal(load_video(str(path), 4, "uniform"), every_frame[uniform])
+
+
+def test_offline_tasks_name_what_is_missing(tmp_path, monkeypatch):
+    """No $STGRIDPOOL_EVAL_DATA, no documents, a single Dataset instead of a DatasetDict, a missing video: each fails
+    where it is found, naming the variable or the path and what is allowed."""
+    import datasets
+
+    from stgridpool_eval.tasks.local import local_dataset, videomme_doc_to_visual
+
+    monkeypatch.delenv("STGRIDPOOL_EVAL_DATA", raising=False)
+    with pytest.raises(ValueError, match=r"STGRIDPOOL_EVAL_DATA is not set"):
+        videomme_doc_to_visual({"videoID": "v0"})
+    monkeypatch.setenv("STGRIDPOOL_EVAL_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"videomme: no video .*/videomme/cache/data/v0\.mp4 or .*v0\.MP4 or"):
+        videomme_doc_to_visual({"videoID": "v0"})
+    with pytest.raises(FileNotFoundError, match=r"no documents: allowed are a save_to_disk DatasetDict .* test\.parquet"):
+        local_dataset(tmp_path, "test")
+    datasets.Dataset.from_list([{"a": 1}]).save_to_disk(str(tmp_path / "single"))
+    with pytest.raises(ValueError, match=r"holds a single Dataset: save the DatasetDict instead"):
+        local_dataset(tmp_path / "single", "test")
+    (tmp_path / "test.jsonl").write_text('{"a": 1}\n')
+    assert local_dataset(tmp_path, "test") == ("json", {"data_files": {"test": str(tmp_path / "test.jsonl")}})
