@@ -421,7 +421,8 @@ def paper_copies(bench):
     docs["longvideobench_val_v"] = [
         {"id": f"lvb{i}", "video_id": f"lvb{i}", "video_path": f"lvb{i}.mp4", "question": "what is it",
          "option0": "cat", "option1": "dog", "option2": "car", "option3": "ball", "option4": "N/A", "correct_choice": 0,
-         "duration": 6.0, "duration_group": 15, "question_category": "S2E", "subtitle_path": "", "starting_timestamp_for_subtitles": 0.0}
+         "duration": 6.0, "duration_group": 15, "question_category": "S2E", "subtitle_path": "",
+         "starting_timestamp_for_subtitles": 0.0}
         for i in range(2)]
     egoschema = [
         {"question_idx": f"q{i}", "video_idx": f"ego{i}", "question": "what did c do",
@@ -579,7 +580,7 @@ def test_offline_tasks_name_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("STGRIDPOOL_EVAL_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"videomme: no video .*/videomme/cache/data/v0\.mp4 or .*v0\.MP4 or"):
         videomme_doc_to_visual({"videoID": "v0"})
-    with pytest.raises(FileNotFoundError, match=r"no documents: allowed are a save_to_disk DatasetDict .* test\.parquet"):
+    with pytest.raises(FileNotFoundError, match=r"no documents: allowed are a save_to_disk DatasetDict .*test.parquet"):
         local_dataset(tmp_path, "test")
     datasets.Dataset.from_list([{"a": 1}]).save_to_disk(str(tmp_path / "single"))
     with pytest.raises(ValueError, match=r"holds a single Dataset: save the DatasetDict instead"):
