@@ -1,7 +1,8 @@
 """lmms-eval integration for ST-GridPool (`pip install -e ".[eval]"`).
 
 lmms-eval finds the `stgridpool` model through the `lmms_eval.models` entry-point group, which points at
-`manifest` below; `python -m stgridpool_eval.compare` runs a task list stock vs ST-GridPool and prints the table.
+`manifest` below; `python -m stgridpool_eval.compare` runs a task list stock vs ST-GridPool and prints the table;
+`stgridpool_eval/tasks` is an `--include_path` folder of offline copies of the paper's tasks.
 Importing this package does not import lmms-eval.
 """
 

@@ -126,6 +126,14 @@ def test_model_args_reach_model_and_processor(bench):
     num_placeholders = int((inputs["input_ids"] == config.video_token_index).sum())
     assert num_placeholders == processor.num_video_tokens(4) == 4 * (9 * 9 + 1)  # 1/9 keeps 3x3 windows, 27 -> 9
     lm.model(**inputs)  # the model raises on a placeholder-count mismatch
+    # frame_sampling=authors: the 1.5 s clip (12 frames at 8 fps) gives frames 0 and 8, and the model takes T=2.
+    authors = STGridPoolLMM.create_from_arg_string(
+        f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,frame_sampling=authors,nsp_keep_ratio=1/9"
+    )
+    inputs, _ = authors._inputs("what is this", [str(bench["root"] / "clip0.mp4")])
+    assert inputs["pixel_values_videos"].shape[1] == 2
+    assert int((inputs["input_ids"] == config.video_token_index).sum()) == authors.processor.num_video_tokens(2)
+    authors.model(**inputs)
 
 
 @pytest.mark.parametrize(
