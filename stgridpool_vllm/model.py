@@ -51,7 +51,12 @@ class STGridPoolProcessingInfo(LlavaOnevisionProcessingInfo):
     """Video token counts from this project's geometry; pixels through this project's processor (same as stock
     for decoded frames)."""
 
+    def get_hf_config(self):
+        video_pooling_settings(self.ctx.model_config.hf_config)  # a config that is not ours: one line, before stock's
+        return super().get_hf_config()
+
     def get_hf_processor(self, **kwargs: object):
+        self.get_hf_config()  # vLLM loads the processor first: refuse a repo that is not ours before that fails
         return self.ctx.get_hf_processor(STGridPoolProcessor, **kwargs)
 
     def get_num_video_tokens(self, *, image_width: int, image_height: int, num_frames: int) -> int:
