@@ -5,8 +5,9 @@ What changes from vLLM's `LlavaOnevisionForConditionalGeneration` (vLLM 0.32), a
   the geometry our processor and Transformers model use;
 - each video's features (`_process_video_pixels`) are the projected frames pooled by `pool_video` (PTG + NSP, or a
   stock mode) and laid out by `add_video_newlines`, one video at a time (PTG mixes the frames of one video only);
-- weight names: Transformers >= 5.19 saves the vision tower as `vision_tower.embeddings...`, vLLM's SigLIP expects
-  `vision_tower.vision_model.embeddings...`; both layouts (and the older ones vLLM maps already) load.
+- weight names: Transformers 5.x (5.17 and 5.19 alike) saves the vision tower as `vision_tower.embeddings...`, vLLM's
+  SigLIP expects `vision_tower.vision_model.embeddings...` (the llava-hf Hub layout); both load, with or without the
+  `model.` prefix of Transformers 4.52+ (the other renamings are stock vLLM's).
 Images and text run through the stock code unchanged.
 """
 

@@ -12,9 +12,10 @@ from vllm_cases import (
     FRAME_COUNTS,
     MAX_NEW_TOKENS,
     PROMPT,
+    WEIGHT_LAYOUTS,
     run_json,
     save_tiny_vllm_checkpoint,
-    with_vision_model_prefix,
+    with_weight_layout,
 )
 
 
@@ -30,14 +31,15 @@ def stock_repo(work) -> Path:
 
 @pytest.fixture(scope="session")
 def repos(work, stock_repo) -> dict:
-    """name -> converted repo (CASES), plus "paper_vision_model": the paper repo in the older weight layout."""
+    """name -> converted repo (CASES), plus "paper_<layout>": the paper repo in each other weight layout."""
     from convert.cli import main as convert
 
     out = {}
     for name, options in CASES.items():
         assert convert([str(stock_repo), str(work / name), *options]) == 0, name
         out[name] = work / name
-    out["paper_vision_model"] = with_vision_model_prefix(out["paper"], work / "paper_vision_model")
+    for layout in WEIGHT_LAYOUTS:
+        out[f"paper_{layout}"] = with_weight_layout(out["paper"], work / f"paper_{layout}", layout)
     return out
 
 

@@ -44,8 +44,9 @@ def vllm_results(work, repos, stock_repo, videos) -> dict:
     """vLLM's answers for every way of loading a repo, and its refusals, from one child process."""
     runs = [
         {"name": "paper", "repo": str(repos["paper"])},
-        # The older weight layout (vision_tower.vision_model.*): same weights, same answers as "paper".
-        {"name": "paper_vision_model", "repo": str(repos["paper_vision_model"])},
+        # The other weight layouts (vision_tower.vision_model.*, model.*): same weights, same answers as "paper".
+        {"name": "paper_hub", "repo": str(repos["paper_hub"])},
+        {"name": "paper_model_prefix", "repo": str(repos["paper_model_prefix"])},
         # A stock llava-onevision checkpoint with our architecture: the paper's settings, same answers as "paper".
         {
             "name": "stock_overridden",
@@ -88,7 +89,8 @@ def assert_same_answer(ours: dict, reference: dict) -> None:
     "run, reference",
     [
         ("paper", "paper"),
-        ("paper_vision_model", "paper"),
+        ("paper_hub", "paper"),
+        ("paper_model_prefix", "paper"),
         ("stock_overridden", "paper"),
         ("nsp9_grid", "nsp9_grid"),
         ("bilinear_frame", "bilinear_frame"),

@@ -104,19 +104,38 @@ def save_tiny_text_checkpoint(path: Path) -> Path:
     return path
 
 
-def with_vision_model_prefix(repo: Path, dst: Path) -> Path:
-    """A copy of `repo` whose weights use the layout of Transformers <= 5.18 (and llava-hf repos):
-    `vision_tower.vision_model.*` instead of `vision_tower.*`."""
+# Weight-name layouts of llava-onevision checkpoints, besides the one Transformers 5.x writes (5.17 and 5.19 alike:
+# `vision_tower.embeddings...`, `language_model.model...`): (prefix it writes, prefix in the other layout).
+WEIGHT_LAYOUTS = {
+    # llava-hf Hub repos (Transformers 4.x)
+    "hub": (("vision_tower.", "vision_tower.vision_model."),),
+    # Transformers 4.52 .. 4.x
+    "model_prefix": (
+        ("vision_tower.", "model.vision_tower.vision_model."),
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("image_newline", "model.image_newline"),
+    ),
+}
+
+
+def with_weight_layout(repo: Path, dst: Path, layout: str) -> Path:
+    """A copy of `repo` whose weights are named as in `WEIGHT_LAYOUTS[layout]`."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(repo, dst)
     weights = load_file(repo / "model.safetensors")
-    renamed = {
-        ("vision_tower.vision_model." + k[len("vision_tower."):]) if k.startswith("vision_tower.") else k: v
-        for k, v in weights.items()
-    }  # fmt: skip
-    assert renamed.keys() != weights.keys()
+
+    def rename(key: str) -> str:
+        for ours, theirs in WEIGHT_LAYOUTS[layout]:
+            if key.startswith(ours):
+                return theirs + key[len(ours) :]
+        return key
+
+    renamed = {rename(key): value for key, value in weights.items()}
+    assert len(renamed) == len(weights) and renamed.keys() != weights.keys()
     save_file(renamed, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
