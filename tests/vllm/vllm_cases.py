@@ -11,13 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np  # noqa: F401
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PROMPT = "<|im_start|>user\n<video>\nwhat is happening in this video ?<|im_end|>\n<|im_start|>assistant\n"
 MAX_NEW_TOKENS = 6
-# Frame counts of the two videos every case runs as one batch: 16 frames exercise two PTG levels, 7 none.
+# Frame counts of the two videos every case runs as one batch: the paper pyramid grids 16 frames at two levels and
+# 7 frames at none; the pyramid 2:1,4:2 grids them at two levels and one.
 FRAME_COUNTS = (16, 7)
 # name -> converter options. Together: all three modes, all four newline positions, two NSP geometries
 # (13 x 13 and, with padding and partial windows, 10 x 10 per frame), a custom pyramid, temperature and norm p.
