@@ -248,6 +248,7 @@ class STGridPoolConfig(LlavaOnevisionConfig):
     nsp_padding: int = 0
     nsp_partial_windows: bool = False
     video_newline_position: str = "one_token"
+    pooling_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)  # a stock llava_onevision config.json says "llava_onevision"; this is ours
@@ -256,6 +257,15 @@ class STGridPoolConfig(LlavaOnevisionConfig):
         super().__post_init__(**kwargs)
         self.validate_stgridpool_settings()
         self._stgridpool_ready = True
+
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        # A stock llava-onevision config.json is this config without the ST-GridPool fields (their defaults apply):
+        # read it as ours, so loading one does not warn that another model type is being used.
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "llava_onevision":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
 
     def __setattr__(self, name, value):
         # `from_pretrained(repo, nsp_keep_ratio=...)` sets overrides after construction: check them as they land.

@@ -10,14 +10,16 @@ Two layers, in this order:
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
+from transformers import GenerationMixin, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 try:  # optional: the fused CUDA kernels; without it (CPU installs) everything runs in plain PyTorch
     import triton
@@ -28,7 +30,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import (
         GEOMETRY_FIELDS,
+        NEWLINE_POSITIONS,
+        POOLING_MODES,
         STGridPoolConfig,
+        VideoPoolingSettings,
         pooled_frame_size,
         validate_pyramid_levels,
         video_token_count,
@@ -37,7 +42,10 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
 except ImportError:  # installed as top-level modules of this project
     from configuration_stgridpool import (
         GEOMETRY_FIELDS,
+        NEWLINE_POSITIONS,
+        POOLING_MODES,
         STGridPoolConfig,
+        VideoPoolingSettings,
         pooled_frame_size,
         validate_pyramid_levels,
         video_token_count,
@@ -631,20 +639,21 @@ def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: st
     raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are one_token, grid, frame, none")
 
 
-def pool_video(frames: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
-    """Pool one video's projected frames [T, H, W, D] as `config.video_pooling_mode` says -> [T, Ho, Wo, D]."""
-    if config.video_pooling_mode == "bilinear":
+def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: str = "auto") -> torch.Tensor:
+    """Pool one video's projected frames [T, H, W, D] as `settings.video_pooling_mode` says -> [T, Ho, Wo, D]."""
+    if settings.video_pooling_mode == "bilinear":
         return bilinear_pool(frames)
-    if config.video_pooling_mode == "average":
+    if settings.video_pooling_mode == "average":
         return average_pool(frames)
     return st_grid_pool(
         frames,
-        pyramid_levels=config.pyramid_levels,
-        keep_ratio=config.nsp_keep_ratio,
-        temperature=config.nsp_temperature,
-        norm_p=config.nsp_norm_p,
-        padding=config.nsp_padding,
-        partial_windows=config.nsp_partial_windows,
+        pyramid_levels=settings.pyramid_levels,
+        keep_ratio=settings.nsp_keep_ratio,
+        temperature=settings.nsp_temperature,
+        norm_p=settings.nsp_norm_p,
+        padding=settings.nsp_padding,
+        partial_windows=settings.nsp_partial_windows,
+        backend=backend,
     )
 
 
@@ -652,41 +661,64 @@ def pool_video(frames: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
 # Transformers glue
 # ---------------------------------------------------------------------------------------------------------------
 
-def _settings_giving(num_tokens: int, num_frames: int, frame_size: int) -> list[dict]:
-    """Common geometry settings under which a video of `num_frames` frames takes `num_tokens` tokens."""
-    found = []
-    for mode in ("stgridpool", "bilinear", "average"):
-        for keep_ratio in (0.25, 1.0, 1 / 9, 1 / 16) if mode == "stgridpool" else (0.25,):
-            for padding in (0, 1, 2) if mode == "stgridpool" else (0,):
-                for partial in (False, True) if mode == "stgridpool" else (False,):
-                    if window_size(keep_ratio) > frame_size + 2 * padding:
-                        continue
-                    rows, cols = pooled_frame_size(
-                        frame_size, frame_size, video_pooling_mode=mode, nsp_keep_ratio=keep_ratio,
-                        nsp_padding=padding, nsp_partial_windows=partial,
-                    )  # fmt: skip
-                    for newline in ("one_token", "grid", "frame", "none"):
-                        if video_token_count(num_frames, rows, cols, newline) == num_tokens:
-                            found.append(dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline))))
+# Transformers 5.17 keeps every vision layer, names the video argument `pixel_values`, appends the newline in the
+# stock forward and reports the features as `video_hidden_states`; newer Transformers (5.24) take
+# `mm_encoder_outputs`, select the vision layers they use and report `video_outputs`.
+# DELETE this flag and every branch on it when 5.17 support ends.
+_TRANSFORMERS_5_17 = "mm_encoder_outputs" not in inspect.signature(LlavaOnevisionModel.forward).parameters
+
+
+def _settings_giving(settings: VideoPoolingSettings, frame_size: int, num_frames: int, num_tokens: int) -> list[dict]:
+    """The smallest changes of `settings`' geometry fields under which a video of `num_frames` frames of
+    `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: value}, ...], fewest fields changed."""
+    found, fewest = [], len(GEOMETRY_FIELDS)
+    for mode in POOLING_MODES:
+        for newline in NEWLINE_POSITIONS:
+            if mode != "stgridpool":  # the NSP fields play no part: keep ours
+                windows = [(settings.nsp_keep_ratio, settings.nsp_padding, settings.nsp_partial_windows)]
+            else:
+                windows = [
+                    (1.0 if k == 1 else 1 / k**2, padding, partial)
+                    for padding in range(frame_size + 1)
+                    for k in range(1, frame_size + 2 * padding + 1)
+                    for partial in (False, True)
+                ]
+            for keep_ratio, padding, partial in windows:
+                values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
+                rows, cols = pooled_frame_size(frame_size, frame_size, **{k: v for k, v in values.items() if k != "video_newline_position"})
+                if video_token_count(num_frames, rows, cols, newline) != num_tokens:
+                    continue
+                changed = {k: v for k, v in values.items() if not _same(v, getattr(settings, k))}
+                if len(changed) < fewest:
+                    found, fewest = [], len(changed)
+                if len(changed) == fewest and changed not in found:
+                    found.append(changed)
     return found
 
 
-def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, num_videos: int, tokens_per_video: int) -> str:
-    """Explain a <video> placeholder / feature count mismatch in terms of the settings that differ."""
-    ours = {name: getattr(config, name) for name in GEOMETRY_FIELDS}
-    rows, cols = config.pooled_frame_size
-    per_frame = {"one_token": rows * cols, "grid": rows * (cols + 1), "frame": rows * cols + 1, "none": rows * cols}
-    num_frames = (tokens_per_video - (config.video_newline_position == "one_token")) // per_frame[config.video_newline_position]
+def _same(a, b) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
+
+
+def placeholder_mismatch_message(
+    settings: VideoPoolingSettings, frame_size: int, num_placeholders: int, num_videos: int, tokens_per_video: int
+) -> str:
+    """Explain a <video> placeholder / feature count mismatch by the settings under which the processor would have
+    made `num_placeholders` placeholders (derived from the counts: the processor's settings are not sent along)."""
+    # num_tokens is linear in the number of frames: invert it rather than writing the count formula again.
+    base = settings.num_tokens(0, frame_size, frame_size)
+    num_frames = (tokens_per_video - base) // (settings.num_tokens(1, frame_size, frame_size) - base)
+    ours = settings.geometry()
     message = (
         f"The prompt has {num_placeholders} <video> placeholder tokens but the model made {num_videos} x "
         f"{tokens_per_video} video features ({num_videos} video(s) of {num_frames} frames) with {ours}: the processor "
         f"and the model are configured differently."
     )
     if num_placeholders % num_videos == 0:
-        candidates = _settings_giving(num_placeholders // num_videos, num_frames, config.frame_size)
-        diffs = ["; ".join(f"{k}={v!r} (model: {ours[k]!r})" for k, v in c.items() if v != ours[k]) for c in candidates[:4]]
-        if diffs:
-            message += " Processor settings that give that many placeholders: " + " | ".join(diffs) + "."
+        changes = _settings_giving(settings, frame_size, num_frames, num_placeholders // num_videos)
+        described = ["; ".join(f"{k}={v!r} (model: {ours[k]!r})" for k, v in c.items()) for c in changes[:6]]
+        if described:
+            message += " Processor settings that give that many placeholders: " + " | ".join(described) + "."
     return message + " Load both from the same repo, or pass the same ST-GridPool settings to each."
 
 
@@ -695,100 +727,158 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
 
     config_class = STGridPoolConfig
 
-    def get_video_features(
-        self,
-        pixel_values_videos: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        """pixel_values_videos: [B, T, C, H, W] -> `pooler_output` [B, N, D], each video's tokens in the newline
-        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`).
-        Also accepts the videos as `pixel_values=` (the keyword older Transformers, e.g. 5.17, pass)."""
-        if pixel_values_videos is None:
-            pixel_values_videos = kwargs.pop("pixel_values")
-        kwargs.pop("pixel_values", None)
-        config = self.config
-        if vision_feature_layer is None:
-            vision_feature_layer = config.vision_feature_layer
-        if vision_feature_select_strategy is None:
-            vision_feature_select_strategy = config.vision_feature_select_strategy
-        kwargs.pop("return_dict", None)  # always an output object; hidden states are always needed
-        kwargs.pop("output_hidden_states", None)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        _use_stock_checkpoint_layout()
+        return super().from_pretrained(*args, **kwargs)
+
+    def _encode_video_frames(
+        self, pixel_values_videos: torch.Tensor, vision_feature_layer, vision_feature_select_strategy, **kwargs
+    ) -> tuple:
+        """(vision tower outputs, projected frames [B, T, h, w, D]) of pixel_values_videos [B, T, C, H, W]."""
+        if _TRANSFORMERS_5_17:
+            kwargs["output_hidden_states"] = True  # its tower cannot select layers: all of them, as stock 5.17
+        elif not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = vision_feature_layer  # only the layer(s) used are kept, as stock
         batch_size, num_frames = pixel_values_videos.shape[:2]
-        vision_outputs = self.vision_tower(
-            pixel_values_videos.flatten(0, 1), output_hidden_states=True, return_dict=True, **kwargs
-        )
+        vision_outputs = self.vision_tower(pixel_values_videos.flatten(0, 1), return_dict=True, **kwargs)
         if isinstance(vision_feature_layer, int):
             selected = vision_outputs.hidden_states[vision_feature_layer]
         else:
             selected = torch.cat([vision_outputs.hidden_states[i] for i in vision_feature_layer], dim=-1)
         if vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
-        projected = self.multi_modal_projector(selected)  # [B*T, H*W, D]
-        side = config.frame_size
-        videos = projected.reshape(batch_size, num_frames, side, side, -1)
+        projected = self.multi_modal_projector(selected)  # [B*T, h*w, D]
+        side = self.config.frame_size
+        return vision_outputs, projected.reshape(batch_size, num_frames, side, side, -1)
+
+    def project_video_frames(
+        self,
+        pixel_values_videos: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> torch.Tensor:
+        """The videos' frames through the vision tower and the projector, not yet pooled:
+        pixel_values_videos [B, T, C, H, W] -> [B, T, h, w, D] (h = w = `config.frame_size`). The layer and the
+        selection strategy default to the config's, as in `get_video_features`."""
+        if vision_feature_layer is None:
+            vision_feature_layer = self.config.vision_feature_layer
+        if vision_feature_select_strategy is None:
+            vision_feature_select_strategy = self.config.vision_feature_select_strategy
+        return self._encode_video_frames(pixel_values_videos, vision_feature_layer, vision_feature_select_strategy)[1]
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """pixel_values_videos: [B, T, C, H, W] -> the vision tower's outputs with `pooler_output` [B, N, D]: each
+        video pooled on its own (paper Sec. 3) and laid out with `config.video_newline_position`'s newlines
+        (N = `config.video_pooling.num_tokens(T, h, w)`). A tuple with `return_dict=False`, as stock."""
+        if _TRANSFORMERS_5_17 and pixel_values_videos is None:
+            pixel_values_videos = kwargs.pop("pixel_values")  # the name 5.17's stock callers use
+        vision_outputs, frames = self._encode_video_frames(
+            pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+        settings = self.config.video_pooling
+        backend = self.config.pooling_backend
         # Frames of different videos are never mixed: PTG runs across the frames of one video.
         vision_outputs.pooler_output = torch.stack(
             [
-                add_video_newlines(pool_video(video, config), self.image_newline, config.video_newline_position)
-                for video in videos
+                add_video_newlines(pool_video(video, settings, backend), self.image_newline, settings.video_newline_position)
+                for video in frames
             ]
         )
         return vision_outputs
 
+    def _check_video_placeholders(self, input_ids, inputs_embeds, video_features: torch.Tensor) -> torch.Tensor:
+        """The <video> placeholder mask [B, L]; raises ValueError naming the settings when its count is not the
+        number of video features [num_videos, tokens_per_video, D]."""
+        if input_ids is not None:
+            video_mask = input_ids == self.config.video_token_id
+        else:
+            video_token = self.get_input_embeddings()(
+                torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
+            )
+            video_mask = (inputs_embeds == video_token).all(-1)
+        num_videos, tokens_per_video = video_features.shape[:2]
+        num_placeholders = int(video_mask.sum())
+        if num_placeholders != num_videos * tokens_per_video:
+            raise ValueError(
+                placeholder_mismatch_message(
+                    self.config.video_pooling, self.config.frame_size, num_placeholders, num_videos, tokens_per_video
+                )
+            )
+        return video_mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ):
-        # The stock forward lays out video tokens itself (differently across Transformers versions), so the video
-        # features are placed here and the stock forward runs the rest (images, text) unchanged. `generate` in
-        # newer Transformers computes them ahead, through get_video_features, into mm_encoder_outputs["video"].
-        encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
-        features = None
-        if pixel_values_videos is not None:
-            features = self.get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-            ).pooler_output
-        elif encoder_outputs.get("video") is not None:
-            features = encoder_outputs["video"].pooler_output
-            kwargs["mm_encoder_outputs"] = {k: v for k, v in encoder_outputs.items() if k != "video"}
-        if features is not None:
+        # Only the video path changes; the stock forward runs the rest. The video features are computed here so a
+        # placeholder mismatch is explained in terms of the settings.
+        common = dict(vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy)
+        if _TRANSFORMERS_5_17:
+            return self._forward_5_17(input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs)
+        encoder_outputs = dict(kwargs.pop("mm_encoder_outputs", None) or {})
+        if pixel_values_videos is not None and encoder_outputs.get("video") is None:
+            encoder_outputs["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **common)
+        if encoder_outputs.get("video") is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-                video_mask = input_ids == self.config.video_token_id
-            else:
-                video_token = self.get_input_embeddings()(
-                    torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
-                )
-                video_mask = (inputs_embeds == video_token).all(-1)
-            num_videos, tokens_per_video = features.shape[:2]
-            features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
-            num_placeholders = int(video_mask.sum())
-            if num_placeholders != features.shape[0]:
-                raise ValueError(placeholder_mismatch_message(self.config, num_placeholders, num_videos, tokens_per_video))
-            inputs_embeds = inputs_embeds.masked_scatter(video_mask.unsqueeze(-1).to(inputs_embeds.device), features)
-            # The stock forward takes exactly one of the two; it finds image placeholders in the embeddings too.
-            input_ids = None
+            self._check_video_placeholders(input_ids, inputs_embeds, encoder_outputs["video"].pooler_output)
+            if pixel_values is not None and encoder_outputs.get("image") is None:
+                # The stock forward takes pixel values or encoder outputs, not both: encode the images as it would.
+                encoder_outputs["image"] = self.get_image_features(
+                    pixel_values, image_sizes, batch_num_images=kwargs.pop("batch_num_images", None), return_dict=True,
+                    **common,
+                )  # fmt: skip
+            pixel_values = None
         return super().forward(
             input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
             inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
+            mm_encoder_outputs=encoder_outputs or None,
+            **common,
             **kwargs,
         )
 
+    def _forward_5_17(self, input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs):
+        """Transformers 5.17: its stock forward lays out video tokens its own way, so the video features are placed
+        into the embeddings here and the stock forward runs the rest. DELETE when 5.17 support ends."""
+        features = None
+        if pixel_values_videos is not None:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            features = self.get_video_features(pixel_values_videos, return_dict=True, **common).pooler_output
+            video_mask = self._check_video_placeholders(input_ids, inputs_embeds, features)
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask.unsqueeze(-1).to(inputs_embeds.device), features)
+            input_ids = None  # the stock forward takes exactly one of the two; it finds image placeholders in either
+        outputs = super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, inputs_embeds=inputs_embeds,
+            **common, **kwargs,
+        )  # fmt: skip
+        if features is not None:
+            outputs.video_hidden_states = features  # what stock 5.17 reports there: [num_tokens, D]
+        return outputs
 
-class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+
+class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration, GenerationMixin):
     """`LlavaOnevisionForConditionalGeneration` with ST-GridPool video pooling; loads any llava-onevision checkpoint."""
 
     config_class = STGridPoolConfig
@@ -800,24 +890,23 @@ class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
-        return self.model.get_video_features(
-            pixel_values_videos,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            **kwargs,
-        )
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        _use_stock_checkpoint_layout()
+        return super().from_pretrained(*args, **kwargs)
 
 
-# Checkpoints keep the stock key layout, which Transformers renames on load by model type and class name; ours take
-# the stock renamings, or a llava-onevision checkpoint would load with missing keys.
-for _ours, _stock in (
-    ("STGridPoolLlavaOnevisionForConditionalGeneration", "llava_onevision"),
-    ("STGridPoolLlavaOnevisionModel", "LlavaOnevisionModel"),
-):
-    _mapping = conversion_mapping.get_checkpoint_conversion_mapping(_stock)
-    if _mapping is not None:
-        conversion_mapping.register_checkpoint_conversion_mapping(_ours, _mapping, overwrite=True)
+def _use_stock_checkpoint_layout() -> None:
+    """Let our classes load (and save) the stock llava-onevision key layout: Transformers renames checkpoint keys by
+    class name or model type, and skips custom classes unless their renamings are registered. Done when a model is
+    loaded, not at import, and only under our own class names."""
+    for ours, stock in (
+        ("STGridPoolLlavaOnevisionForConditionalGeneration", "llava_onevision"),
+        ("STGridPoolLlavaOnevisionModel", "LlavaOnevisionModel"),
+    ):
+        renamings = conversion_mapping.get_checkpoint_conversion_mapping(stock)
+        if renamings is not None and ours not in conversion_mapping.USER_REGISTERED_MAPPINGS:
+            conversion_mapping.register_checkpoint_conversion_mapping(ours, renamings, overwrite=True)
 
 
 __all__ = [

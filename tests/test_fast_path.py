@@ -139,7 +139,7 @@ def test_pool_video_follows_input_and_never_modifies_it(mode, dtype):
     config = STGridPoolConfig(**tiny_config_kwargs(build_tiny_tokenizer(), 27), video_pooling_mode=mode)
     x = _random_video((17, 27, 27, 8), 1, dtype)
     before = x.clone()
-    out = m.pool_video(x, config)
+    out = m.pool_video(x, config.video_pooling)
     assert out.device == x.device and out.dtype == x.dtype
     assert tuple(out.shape) == (17, *config.pooled_frame_size, 8)
     assert torch.equal(x, before)

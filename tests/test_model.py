@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers import GenerationMixin, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers.utils import logging as transformers_logging
 
 from configuration_stgridpool import STGridPoolConfig
-from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration, add_video_newlines, st_grid_pool
+from modeling_stgridpool_llava import (
+    _TRANSFORMERS_5_17,
+    STGridPoolLlavaOnevisionForConditionalGeneration,
+    add_video_newlines,
+    average_pool,
+    st_grid_pool,
+)
 from processing_stgridpool import STGridPoolProcessor
 from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
@@ -64,8 +71,81 @@ def test_bilinear_mode_equals_stock(tiny_stock_dir, stock, stock_processor, kind
     stock_inputs = stock_processor(text=chat(stock_processor, *content), return_tensors="pt", **media)
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
     with torch.no_grad():
-        ours_logits, stock_logits = ours(**inputs).logits, stock(**inputs).logits
-    assert (ours_logits - stock_logits).abs().max() <= 1e-5
+        ours_out, stock_out = ours(**inputs), stock(**inputs)
+    assert (ours_out.logits - stock_out.logits).abs().max() <= 1e-5
+    # The same output fields as stock (video_outputs on 5.24, video_hidden_states on 5.17), filled alike.
+    assert type(ours_out) is type(stock_out) and list(ours_out.keys()) == list(stock_out.keys())
+
+
+def hidden_states_kept(output) -> int:
+    return sum(state is not None for state in output.hidden_states or ())
+
+
+def test_get_video_features_follows_the_stock_contract(tiny_stock_dir, stock):
+    """Issue 11: a tuple with return_dict=False, the stock fields, and no more vision layers kept than stock."""
+    ours = load_ours(tiny_stock_dir)
+    pixels = torch.randn(2, 3, 3, 54, 54)
+    with torch.no_grad():
+        ours_out, stock_out = ours.model.get_video_features(pixels), stock.model.get_video_features(pixels)
+        ours_tuple = ours.model.get_video_features(pixels, return_dict=False)
+        stock_tuple = stock.model.get_video_features(pixels, return_dict=False)
+        via_generation_class = ours.get_video_features(pixels, return_dict=False)
+    assert type(ours_out) is type(stock_out) and list(ours_out.keys()) == list(stock_out.keys())
+    assert isinstance(ours_tuple, tuple) and isinstance(stock_tuple, tuple) and len(ours_tuple) == len(stock_tuple)
+    assert isinstance(via_generation_class, tuple)
+    assert torch.equal(ours_tuple[list(ours_out.keys()).index("pooler_output")], ours_out.pooler_output)
+    assert 1 <= hidden_states_kept(ours_out) <= hidden_states_kept(stock_out)
+    # The config's return_dict is honoured as stock does.
+    ours.config.return_dict = False
+    try:
+        with torch.no_grad():
+            assert isinstance(ours.model.get_video_features(pixels), tuple)
+    finally:
+        ours.config.return_dict = True
+
+
+def test_get_video_features_keeps_only_the_vision_layer_it_uses(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir)
+    layers = ours.config.vision_config.num_hidden_layers + 1
+    with torch.no_grad():
+        kept = hidden_states_kept(ours.model.get_video_features(torch.randn(1, 2, 3, 54, 54)))
+    assert kept == (layers if _TRANSFORMERS_5_17 else 1)  # 5.17's stock tower cannot select layers
+    # A caller asking for every hidden state still gets them.
+    with torch.no_grad():
+        every = ours.model.get_video_features(torch.randn(1, 2, 3, 54, 54), output_hidden_states=True)
+    assert hidden_states_kept(every) == layers
+
+
+def test_project_video_frames_is_the_path_get_video_features_pools(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir, video_pooling_mode="average", video_newline_position="none")
+    pixels = torch.randn(2, 3, 3, 54, 54)
+    with torch.no_grad():
+        frames = ours.model.project_video_frames(pixels)
+        features = ours.model.get_video_features(pixels).pooler_output
+        hidden = ours.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    assert frames.shape == (2, 3, 27, 27, 32)
+    torch.testing.assert_close(frames, ours.model.multi_modal_projector(hidden).reshape(2, 3, 27, 27, -1))
+    torch.testing.assert_close(features, average_pool(frames.flatten(0, 1)).reshape(2, -1, 32))
+
+
+def test_generation_class_lists_generation_mixin():
+    assert GenerationMixin in STGridPoolLlavaOnevisionForConditionalGeneration.__bases__
+
+
+def test_loading_a_stock_checkpoint_does_not_warn(tiny_stock_dir):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = transformers_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        load_ours(tiny_stock_dir)
+        STGridPoolConfig.from_pretrained(tiny_stock_dir)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "another model type" in r.getMessage() or "instantiate a model of type" in r.getMessage()]
 
 
 def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_stock_dir):
