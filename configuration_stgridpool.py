@@ -12,6 +12,7 @@ from transformers import AutoConfig, LlavaOnevisionConfig
 
 POOLING_MODES = ("stgridpool", "bilinear", "average")
 NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
+POOLING_BACKENDS = ("auto", "torch", "triton")
 # The paper's pyramid: (group size, stride) per level, applied in order.
 DEFAULT_PYRAMID_LEVELS = ((4, 2), (4, 4), (4, 8))
 STGRIDPOOL_FIELDS = (
@@ -77,6 +78,12 @@ def video_token_count(num_frames: int, pooled_height: int, pooled_width: int, vi
     if video_newline_position == "none":
         return num_frames * frame_tokens
     raise ValueError(f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
+
+
+def check_pooling_backend(backend: str, name: str = "pooling_backend") -> None:
+    """Raise ValueError unless `backend` is one of POOLING_BACKENDS ("torch" forces the plain PyTorch path)."""
+    if backend not in POOLING_BACKENDS:
+        raise ValueError(f"{name}={backend!r} is invalid: allowed values are {POOLING_BACKENDS}")
 
 
 def validate_video_geometry(
