@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -155,6 +156,8 @@ def test_the_config_forces_the_pytorch_path(monkeypatch):
     torch.testing.assert_close(out, m.st_grid_pool(x, backend="torch", pyramid_levels=settings.pyramid_levels, keep_ratio=0.25))
     assert not chosen
     with pytest.raises(ValueError, match=r"pooling_backend='cuda' is invalid: allowed values are \('auto', 'torch', 'triton'\)"):
+        STGridPoolConfig.from_dict({"pooling_backend": "cuda"})
+    with pytest.raises(StrictDataclassError, match="pooling_backend"):
         STGridPoolConfig(pooling_backend="cuda")
 
 
