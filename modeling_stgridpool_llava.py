@@ -220,6 +220,7 @@ def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequenc
     frames: [T, H, W, D]; pyramid_levels: [(group size, stride), ...]. Returns [T, H, W, D].
     (`st_grid_pool` does not call this: it never materialises the gridded video.)
     """
+    _check_frames(frames)
     levels = validate_pyramid_levels(pyramid_levels)
     plan, maps = _plan_and_maps(frames, levels)
     out = frames.clone()
@@ -237,8 +238,26 @@ def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequenc
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _nsp_geometry(height: int, width: int, keep_ratio: float, padding: int, partial_windows: bool) -> tuple[int, int, int]:
-    """(k, Ho, Wo) for NSP of H x W frames; raises ValueError when the window does not fit."""
+def _check_frames(frames: torch.Tensor) -> None:
+    if frames.dim() != 4:
+        raise ValueError(
+            f"frames of shape {tuple(frames.shape)} is invalid: allowed is one video [T, H, W, D]; pool a batch "
+            f"[B, T, H, W, D] video by video (frames of different videos must never mix)"
+        )
+
+
+def _nsp_geometry(
+    frames: torch.Tensor, keep_ratio: float, temperature: float, norm_p: float, padding: int, partial_windows: bool
+) -> tuple[int, int, int]:
+    """(k, Ho, Wo) for NSP of `frames` [T, H, W, D]; raises ValueError, with the config's words, for an invalid
+    argument or a window that does not fit."""
+    _check_frames(frames)
+    if not torch.compiler.is_compiling():  # constants of the graph: checked once, eagerly
+        VideoPoolingSettings(
+            nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
+            nsp_partial_windows=partial_windows,
+        )  # fmt: skip
+    height, width = frames.shape[1:3]
     k = window_size(keep_ratio)
     out_h, out_w = pooled_frame_size(
         height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
@@ -265,15 +284,37 @@ def _window_weights(
     x: torch.Tensor, k: int, padded_h: int, padded_w: int, temperature: float, norm_p: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """Softmax weights of the tokens of each window of x [N, Ho*k, Wo*k, D] (from `_whole_windows`):
-    [N, Ho, Wo, k*k], row-major within the window. Zero padding tokens score 0 and take part; tokens past the
-    padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0."""
+    [N, Ho, Wo, k*k] in `dtype`, row-major within the window. Zero padding tokens score 0 and take part; tokens past
+    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0.
+
+    The score of a token is tau * ||x||_p / D^(1/p) (paper Sec. 3.2), the power mean of |x| times tau. It is worked
+    out in log space and relative to the window's largest score, so any finite tau and p > 0 give finite weights
+    (a huge tau picks the largest-norm token, a tiny p the largest geometric mean) instead of inf - inf = NaN."""
     num_frames, rows, cols, dim = x.shape
-    scores = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=dtype) * (temperature / dim ** (1 / norm_p))
+    if norm_p == 2:  # the paper's L2: one fused reduction
+        log_score = torch.linalg.vector_norm(x, dim=-1, dtype=dtype).log() - 0.5 * math.log(dim)
+    elif math.isinf(norm_p):
+        log_score = x.abs().amax(-1).to(dtype).log()
+    else:  # log of (mean |x|^p)^(1/p), never forming |x|^p or its root
+        log_score = (torch.logsumexp(norm_p * x.abs().to(dtype).log(), dim=-1) - math.log(dim)) / norm_p
+    log_score = log_score.double()  # [N, rows, cols]: small, and float64 keeps the relative scores exact
+    present = torch.ones_like(log_score, dtype=torch.bool)
     if rows > padded_h or cols > padded_w:
-        scores[:, padded_h:] = -math.inf
-        scores[:, :, padded_w:] = -math.inf
-    windows = scores.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
-    return windows.reshape(num_frames, rows // k, cols // k, k * k).softmax(-1)
+        present[:, padded_h:] = False
+        present[:, :, padded_w:] = False
+        log_score = log_score.masked_fill(~present, -math.inf)
+
+    def per_window(t: torch.Tensor) -> torch.Tensor:  # [N, rows, cols] -> [N, Ho, Wo, k*k]
+        t = t.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
+        return t.reshape(num_frames, rows // k, cols // k, k * k)
+
+    log_score, present = per_window(log_score), per_window(present)
+    log_max = log_score.amax(-1, keepdim=True)
+    # score - max score = tau * max * (score / max - 1) <= 0; 0 for the largest (and when every score is 0).
+    ratio_minus_1 = torch.expm1(log_score - log_max).nan_to_num(0.0)
+    log_gap = math.log(temperature) + log_max + torch.log(-ratio_minus_1)
+    shifted = torch.where(ratio_minus_1 == 0, 0.0, -torch.exp(log_gap)).masked_fill(~present, -math.inf)
+    return shifted.softmax(-1).to(dtype)
 
 
 def nsp_window_weights(
@@ -287,8 +328,8 @@ def nsp_window_weights(
     """NSP's softmax weight of every token of every window: frames [T, H, W, D] -> [T, Ho, Wo, k, k] (float32, or
     float64 for float64 input), in the padded frame's coordinates: token (i, j) of window (r, c) is padded-frame
     token (r*k + i, c*k + j). For inspecting what NSP does (`stgridpool visualize`)."""
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, _ = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     x = _whole_windows(frames, k, out_h, out_w, padding)
     dtype = torch.promote_types(frames.dtype, torch.float32)
     weights = _window_weights(x, k, height + 2 * padding, width + 2 * padding, temperature, norm_p, dtype)
@@ -327,8 +368,8 @@ def norm_spatial_pool(
     frames: [T, H, W, D] -> [T, Ho, Wo, D] (see `configuration_stgridpool.pooled_frame_size`), in frames.dtype;
     the arithmetic runs in float32. backend: "auto" (see `nsp_backend`), "torch" or "triton".
     """
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     if _resolve_backend(backend, frames, norm_p) == "triton":
         plan = ptg_plan(num_frames, height, width, ())
         return _triton_kernels().st_grid_pool(frames, plan, (), k, out_h, out_w, temperature, norm_p, padding)
@@ -400,8 +441,8 @@ def st_grid_pool(
     the index maps depend on shapes alone and are cached on the device.
     """
     levels = validate_pyramid_levels(pyramid_levels)
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     plan, maps = _plan_and_maps(frames, levels)
     if _resolve_backend(backend, frames, norm_p) == "triton":
         return _triton_kernels().st_grid_pool(frames, plan, levels, k, out_h, out_w, temperature, norm_p, padding)
