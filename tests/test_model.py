@@ -13,6 +13,7 @@ from modeling_stgridpool_llava import (
     STGridPoolLlavaOnevisionForConditionalGeneration,
     add_video_newlines,
     average_pool,
+    pool_video,
     st_grid_pool,
 )
 from processing_stgridpool import STGridPoolProcessor
@@ -167,36 +168,74 @@ def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_sto
     assert torch.allclose(alone[0], features[1], atol=1e-6)
 
 
-def test_placeholders_equal_features_for_every_mode_newline_and_frame_count():
-    """T = 1..70 frames x 4 newline positions x 3 modes: processor count == feature count, and forward runs."""
-    tokenizer = build_tiny_tokenizer()
-    frame_size = 7  # odd, like 27, and small so 840 forward passes stay quick
+SWEEP_FRAME_SIZE = 7  # odd, like 27, and small so forward passes stay quick
+SWEEP = [(mode, newline) for mode in MODES for newline in NEWLINES]
+
+
+@pytest.fixture(scope="module")
+def sweep_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def sweep_processor(tokenizer, mode, newline):
+    return build_tiny_processor(
+        tokenizer, SWEEP_FRAME_SIZE, processor_class=STGridPoolProcessor,
+        video_pooling_mode=mode, video_newline_position=newline,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,newline", SWEEP)
+def test_processor_count_equals_model_geometry_for_every_frame_count(sweep_tokenizer, mode, newline):
+    """T = 1..70 for each mode x newline position, without forward passes: the processor's count, the settings'
+    count and the length of what the model's pooling and layout functions make, all equal."""
+    processor = sweep_processor(sweep_tokenizer, mode, newline)
+    settings = STGridPoolConfig(video_pooling_mode=mode, video_newline_position=newline).video_pooling
+    side = SWEEP_FRAME_SIZE
+    for num_frames in range(1, 71):
+        pooled = pool_video(torch.zeros(num_frames, side, side, 1), settings)
+        made = add_video_newlines(pooled, torch.zeros(1), newline).shape[0]
+        count = processor.num_video_tokens(num_frames)
+        assert count == settings.num_tokens(num_frames, side, side) == made, (mode, newline, num_frames)
+        assert processor._get_num_multimodal_tokens(video_sizes=[(num_frames, 14, 14)]).num_video_tokens == [count]
+    text = chat(processor, {"type": "video"})
+    for num_frames in (1, 8, 33, 70):  # the prompt itself, at a few counts
+        inputs = processor(text=text, videos=[random_video(num_frames, 14, 14, seed=num_frames)], return_tensors="pt")
+        assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<video>")).sum()) == (
+            processor.num_video_tokens(num_frames)
+        )
+
+
+def _forward_sweep(tokenizer, frame_counts):
     torch.manual_seed(0)
     model = STGridPoolLlavaOnevisionForConditionalGeneration(
-        STGridPoolConfig(**tiny_config_kwargs(tokenizer, frame_size))
+        STGridPoolConfig(**tiny_config_kwargs(tokenizer, SWEEP_FRAME_SIZE))
     ).eval()
-    videos = {t: random_video(t, 14, 14, seed=t) for t in range(1, 71)}
-    for mode in MODES:
-        for newline in NEWLINES:
-            model.config.video_pooling_mode = mode
-            model.config.video_newline_position = newline
-            processor = build_tiny_processor(
-                tokenizer, frame_size, processor_class=STGridPoolProcessor,
-                video_pooling_mode=mode, video_newline_position=newline,
-            )  # fmt: skip
-            text = chat(processor, {"type": "video"})
-            for num_frames, video in videos.items():
-                inputs = processor(text=text, videos=[video], return_tensors="pt")
-                num_placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
-                assert num_placeholders == processor.num_video_tokens(num_frames)
-                assert processor._get_num_multimodal_tokens(video_sizes=[(num_frames, 14, 14)]).num_video_tokens == [
-                    num_placeholders
-                ]
-                with torch.no_grad():
-                    features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
-                    assert features.shape[1] == num_placeholders, (mode, newline, num_frames)
-                    logits = model(**inputs).logits
-                assert logits.shape[1] == inputs["input_ids"].shape[1]
+    for mode, newline in SWEEP:
+        model.config.video_pooling_mode = mode
+        model.config.video_newline_position = newline
+        processor = sweep_processor(tokenizer, mode, newline)
+        text = chat(processor, {"type": "video"})
+        for num_frames in frame_counts:
+            video = random_video(num_frames, 14, 14, seed=num_frames)
+            inputs = processor(text=text, videos=[video], return_tensors="pt")
+            num_placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
+            assert num_placeholders == processor.num_video_tokens(num_frames)
+            with torch.no_grad():
+                features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+                assert features.shape[1] == num_placeholders, (mode, newline, num_frames)
+                logits = model(**inputs).logits
+            assert logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_placeholders_equal_features_in_a_few_forward_passes(sweep_tokenizer):
+    """Every mode x newline position, forward passes at two frame counts (no PTG level, and two levels)."""
+    _forward_sweep(sweep_tokenizer, (1, 17))
+
+
+@pytest.mark.slow_sweep
+def test_placeholders_equal_features_for_every_mode_newline_and_frame_count(sweep_tokenizer):
+    """The full sweep: T = 1..70 x 4 newline positions x 3 modes, 840 forward passes (`pytest -m slow_sweep`)."""
+    _forward_sweep(sweep_tokenizer, range(1, 71))
 
 
 @pytest.mark.parametrize(
