@@ -32,7 +32,13 @@ STGRIDPOOL_FIELDS = (
     "video_newline_position",
 )
 # The fields that fix how many tokens a video becomes: the processor takes these too, under the same names.
-GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
+GEOMETRY_FIELDS = (
+    "video_pooling_mode",
+    "nsp_keep_ratio",
+    "nsp_padding",
+    "nsp_partial_windows",
+    "video_newline_position",
+)
 
 
 def window_size(keep_ratio: float) -> int:
@@ -41,7 +47,9 @@ def window_size(keep_ratio: float) -> int:
     Raises ValueError for any ratio that is not 1/k^2 for a positive integer k.
     """
     if not _is_number(keep_ratio) or not 0 < keep_ratio <= 1:
-        raise ValueError(f"nsp_keep_ratio={_short(keep_ratio)} is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)")
+        raise ValueError(
+            f"nsp_keep_ratio={_short(keep_ratio)} is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)"
+        )
     k = round(1 / math.sqrt(keep_ratio))
     if not math.isclose(keep_ratio, 1 / k**2, rel_tol=1e-6):
         raise ValueError(
@@ -60,7 +68,8 @@ def pooled_frame_size(
     nsp_padding: int = 0,
     nsp_partial_windows: bool = False,
 ) -> tuple[int, int]:
-    """Rows and columns (Ho, Wo) one frame of `height x width` tokens is pooled to (paper Sec. 3.2)."""
+    """Rows and columns (Ho, Wo) one frame of `height x width` tokens is pooled to (paper: "Norm-based Spatial
+    Pooling")."""
     if video_pooling_mode == "bilinear":
         return math.ceil(height / 2), math.ceil(width / 2)
     if video_pooling_mode == "average":
@@ -84,7 +93,9 @@ def video_token_count(num_frames: int, pooled_height: int, pooled_width: int, vi
         return num_frames * (frame_tokens + 1)
     if video_newline_position == "none":
         return num_frames * frame_tokens
-    raise ValueError(f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
+    raise ValueError(
+        f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}"
+    )
 
 
 def check_pooling_backend(backend: str, name: str = "pooling_backend") -> None:
@@ -131,7 +142,9 @@ def validate_pooling_scalars(*, nsp_temperature: float, nsp_norm_p: float) -> No
     if not _is_number(nsp_temperature) or not (_finite(nsp_temperature) and nsp_temperature > 0):
         raise ValueError(f"nsp_temperature={_short(nsp_temperature)} is invalid: allowed values are finite numbers > 0")
     if not _is_number(nsp_norm_p) or not nsp_norm_p > 0:
-        raise ValueError(f"nsp_norm_p={_short(nsp_norm_p)} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
+        raise ValueError(
+            f"nsp_norm_p={_short(nsp_norm_p)} is invalid: allowed values are numbers > 0 (2 is the L2 norm)"
+        )
 
 
 def _is_number(value) -> bool:
@@ -159,7 +172,9 @@ def validate_pyramid_levels(pyramid_levels) -> tuple[tuple[int, int], ...]:
     levels = []
     for level in pyramid_levels:
         if not isinstance(level, (list, tuple)) or len(level) != 2:
-            raise ValueError(f"pyramid_levels={pyramid_levels!r} is invalid: level {level!r} is not a pair; allowed is {allowed}")
+            raise ValueError(
+                f"pyramid_levels={pyramid_levels!r} is invalid: level {level!r} is not a pair; allowed is {allowed}"
+            )
         for name, value in zip(("group size", "stride"), level):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
@@ -229,7 +244,9 @@ class VideoPoolingSettings:
 
     def pooled_size(self, height: int, width: int) -> tuple[int, int]:
         """(Ho, Wo): the grid one `height x width` frame of tokens is pooled to."""
-        return pooled_frame_size(height, width, **{k: v for k, v in self.geometry().items() if k != "video_newline_position"})
+        return pooled_frame_size(
+            height, width, **{k: v for k, v in self.geometry().items() if k != "video_newline_position"}
+        )
 
     def num_tokens(self, num_frames: int, height: int, width: int) -> int:
         """Language-model tokens one video of `num_frames` frames of `height x width` tokens becomes."""

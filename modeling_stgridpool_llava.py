@@ -1,10 +1,11 @@
 """ST-GridPool for LLaVA-OneVision (ICLR 2026): Pyramid Temporal Gridding + Norm-based Spatial Pooling.
 
 Two layers, in this order:
-1. Pure functions on one video's projected features `frames` [T, H, W, D] (SPEC.md 1-2):
+1. Pure functions on one video's projected features `frames` [T, H, W, D] (the paper's "Pyramid Temporal
+   Gridding" and "Norm-based Spatial Pooling"; ICLR 2026, arXiv 2605.22078):
    `pyramid_temporal_grid`, `norm_spatial_pool`, `st_grid_pool`, and the stock poolings.
 2. Thin Transformers glue: `STGridPoolLlavaOnevisionModel` / `...ForConditionalGeneration` subclass the stock
-   classes and change only the video path (SPEC.md 3); parameter names stay the stock ones, so every
+   classes and change only the video path; parameter names stay the stock ones, so every
    llava-onevision checkpoint loads as is.
 """
 
@@ -19,7 +20,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
+from transformers import (
+    GenerationMixin,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    conversion_mapping,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
@@ -52,7 +58,7 @@ except ImportError:  # installed as top-level modules of this project
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PTG: Pyramid Temporal Gridding (SPEC.md 1)
+# PTG: Pyramid Temporal Gridding (paper: "Pyramid Temporal Gridding")
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -65,7 +71,7 @@ def summary_layout(group_size: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def sampled_positions(num_frames: int, stride: int) -> tuple[int, ...]:
-    """Frame indices a PTG level of `stride` samples from `num_frames` frames (SPEC.md 1), in time order.
+    """Frame indices a PTG level of `stride` samples from `num_frames` frames, in time order.
 
     Computed exactly as the reference does (float32 linspace, round half to even) so the indices match it.
     """
@@ -112,7 +118,7 @@ class PTGPlan:
 
 @functools.lru_cache(maxsize=256)
 def ptg_plan(num_frames: int, height: int, width: int, pyramid_levels: tuple[tuple[int, int], ...]) -> PTGPlan:
-    """Index maps of PTG (SPEC.md 1) for this geometry, computed once on the host and cached."""
+    """Index maps of PTG for this geometry, computed once on the host and cached."""
     # state[t] = ("frame", t) or ("bank", row): where frame t's current content lives.
     state: list[tuple[str, int]] = [("frame", t) for t in range(num_frames)]
     levels, next_row = [], 0
@@ -206,7 +212,9 @@ def _ptg_bank_torch(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Te
             if table.shape[0] == 0:
                 continue
             tiles = _area_resize(source.index_select(0, table[:, 0]), tile_h, tile_w)
-            slot = (table[:, 1] - level.first_row) * (rows * cols) + (table[:, 2] // tile_h) * cols + table[:, 3] // tile_w
+            slot = (
+                (table[:, 1] - level.first_row) * (rows * cols) + (table[:, 2] // tile_h) * cols + table[:, 3] // tile_w
+            )
             canvas.index_copy_(0, slot, tiles)
         tiled = canvas.reshape(level.num_chunks, rows, cols, tile_h, tile_w, dim).permute(0, 1, 3, 2, 4, 5)
         tiled = tiled.reshape(level.num_chunks, rows * tile_h, cols * tile_w, dim)[:, :height, :width]
@@ -215,7 +223,8 @@ def _ptg_bank_torch(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Te
 
 
 def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Overwrite some frames with summary frames, level by level (SPEC.md 1). Does not modify `frames`.
+    """Overwrite some frames with summary frames, level by level (paper: "Pyramid Temporal
+    Gridding"). Does not modify `frames`.
 
     frames: [T, H, W, D]; pyramid_levels: [(group size, stride), ...]. Returns [T, H, W, D].
     (`st_grid_pool` does not call this: it never materialises the gridded video.)
@@ -234,7 +243,7 @@ def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequenc
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# NSP: Norm-based Spatial Pooling (SPEC.md 2)
+# NSP: Norm-based Spatial Pooling (paper: "Norm-based Spatial Pooling")
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -287,7 +296,8 @@ def _window_weights(
     [N, Ho, Wo, k*k] in `dtype`, row-major within the window. Zero padding tokens score 0 and take part; tokens past
     the padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0.
 
-    The score of a token is tau * ||x||_p / D^(1/p) (paper Sec. 3.2), the power mean of |x| times tau. It is worked
+    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"), the power mean of |x|
+    times tau. It is worked
     out in log space and relative to the window's largest score, so any finite tau and p > 0 give finite weights
     (a huge tau picks the largest-norm token, a tiny p the largest geometric mean) instead of inf - inf = NaN."""
     num_frames, rows, cols, dim = x.shape
@@ -398,7 +408,7 @@ def _triton_kernels():
 
 
 def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0) -> str:
-    """"triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
+    """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
     a finite norm p, not inside torch.compile, which fuses the PyTorch path itself), else "torch"."""
     if not _triton_installed() or torch.compiler.is_compiling():
         return "torch"
@@ -417,8 +427,9 @@ def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0) ->
             raise RuntimeError("backend='triton' needs the triton package, which is not installed here; use 'torch'")
         if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
             raise ValueError(
-                f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with norm_p={norm_p!r}: "
-                f"the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite norm_p; use 'auto' or 'torch'"
+                f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with "
+                f"norm_p={norm_p!r}: the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite "
+                f"norm_p; use 'auto' or 'torch'"
             )
     return backend
 
@@ -451,7 +462,9 @@ def st_grid_pool(
     # rest), then the summaries' NSP written over them.
     out = _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
     if bank is not None:
-        summaries = _nsp_torch(bank.index_select(0, maps["summary_rows"]), k, out_h, out_w, temperature, norm_p, padding)
+        summaries = _nsp_torch(
+            bank.index_select(0, maps["summary_rows"]), k, out_h, out_w, temperature, norm_p, padding
+        )
         out = out.index_copy(0, maps["summary_positions"], summaries)
     return out
 
@@ -468,12 +481,14 @@ def bilinear_pool(frames: torch.Tensor) -> torch.Tensor:
 
 
 def average_pool(frames: torch.Tensor) -> torch.Tensor:
-    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped. [T, H, W, D] -> [T, H//2, W//2, D]."""
+    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped.
+    [T, H, W, D] -> [T, H//2, W//2, D]."""
     return F.avg_pool2d(frames.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)
 
 
 def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: str) -> torch.Tensor:
-    """Lay out one video's pooled frames as the language model sees them (SPEC.md 3).
+    """Lay out one video's pooled frames as the language model sees them (LLaVA-OneVision's
+    newline after the video, LLaVA-Video's after each row, or this project's per frame / none).
 
     pooled: [T, Ho, Wo, D]; newline: [D] -> [N, D] with N = `video_token_count(T, Ho, Wo, position)`.
     """
@@ -484,7 +499,9 @@ def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: st
     if position == "grid":
         return torch.cat([pooled, newline.expand(num_frames, out_h, 1, dim)], dim=2).reshape(-1, dim)
     if position == "frame":
-        return torch.cat([pooled.reshape(num_frames, -1, dim), newline.expand(num_frames, 1, dim)], dim=1).reshape(-1, dim)
+        return torch.cat([pooled.reshape(num_frames, -1, dim), newline.expand(num_frames, 1, dim)], dim=1).reshape(
+            -1, dim
+        )
     if position == "none":
         return pooled.reshape(-1, dim)
     raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are one_token, grid, frame, none")
@@ -536,7 +553,9 @@ def _settings_giving(settings: VideoPoolingSettings, frame_size: int, num_frames
                 ]
             for keep_ratio, padding, partial in windows:
                 values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
-                rows, cols = pooled_frame_size(frame_size, frame_size, **{k: v for k, v in values.items() if k != "video_newline_position"})
+                rows, cols = pooled_frame_size(
+                    frame_size, frame_size, **{k: v for k, v in values.items() if k != "video_newline_position"}
+                )
                 if video_token_count(num_frames, rows, cols, newline) != num_tokens:
                     continue
                 changed = {k: v for k, v in values.items() if not _same(v, getattr(settings, k))}
@@ -628,7 +647,8 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         **kwargs,
     ) -> tuple | BaseModelOutputWithPooling:
         """pixel_values_videos: [B, T, C, H, W] -> the vision tower's outputs with `pooler_output` [B, N, D]: each
-        video pooled on its own (paper Sec. 3) and laid out with `config.video_newline_position`'s newlines
+        video pooled on its own (PTG across its own frames only) and laid out with
+        `config.video_newline_position`'s newlines
         (N = `config.video_pooling.num_tokens(T, h, w)`). A tuple with `return_dict=False`, as stock."""
         if _TRANSFORMERS_5_17 and pixel_values_videos is None:
             pixel_values_videos = kwargs.pop("pixel_values")  # the name 5.17's stock callers use
@@ -640,7 +660,9 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         # Frames of different videos are never mixed: PTG runs across the frames of one video.
         vision_outputs.pooler_output = torch.stack(
             [
-                add_video_newlines(pool_video(video, settings, backend), self.image_newline, settings.video_newline_position)
+                add_video_newlines(
+                    pool_video(video, settings, backend), self.image_newline, settings.video_newline_position
+                )
                 for video in frames
             ]
         )
@@ -679,9 +701,13 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
     ):
         # Only the video path changes; the stock forward runs the rest. The video features are computed here so a
         # placeholder mismatch is explained in terms of the settings.
-        common = dict(vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy)
+        common = dict(
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy
+        )
         if _TRANSFORMERS_5_17:
-            return self._forward_5_17(input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs)
+            return self._forward_5_17(
+                input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs
+            )
         encoder_outputs = dict(kwargs.pop("mm_encoder_outputs", None) or {})
         if pixel_values_videos is not None and encoder_outputs.get("video") is None:
             encoder_outputs["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **common)

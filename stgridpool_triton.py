@@ -1,7 +1,7 @@
 """Triton kernels of ST-GridPool's fast CUDA path, and the launch tables they read (cached per geometry and device).
 
 Imported only where the Triton path runs (`modeling_stgridpool_llava` chooses it for CUDA tensors); CPU installs
-and `pooling_backend="torch"` never import it. Same results as the PyTorch path (paper Sec. 3.1 PTG, Sec. 3.2 NSP),
+and `pooling_backend="torch"` never import it. Same results as the PyTorch path (the paper's PTG and NSP),
 computed in float32: one launch per PTG level, one NSP launch for all frames.
 """
 
@@ -34,7 +34,9 @@ def _make_launch_tables(plan, device: torch.device) -> dict:
     return {
         # One launch per level / one NSP launch over both sources; column 0 says which (0 frames, 1 bank).
         "level_slots": [
-            _index_tensor(tuple((0, *r) for r in level.frame_slots) + tuple((1, *r) for r in level.bank_slots), device, 5)
+            _index_tensor(
+                tuple((0, *r) for r in level.frame_slots) + tuple((1, *r) for r in level.bank_slots), device, 5
+            )
             for level in plan.levels
         ],
         "nsp_entries": _index_tensor(

@@ -1,6 +1,7 @@
-"""A loop rewrite of this project's ST-GridPool (paper Sec. 3.1-3.2), one chunk at a time: `F.interpolate(mode="area")`
-per frame into a canvas, and NSP per frame through `F.unfold` windows and a softmax per window. It is ours, not the
-authors' code: a second, independent reading for the CPU tests and a loop-style baseline in the benchmark. Never shipped.
+"""A loop rewrite of this project's ST-GridPool (the paper's PTG and NSP), one chunk at a time:
+`F.interpolate(mode="area")` per frame into a canvas, and NSP per frame through `F.unfold` windows and a softmax per
+window. It is ours, not the authors' code: a second, independent reading for the CPU tests and a loop-style baseline
+in the benchmark. Never shipped.
 """
 
 import math
@@ -23,7 +24,11 @@ def loop_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> t
         n = num_frames // s
         if n == 0:
             continue
-        pos = torch.round(torch.linspace(0, num_frames, n + 1, dtype=torch.float32)[1:] - 1).clamp(0, num_frames - 1).long()
+        pos = (
+            torch.round(torch.linspace(0, num_frames, n + 1, dtype=torch.float32)[1:] - 1)
+            .clamp(0, num_frames - 1)
+            .long()
+        )
         snapshot = frames[pos].clone()  # [n, H, W, D]
         rows, cols = _layout(g)
         th, tw = math.ceil(height / rows), math.ceil(width / cols)
@@ -42,10 +47,15 @@ def loop_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> t
 
 
 def loop_nsp(
-    frames: torch.Tensor, keep_ratio: float, temperature: float = 1.0, norm_p: float = 2.0, padding: int = 0,
+    frames: torch.Tensor,
+    keep_ratio: float,
+    temperature: float = 1.0,
+    norm_p: float = 2.0,
+    padding: int = 0,
     partial_windows: bool = False,
 ) -> torch.Tensor:
-    """frames [T, H, W, D] -> [T, Ho, Wo, D]: per frame, unfold k x k windows, softmax of the scaled norms, weighted sum."""
+    """frames [T, H, W, D] -> [T, Ho, Wo, D]: per frame, unfold k x k windows, softmax of the scaled norms,
+    weighted sum."""
     k = round(1 / math.sqrt(keep_ratio))
     num_frames, height, width, dim = frames.shape
     outs = []
@@ -68,7 +78,8 @@ def loop_nsp(
     return torch.stack(outs).to(frames.dtype)
 
 
-def loop_st_grid_pool(frames, *, pyramid_levels, keep_ratio, temperature=1.0, norm_p=2.0, padding=0,
-                           partial_windows=False) -> torch.Tensor:
+def loop_st_grid_pool(
+    frames, *, pyramid_levels, keep_ratio, temperature=1.0, norm_p=2.0, padding=0, partial_windows=False
+) -> torch.Tensor:
     """PTG then NSP, the reference way. [T, H, W, D] -> [T, Ho, Wo, D]."""
     return loop_nsp(loop_ptg(frames, pyramid_levels), keep_ratio, temperature, norm_p, padding, partial_windows)

@@ -41,10 +41,26 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("pyramid_levels", [[0, 2]], f"pyramid_levels=[[0, 2]] is invalid: level [0, 2] has group size 0; allowed is {ALLOWED_LEVELS}"),
-        ("pyramid_levels", [[4, -1]], f"pyramid_levels=[[4, -1]] is invalid: level [4, -1] has stride -1; allowed is {ALLOWED_LEVELS}"),
-        ("pyramid_levels", [[4]], f"pyramid_levels=[[4]] is invalid: level [4] is not a pair; allowed is {ALLOWED_LEVELS}"),
-        ("nsp_keep_ratio", 0.3, "nsp_keep_ratio=0.3 is invalid: allowed values are 1/k^2 for an integer k (1.0, 0.25, 1/9, 0.0625, ...); the nearest is 1/2^2 = 0.25"),
+        (
+            "pyramid_levels",
+            [[0, 2]],
+            f"pyramid_levels=[[0, 2]] is invalid: level [0, 2] has group size 0; allowed is {ALLOWED_LEVELS}",
+        ),
+        (
+            "pyramid_levels",
+            [[4, -1]],
+            f"pyramid_levels=[[4, -1]] is invalid: level [4, -1] has stride -1; allowed is {ALLOWED_LEVELS}",
+        ),
+        (
+            "pyramid_levels",
+            [[4]],
+            f"pyramid_levels=[[4]] is invalid: level [4] is not a pair; allowed is {ALLOWED_LEVELS}",
+        ),
+        (
+            "nsp_keep_ratio",
+            0.3,
+            "nsp_keep_ratio=0.3 is invalid: allowed values are 1/k^2 for an integer k (1.0, 0.25, 1/9, 0.0625, ...); the nearest is 1/2^2 = 0.25",
+        ),
         ("nsp_keep_ratio", 0, "nsp_keep_ratio=0 is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)"),
         ("nsp_temperature", 0.0, "nsp_temperature=0.0 is invalid: allowed values are finite numbers > 0"),
         ("nsp_temperature", -1.0, "nsp_temperature=-1.0 is invalid: allowed values are finite numbers > 0"),
@@ -52,9 +68,21 @@ def test_round_trip(tmp_path):
         ("nsp_temperature", float("nan"), "nsp_temperature=nan is invalid: allowed values are finite numbers > 0"),
         ("nsp_norm_p", 0, "nsp_norm_p=0 is invalid: allowed values are numbers > 0 (2 is the L2 norm)"),
         ("nsp_padding", -1, "nsp_padding=-1 is invalid: allowed values are integers >= 0"),
-        ("video_pooling_mode", "max", "video_pooling_mode='max' is invalid: allowed values are ('stgridpool', 'bilinear', 'average')"),
-        ("video_newline_position", "row", "video_newline_position='row' is invalid: allowed values are ('one_token', 'grid', 'frame', 'none')"),
-        ("nsp_keep_ratio", 1 / 28**2, "nsp_keep_ratio=0.0012755102040816326 is invalid: its 28x28 window is larger than the padded frame (27 + 2*nsp_padding=0 = 27 tokens a side); allowed are windows of at most 27 tokens a side"),
+        (
+            "video_pooling_mode",
+            "max",
+            "video_pooling_mode='max' is invalid: allowed values are ('stgridpool', 'bilinear', 'average')",
+        ),
+        (
+            "video_newline_position",
+            "row",
+            "video_newline_position='row' is invalid: allowed values are ('one_token', 'grid', 'frame', 'none')",
+        ),
+        (
+            "nsp_keep_ratio",
+            1 / 28**2,
+            "nsp_keep_ratio=0.0012755102040816326 is invalid: its 28x28 window is larger than the padded frame (27 + 2*nsp_padding=0 = 27 tokens a side); allowed are windows of at most 27 tokens a side",
+        ),
     ],
 )
 def test_invalid_value_is_refused_with_its_exact_error(field, value, message):

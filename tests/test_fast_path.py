@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 import modeling_stgridpool_llava as m  # noqa: E402
 from benchmarks import loop_impl, plain_impl  # noqa: E402
-from configuration_stgridpool import STGridPoolConfig, pooled_frame_size  # noqa: E402
+from configuration_stgridpool import STGridPoolConfig  # noqa: E402
 from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "data" / "stgridpool_cases.safetensors"
@@ -153,9 +153,13 @@ def test_the_config_forces_the_pytorch_path(monkeypatch):
     x = _random_video((9, 5, 5, 6), 0, torch.float32)
     settings = STGridPoolConfig().video_pooling
     out = m.pool_video(x, settings, backend="torch")
-    torch.testing.assert_close(out, m.st_grid_pool(x, backend="torch", pyramid_levels=settings.pyramid_levels, keep_ratio=0.25))
+    torch.testing.assert_close(
+        out, m.st_grid_pool(x, backend="torch", pyramid_levels=settings.pyramid_levels, keep_ratio=0.25)
+    )
     assert not chosen
-    with pytest.raises(ValueError, match=r"pooling_backend='cuda' is invalid: allowed values are \('auto', 'torch', 'triton'\)"):
+    with pytest.raises(
+        ValueError, match=r"pooling_backend='cuda' is invalid: allowed values are \('auto', 'torch', 'triton'\)"
+    ):
         STGridPoolConfig.from_dict({"pooling_backend": "cuda"})
     with pytest.raises(StrictDataclassError, match="pooling_backend"):
         STGridPoolConfig(pooling_backend="cuda")
@@ -217,7 +221,9 @@ def test_compile_fullgraph_no_graph_breaks():
     """torch.compile(fullgraph=True) raises on any graph break; the PyTorch path is what it compiles."""
     import functools
 
-    kwargs = dict(pyramid_levels=((4, 2), (4, 4)), keep_ratio=0.25, temperature=0.7, norm_p=2.0, padding=1, partial_windows=True)
+    kwargs = dict(
+        pyramid_levels=((4, 2), (4, 4)), keep_ratio=0.25, temperature=0.7, norm_p=2.0, padding=1, partial_windows=True
+    )
     fn = torch.compile(functools.partial(m.st_grid_pool, **kwargs), fullgraph=True, dynamic=False, backend="eager")
     x = _random_video((16, 7, 7, 8), 4, torch.float32)
     torch.testing.assert_close(fn(x), m.st_grid_pool(x, **kwargs), rtol=1e-6, atol=1e-6)
@@ -227,7 +233,7 @@ def test_compile_fullgraph_no_graph_breaks():
 def test_triton_kernels_in_interpreter():
     """The Triton kernels themselves, run by Triton's CPU interpreter on small random cases (fresh process: the
     interpreter is chosen when the kernels are defined)."""
-    script = r'''
+    script = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import modeling_stgridpool_llava as m
@@ -245,7 +251,9 @@ for seed, (shape, levels, r, tau, p, pad, part) in enumerate(cases):
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 1e-5, (shape, err)
 print("ok")
-'''
+"""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -146,7 +146,9 @@ def test_loading_a_stock_checkpoint_does_not_warn(tiny_stock_dir):
         STGridPoolConfig.from_pretrained(tiny_stock_dir)
     finally:
         logger.removeHandler(handler)
-    assert not [r for r in records if "another model type" in r.getMessage() or "instantiate a model of type" in r.getMessage()]
+    assert not [
+        r for r in records if "another model type" in r.getMessage() or "instantiate a model of type" in r.getMessage()
+    ]
 
 
 def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_stock_dir):
@@ -247,7 +249,9 @@ def test_other_nsp_geometries_agree_with_the_processor(tiny_stock_dir, settings)
     ours = load_ours(tiny_stock_dir, **settings)
     processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, **settings)
     for num_frames in (1, 8, 17):
-        inputs = processor(text=chat(processor, {"type": "video"}), videos=[random_video(num_frames)], return_tensors="pt")
+        inputs = processor(
+            text=chat(processor, {"type": "video"}), videos=[random_video(num_frames)], return_tensors="pt"
+        )
         with torch.no_grad():
             assert ours(**inputs).logits.isfinite().all()
 
@@ -271,13 +275,34 @@ def test_processor_rejects_bad_settings(tiny_stock_dir):
 
 def test_mismatch_error_names_the_settings_that_differ(tiny_stock_dir, stock_processor):
     ours = load_ours(tiny_stock_dir)
-    inputs = stock_processor(text=chat(stock_processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt")
+    inputs = stock_processor(
+        text=chat(stock_processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt"
+    )
     with pytest.raises(ValueError) as error:
         ours(**inputs)
     message = str(error.value)
     assert "785 <video> placeholder tokens" in message  # 4 * 14 * 14 + 1, the stock count
     assert "video_pooling_mode='bilinear' (model: 'stgridpool')" in message
     assert "nsp_partial_windows=True (model: False)" in message
+
+
+@pytest.mark.parametrize(
+    "processor_settings,named,not_named",
+    [
+        (dict(nsp_keep_ratio=1 / 25), "nsp_keep_ratio=0.04 (model: 0.25)", "nsp_padding="),
+        (dict(nsp_padding=3), "nsp_padding=3 (model: 0)", "nsp_partial_windows="),
+    ],
+    ids=["keep-ratio-1/25", "padding-3"],
+)
+def test_mismatch_error_derives_the_processor_settings(tiny_stock_dir, processor_settings, named, not_named):
+    """Issue 12 item 24: the differing settings are worked out from the counts, not picked from a few candidates."""
+    ours = load_ours(tiny_stock_dir)
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, **processor_settings)
+    inputs = processor(text=chat(processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt")
+    with pytest.raises(ValueError) as error:
+        ours(**inputs)
+    message = str(error.value)
+    assert named in message and not_named not in message, message
 
 
 def test_generate_on_a_video_a_batch_of_two_and_an_image_with_a_video(tiny_stock_dir):

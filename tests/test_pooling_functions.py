@@ -67,7 +67,17 @@ def test_golden_bfloat16(params, frames, after_ptg, expected):
 
 def test_summary_layout_is_the_most_square_factor_pair():
     layouts = {g: summary_layout(g) for g in (1, 2, 3, 4, 6, 7, 8, 9, 12)}
-    assert layouts == {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 6: (3, 2), 7: (7, 1), 8: (4, 2), 9: (3, 3), 12: (4, 3)}
+    assert layouts == {
+        1: (1, 1),
+        2: (2, 1),
+        3: (3, 1),
+        4: (2, 2),
+        6: (3, 2),
+        7: (7, 1),
+        8: (4, 2),
+        9: (3, 3),
+        12: (4, 3),
+    }
 
 
 def test_sampled_positions_match_spec_example():
@@ -90,7 +100,9 @@ def test_ptg_summary_tiles_are_area_averages_of_the_chunk():
     frames = torch.randn(8, 27, 27, 2)
     out = pyramid_temporal_grid(frames, [(4, 2)])  # samples 1, 3, 5, 7 -> one summary at 7, 2x2 tiles of 14
     tile = torch.nn.functional.adaptive_avg_pool2d(frames[5].permute(2, 0, 1), (14, 14)).permute(1, 2, 0)
-    assert torch.allclose(out[7, 14:, :13], tile[:13, :13], atol=1e-6)  # frame k=2 -> tile row 1, column 0, cropped to 27
+    assert torch.allclose(
+        out[7, 14:, :13], tile[:13, :13], atol=1e-6
+    )  # frame k=2 -> tile row 1, column 0, cropped to 27
 
 
 def test_nsp_is_a_norm_softmax_weighted_window_sum():
@@ -158,7 +170,9 @@ def test_nsp_is_finite_for_extreme_accepted_settings(temperature, norm_p, dim):
     if temperature >= 1e39:  # the softmax becomes the arg-max: each window gives its largest-norm token
         windows = frames.reshape(2, 2, 2, 2, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(2, 2, 2, 4, dim)
         picked = windows.norm(dim=-1).argmax(-1)
-        torch.testing.assert_close(pooled, windows.gather(3, picked[..., None, None].expand(-1, -1, -1, 1, dim))[..., 0, :])
+        torch.testing.assert_close(
+            pooled, windows.gather(3, picked[..., None, None].expand(-1, -1, -1, 1, dim))[..., 0, :]
+        )
 
 
 def test_nsp_zero_windows_average_evenly():
