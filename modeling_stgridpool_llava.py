@@ -538,36 +538,32 @@ _TRANSFORMERS_5_17 = "mm_encoder_outputs" not in inspect.signature(LlavaOnevisio
 
 def _settings_giving(settings: VideoPoolingSettings, frame_size: int, num_frames: int, num_tokens: int) -> list[dict]:
     """The smallest changes of `settings`' geometry fields under which a video of `num_frames` frames of
-    `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: value}, ...], fewest fields changed."""
+    `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: (theirs, ours)}, ...], fewest fields
+    changed. Every mode, newline position, window, padding and border rule is tried (a few thousand, cheap)."""
     found, fewest = [], len(GEOMETRY_FIELDS)
     for mode in POOLING_MODES:
-        for newline in NEWLINE_POSITIONS:
-            if mode != "stgridpool":  # the NSP fields play no part: keep ours
-                windows = [(settings.nsp_keep_ratio, settings.nsp_padding, settings.nsp_partial_windows)]
-            else:
-                windows = [
-                    (1.0 if k == 1 else 1 / k**2, padding, partial)
-                    for padding in range(frame_size + 1)
-                    for k in range(1, frame_size + 2 * padding + 1)
-                    for partial in (False, True)
-                ]
-            for keep_ratio, padding, partial in windows:
+        if mode != "stgridpool":  # the NSP fields play no part: keep ours
+            windows = [(settings.nsp_keep_ratio, settings.nsp_padding, settings.nsp_partial_windows)]
+        else:
+            windows = [
+                (1.0 / k**2, padding, partial)
+                for padding in range(frame_size + 1)
+                for k in range(1, frame_size + 2 * padding + 1)
+                for partial in (False, True)
+            ]
+        for keep_ratio, padding, partial in windows:
+            for newline in NEWLINE_POSITIONS:
                 values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
-                rows, cols = pooled_frame_size(
-                    frame_size, frame_size, **{k: v for k, v in values.items() if k != "video_newline_position"}
-                )
+                window = {k: v for k, v in values.items() if k != "video_newline_position"}
+                rows, cols = pooled_frame_size(frame_size, frame_size, **window)
                 if video_token_count(num_frames, rows, cols, newline) != num_tokens:
                     continue
-                changed = {k: v for k, v in values.items() if not _same(v, getattr(settings, k))}
+                changed = settings.replace(**values).diff(settings, GEOMETRY_FIELDS)
                 if len(changed) < fewest:
                     found, fewest = [], len(changed)
                 if len(changed) == fewest and changed not in found:
                     found.append(changed)
     return found
-
-
-def _same(a, b) -> bool:
-    return math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) or isinstance(b, float) else a == b
 
 
 def placeholder_mismatch_message(
@@ -586,7 +582,7 @@ def placeholder_mismatch_message(
     )
     if num_placeholders % num_videos == 0:
         changes = _settings_giving(settings, frame_size, num_frames, num_placeholders // num_videos)
-        described = ["; ".join(f"{k}={v!r} (model: {ours[k]!r})" for k, v in c.items()) for c in changes[:6]]
+        described = ["; ".join(f"{k}={v!r} (model: {m!r})" for k, (v, m) in c.items()) for c in changes[:6]]
         if described:
             message += " Processor settings that give that many placeholders: " + " | ".join(described) + "."
     return message + " Load both from the same repo, or pass the same ST-GridPool settings to each."

@@ -59,7 +59,8 @@ def test_round_trip(tmp_path):
         (
             "nsp_keep_ratio",
             0.3,
-            "nsp_keep_ratio=0.3 is invalid: allowed values are 1/k^2 for an integer k (1.0, 0.25, 1/9, 0.0625, ...); the nearest is 1/2^2 = 0.25",
+            "nsp_keep_ratio=0.3 is invalid: allowed values are 1/k^2 for an integer k (1.0, 0.25, 1/9, 0.0625, ...); "
+            "the nearest is 1/2^2 = 0.25",
         ),
         ("nsp_keep_ratio", 0, "nsp_keep_ratio=0 is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)"),
         ("nsp_temperature", 0.0, "nsp_temperature=0.0 is invalid: allowed values are finite numbers > 0"),
@@ -81,7 +82,8 @@ def test_round_trip(tmp_path):
         (
             "nsp_keep_ratio",
             1 / 28**2,
-            "nsp_keep_ratio=0.0012755102040816326 is invalid: its 28x28 window is larger than the padded frame (27 + 2*nsp_padding=0 = 27 tokens a side); allowed are windows of at most 27 tokens a side",
+            "nsp_keep_ratio=0.0012755102040816326 is invalid: its 28x28 window is larger than the padded frame "
+            "(27 + 2*nsp_padding=0 = 27 tokens a side); allowed are windows of at most 27 tokens a side",
         ),
     ],
 )
