@@ -380,7 +380,7 @@ def norm_spatial_pool(
     """
     k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
-    if _resolve_backend(backend, frames, norm_p) == "triton":
+    if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
         plan = ptg_plan(num_frames, height, width, ())
         return _triton_kernels().st_grid_pool(frames, plan, (), k, out_h, out_w, temperature, norm_p, padding)
     return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
@@ -398,6 +398,14 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, Triton's own switch; for tests)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
 def _triton_kernels():
     """The Triton kernels' module, imported on first use of the Triton path (CPU installs never import it)."""
     try:  # inside a Hub repo, loaded by Transformers' remote-code loader (which copies the module along)
@@ -407,25 +415,35 @@ def _triton_kernels():
     return sys.modules[st_grid_pool.__module__]
 
 
-def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0) -> str:
+# The kernels score tokens in float32 directly (no log space): beyond these, a score could overflow, so "auto" takes
+# the PyTorch path, which is finite for every accepted setting.
+_TRITON_NORM_P = (1.0, 8.0)
+_TRITON_MAX_TEMPERATURE = 1e4
+
+
+def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
     """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
-    a finite norm p, not inside torch.compile, which fuses the PyTorch path itself), else "torch"."""
+    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself), else
+    "torch"."""
     if not _triton_installed() or torch.compiler.is_compiling():
         return "torch"
     if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
         return "torch"
+    if not _TRITON_NORM_P[0] <= norm_p <= _TRITON_NORM_P[1] or temperature > _TRITON_MAX_TEMPERATURE:
+        return "torch"
     return "triton"
 
 
-def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0) -> str:
+def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
     """The backend `backend` ("auto", "torch" or "triton") means for `frames`; raises where "triton" cannot run."""
     check_pooling_backend(backend, name="backend")
     if backend == "auto":
-        return nsp_backend(frames, norm_p)
+        return nsp_backend(frames, norm_p, temperature)
     if backend == "triton":
         if not _triton_installed():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed here; use 'torch'")
-        if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+        on_device = frames.is_cuda or _triton_interpreting()  # Triton's CPU interpreter runs them on CPU tensors
+        if not on_device or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
             raise ValueError(
                 f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with "
                 f"norm_p={norm_p!r}: the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite "
@@ -455,7 +473,7 @@ def st_grid_pool(
     k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
     plan, maps = _plan_and_maps(frames, levels)
-    if _resolve_backend(backend, frames, norm_p) == "triton":
+    if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
         return _triton_kernels().st_grid_pool(frames, plan, levels, k, out_h, out_w, temperature, norm_p, padding)
     bank = _ptg_bank_torch(frames, plan, maps) if plan.num_summaries else None
     # PyTorch: NSP of every input frame (the few that PTG replaces are wasted work, cheaper than gathering the
@@ -504,7 +522,7 @@ def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: st
         )
     if position == "none":
         return pooled.reshape(-1, dim)
-    raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are one_token, grid, frame, none")
+    raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
 
 
 def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: str = "auto") -> torch.Tensor:

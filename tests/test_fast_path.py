@@ -149,7 +149,7 @@ print("ok")
 def test_the_config_forces_the_pytorch_path(monkeypatch):
     """Issue 11: pooling_backend="torch" never asks for the Triton path, even where it would be chosen."""
     chosen = []
-    monkeypatch.setattr(m, "nsp_backend", lambda frames, norm_p=2.0: chosen.append(1) or "triton")
+    monkeypatch.setattr(m, "nsp_backend", lambda frames, norm_p=2.0, temperature=1.0: chosen.append(1) or "triton")
     x = _random_video((9, 5, 5, 6), 0, torch.float32)
     settings = STGridPoolConfig().video_pooling
     out = m.pool_video(x, settings, backend="torch")
@@ -175,6 +175,7 @@ def test_backend_choice_rules():
         y = torch.zeros(2, 3, 3, 4, device="cuda", dtype=torch.bfloat16)
         assert m.nsp_backend(y) == "triton"
         assert m.nsp_backend(y, norm_p=math.inf) == "torch"
+        assert m.nsp_backend(y, norm_p=0.05) == "torch" and m.nsp_backend(y, temperature=1e39) == "torch"
         assert m.nsp_backend(y.to(torch.int32)) == "torch"
 
 
