@@ -7,11 +7,18 @@ the two cannot disagree for the same settings. They are plain Python: no torch n
 
 import dataclasses
 import math
+from typing import Literal, get_args
 
+from huggingface_hub.dataclasses import strict, validated_field
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, LlavaOnevisionConfig
 
-POOLING_MODES = ("stgridpool", "bilinear", "average")
-NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
+PoolingMode = Literal["stgridpool", "bilinear", "average"]
+NewlinePosition = Literal["one_token", "grid", "frame", "none"]
+PoolingBackend = Literal["auto", "torch", "triton"]
+POOLING_MODES = get_args(PoolingMode)
+NEWLINE_POSITIONS = get_args(NewlinePosition)
+POOLING_BACKENDS = get_args(PoolingBackend)
 # The paper's pyramid: (group size, stride) per level, applied in order.
 DEFAULT_PYRAMID_LEVELS = ((4, 2), (4, 4), (4, 8))
 STGRIDPOOL_FIELDS = (
@@ -25,7 +32,13 @@ STGRIDPOOL_FIELDS = (
     "video_newline_position",
 )
 # The fields that fix how many tokens a video becomes: the processor takes these too, under the same names.
-GEOMETRY_FIELDS = ("video_pooling_mode", "nsp_keep_ratio", "nsp_padding", "nsp_partial_windows", "video_newline_position")
+GEOMETRY_FIELDS = (
+    "video_pooling_mode",
+    "nsp_keep_ratio",
+    "nsp_padding",
+    "nsp_partial_windows",
+    "video_newline_position",
+)
 
 
 def window_size(keep_ratio: float) -> int:
@@ -33,8 +46,10 @@ def window_size(keep_ratio: float) -> int:
 
     Raises ValueError for any ratio that is not 1/k^2 for a positive integer k.
     """
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0 < keep_ratio <= 1:
-        raise ValueError(f"nsp_keep_ratio={keep_ratio!r} is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)")
+    if not _is_number(keep_ratio) or not 0 < keep_ratio <= 1:
+        raise ValueError(
+            f"nsp_keep_ratio={_short(keep_ratio)} is invalid: allowed values are 1/k^2 (1.0, 0.25, 1/9, 0.0625, ...)"
+        )
     k = round(1 / math.sqrt(keep_ratio))
     if not math.isclose(keep_ratio, 1 / k**2, rel_tol=1e-6):
         raise ValueError(
@@ -53,7 +68,8 @@ def pooled_frame_size(
     nsp_padding: int = 0,
     nsp_partial_windows: bool = False,
 ) -> tuple[int, int]:
-    """Rows and columns (Ho, Wo) one frame of `height x width` tokens is pooled to (SPEC.md 2, 3)."""
+    """Rows and columns (Ho, Wo) one frame of `height x width` tokens is pooled to (paper: "Norm-based Spatial
+    Pooling")."""
     if video_pooling_mode == "bilinear":
         return math.ceil(height / 2), math.ceil(width / 2)
     if video_pooling_mode == "average":
@@ -66,7 +82,8 @@ def pooled_frame_size(
 
 
 def video_token_count(num_frames: int, pooled_height: int, pooled_width: int, video_newline_position: str) -> int:
-    """Tokens one video of `num_frames` pooled `pooled_height x pooled_width` frames takes (SPEC.md 3)."""
+    """Tokens one video of `num_frames` pooled `pooled_height x pooled_width` frames takes (the only place this count
+    is written)."""
     frame_tokens = pooled_height * pooled_width
     if video_newline_position == "one_token":
         return num_frames * frame_tokens + 1
@@ -76,7 +93,15 @@ def video_token_count(num_frames: int, pooled_height: int, pooled_width: int, vi
         return num_frames * (frame_tokens + 1)
     if video_newline_position == "none":
         return num_frames * frame_tokens
-    raise ValueError(f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
+    raise ValueError(
+        f"video_newline_position={video_newline_position!r} is invalid: allowed values are {NEWLINE_POSITIONS}"
+    )
+
+
+def check_pooling_backend(backend: str, name: str = "pooling_backend") -> None:
+    """Raise ValueError unless `backend` is one of POOLING_BACKENDS ("torch" forces the plain PyTorch path)."""
+    if backend not in POOLING_BACKENDS:
+        raise ValueError(f"{name}={backend!r} is invalid: allowed values are {POOLING_BACKENDS}")
 
 
 def validate_video_geometry(
@@ -114,25 +139,42 @@ def validate_video_geometry(
 
 def validate_pooling_scalars(*, nsp_temperature: float, nsp_norm_p: float) -> None:
     """Raise ValueError naming the field, the value and what is allowed, for NSP's temperature and norm p."""
-    temperature = nsp_temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-        math.isfinite(temperature) and temperature > 0
-    ):
-        raise ValueError(f"nsp_temperature={temperature!r} is invalid: allowed values are finite numbers > 0")
-    norm_p = nsp_norm_p
-    if isinstance(norm_p, bool) or not isinstance(norm_p, (int, float)) or not norm_p > 0:
-        raise ValueError(f"nsp_norm_p={norm_p!r} is invalid: allowed values are numbers > 0 (2 is the L2 norm)")
+    if not _is_number(nsp_temperature) or not (_finite(nsp_temperature) and nsp_temperature > 0):
+        raise ValueError(f"nsp_temperature={_short(nsp_temperature)} is invalid: allowed values are finite numbers > 0")
+    if not _is_number(nsp_norm_p) or not nsp_norm_p > 0:
+        raise ValueError(
+            f"nsp_norm_p={_short(nsp_norm_p)} is invalid: allowed values are numbers > 0 (2 is the L2 norm)"
+        )
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
+
+
+def _short(value) -> str:
+    """repr of `value`, shortened for huge ints (10**400 has 401 digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...({len(text)} digits)"
 
 
 def validate_pyramid_levels(pyramid_levels) -> tuple[tuple[int, int], ...]:
     """Check `pyramid_levels` is a sequence of (group size, stride) pairs of positive ints; return it as tuples."""
     allowed = "a list of [group_size, stride] pairs of positive integers, e.g. [[4, 2], [4, 4], [4, 8]], or []"
-    if isinstance(pyramid_levels, (str, bytes)) or not hasattr(pyramid_levels, "__iter__"):
+    if not isinstance(pyramid_levels, (list, tuple)):  # not a dict, set, string or generator: order matters
         raise ValueError(f"pyramid_levels={pyramid_levels!r} is invalid: allowed is {allowed}")
     levels = []
     for level in pyramid_levels:
-        if isinstance(level, (str, bytes)) or not hasattr(level, "__len__") or len(level) != 2:
-            raise ValueError(f"pyramid_levels={pyramid_levels!r} is invalid: level {level!r} is not a pair; allowed is {allowed}")
+        if not isinstance(level, (list, tuple)) or len(level) != 2:
+            raise ValueError(
+                f"pyramid_levels={pyramid_levels!r} is invalid: level {level!r} is not a pair; allowed is {allowed}"
+            )
         for name, value in zip(("group size", "stride"), level):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
@@ -202,7 +244,9 @@ class VideoPoolingSettings:
 
     def pooled_size(self, height: int, width: int) -> tuple[int, int]:
         """(Ho, Wo): the grid one `height x width` frame of tokens is pooled to."""
-        return pooled_frame_size(height, width, **{k: v for k, v in self.geometry().items() if k != "video_newline_position"})
+        return pooled_frame_size(
+            height, width, **{k: v for k, v in self.geometry().items() if k != "video_newline_position"}
+        )
 
     def num_tokens(self, num_frames: int, height: int, width: int) -> int:
         """Language-model tokens one video of `num_frames` frames of `height x width` tokens becomes."""
@@ -213,8 +257,36 @@ class VideoPoolingSettings:
         return {n: (getattr(self, n), getattr(other, n)) for n in fields if getattr(self, n) != getattr(other, n)}
 
 
+def _field(check, default):
+    """A dataclass field whose value `check` validates on construction and on every assignment (`@strict`)."""
+    return validated_field(check, default=default)
+
+
+def _check_pyramid_levels(value) -> None:
+    if value is not None:  # None: the paper's pyramid
+        validate_pyramid_levels(value)
+
+
+def _check_keep_ratio(value) -> None:
+    window_size(value)
+
+
+def _check_temperature(value) -> None:
+    validate_pooling_scalars(nsp_temperature=value, nsp_norm_p=2.0)
+
+
+def _check_norm_p(value) -> None:
+    validate_pooling_scalars(nsp_temperature=1.0, nsp_norm_p=value)
+
+
+def _check_padding(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"nsp_padding={value!r} is invalid: allowed values are integers >= 0")
+
+
+@strict
 class STGridPoolConfig(LlavaOnevisionConfig):
-    r"""LLaVA-OneVision config with ST-GridPool's video pooling (ICLR 2026; SPEC.md).
+    r"""LLaVA-OneVision config with ST-GridPool's video pooling (ICLR 2026).
 
     video_pooling_mode (`str`, defaults to `"stgridpool"`):
         `"stgridpool"`: PTG then NSP (the paper). `"bilinear"`: stock LLaVA-OneVision (2x down-scale, 27 -> 14).
@@ -236,40 +308,67 @@ class STGridPoolConfig(LlavaOnevisionConfig):
     video_newline_position (`str`, defaults to `"one_token"`):
         Where `image_newline` goes: `"one_token"` after the video (LLaVA-OneVision), `"grid"` after each row of
         each frame (LLaVA-Video), `"frame"` after each frame, `"none"` nowhere.
+    pooling_backend (`str`, defaults to `"auto"`):
+        `"auto"`: the fused Triton kernels on CUDA where they apply, else plain PyTorch. `"torch"`: always plain
+        PyTorch (e.g. if a Triton release misbehaves). `"triton"`: always the kernels (CUDA tensors only).
+
+    Invalid values are refused where they enter (constructor, assignment, `from_pretrained` overrides), naming
+    the field, the value and what is allowed; a refused assignment leaves the old value.
     """
 
     model_type = "stgridpool_llava_onevision"
 
-    video_pooling_mode: str = "stgridpool"
-    pyramid_levels: list | tuple | None = None
-    nsp_keep_ratio: float | int = 0.25
-    nsp_temperature: float | int = 1.0
-    nsp_norm_p: float | int = 2.0
-    nsp_padding: int = 0
+    video_pooling_mode: PoolingMode = "stgridpool"
+    pyramid_levels: list | tuple | None = _field(_check_pyramid_levels, None)
+    nsp_keep_ratio: float | int = _field(_check_keep_ratio, 0.25)
+    nsp_temperature: float | int = _field(_check_temperature, 1.0)
+    nsp_norm_p: float | int = _field(_check_norm_p, 2.0)
+    nsp_padding: int = _field(_check_padding, 0)
     nsp_partial_windows: bool = False
-    video_newline_position: str = "one_token"
+    video_newline_position: NewlinePosition = "one_token"
+    pooling_backend: PoolingBackend = "auto"
 
     def __post_init__(self, **kwargs):
         kwargs.pop("model_type", None)  # a stock llava_onevision config.json says "llava_onevision"; this is ours
         if self.pyramid_levels is None:
             self.pyramid_levels = [list(level) for level in DEFAULT_PYRAMID_LEVELS]
+        else:  # JSON-friendly lists, whatever sequence type came in
+            self.pyramid_levels = [list(level) for level in validate_pyramid_levels(self.pyramid_levels)]
         super().__post_init__(**kwargs)
-        self.validate_stgridpool_settings()
-        self._stgridpool_ready = True
 
-    def __setattr__(self, name, value):
-        # `from_pretrained(repo, nsp_keep_ratio=...)` sets overrides after construction: check them as they land.
-        super().__setattr__(name, value)
-        if name in STGRIDPOOL_FIELDS and self.__dict__.get("_stgridpool_ready"):
-            self.validate_stgridpool_settings()
+    def validate_video_pooling(self) -> None:
+        """All the ST-GridPool settings together, the NSP window fitting the padded frame included (`@strict` runs
+        this after construction and before `save_pretrained` writes)."""
+        self.video_pooling.check_frame_size(self.frame_size)
 
-    def validate_stgridpool_settings(self) -> None:
-        """Raise ValueError naming the field, the value and what is allowed for any invalid ST-GridPool setting."""
-        settings = VideoPoolingSettings.from_config(self)
-        settings.check_frame_size(self.frame_size)
-        levels = [list(level) for level in settings.pyramid_levels]
-        if levels != self.pyramid_levels:
-            self.__dict__["pyramid_levels"] = levels  # JSON-friendly lists, whatever sequence type came in
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        # A stock llava-onevision config.json is this config without the ST-GridPool fields (their defaults apply):
+        # read it as ours, so loading one does not warn that another model type is being used.
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "llava_onevision":
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # `from_pretrained(repo, nsp_keep_ratio=..., nsp_padding=...)`: the ST-GridPool overrides join the saved
+        # values before anything is built, so the combination is validated once, whatever the keyword order; the
+        # errors are the settings' own ValueErrors. None means the default, as in the constructor.
+        overrides = {name: kwargs.pop(name) for name in (*STGRIDPOOL_FIELDS, "pooling_backend") if name in kwargs}
+        config_dict = {**config_dict, **overrides}
+        settings = {name: config_dict[name] for name in STGRIDPOOL_FIELDS if name in config_dict}
+        if settings.get("pyramid_levels", ()) is None:
+            del settings["pyramid_levels"]
+        VideoPoolingSettings(**settings)
+        if "pooling_backend" in config_dict:
+            check_pooling_backend(config_dict["pooling_backend"])
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except StrictDataclassError as error:
+            if isinstance(error.__cause__, ValueError) and "nsp_" in str(error.__cause__):  # ours: the window check
+                raise error.__cause__ from None
+            raise
 
     @property
     def video_pooling(self) -> VideoPoolingSettings:
@@ -284,14 +383,7 @@ class STGridPoolConfig(LlavaOnevisionConfig):
     @property
     def pooled_frame_size(self) -> tuple[int, int]:
         """(Ho, Wo): the grid one frame is pooled to under these settings."""
-        return pooled_frame_size(
-            self.frame_size,
-            self.frame_size,
-            video_pooling_mode=self.video_pooling_mode,
-            nsp_keep_ratio=self.nsp_keep_ratio,
-            nsp_padding=self.nsp_padding,
-            nsp_partial_windows=self.nsp_partial_windows,
-        )
+        return self.video_pooling.pooled_size(self.frame_size, self.frame_size)
 
 
 # So AutoConfig (which AutoTokenizer and AutoProcessor consult) knows the model type of a repo saved by these classes.

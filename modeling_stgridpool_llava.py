@@ -1,34 +1,42 @@
 """ST-GridPool for LLaVA-OneVision (ICLR 2026): Pyramid Temporal Gridding + Norm-based Spatial Pooling.
 
 Two layers, in this order:
-1. Pure functions on one video's projected features `frames` [T, H, W, D] (SPEC.md 1-2):
+1. Pure functions on one video's projected features `frames` [T, H, W, D] (the paper's "Pyramid Temporal
+   Gridding" and "Norm-based Spatial Pooling"; ICLR 2026, arXiv 2605.22078):
    `pyramid_temporal_grid`, `norm_spatial_pool`, `st_grid_pool`, and the stock poolings.
 2. Thin Transformers glue: `STGridPoolLlavaOnevisionModel` / `...ForConditionalGeneration` subclass the stock
-   classes and change only the video path (SPEC.md 3); parameter names stay the stock ones, so every
+   classes and change only the video path; parameter names stay the stock ones, so every
    llava-onevision checkpoint loads as is.
 """
 
 import dataclasses
 import functools
+import importlib.util
+import inspect
 import math
+import sys
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel, conversion_mapping
+from transformers import (
+    GenerationMixin,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionModel,
+    conversion_mapping,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-try:  # optional: the fused CUDA kernels; without it (CPU installs) everything runs in plain PyTorch
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import (
         GEOMETRY_FIELDS,
+        NEWLINE_POSITIONS,
+        POOLING_MODES,
         STGridPoolConfig,
+        VideoPoolingSettings,
+        check_pooling_backend,
         pooled_frame_size,
         validate_pyramid_levels,
         video_token_count,
@@ -37,7 +45,11 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
 except ImportError:  # installed as top-level modules of this project
     from configuration_stgridpool import (
         GEOMETRY_FIELDS,
+        NEWLINE_POSITIONS,
+        POOLING_MODES,
         STGridPoolConfig,
+        VideoPoolingSettings,
+        check_pooling_backend,
         pooled_frame_size,
         validate_pyramid_levels,
         video_token_count,
@@ -46,7 +58,7 @@ except ImportError:  # installed as top-level modules of this project
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PTG: Pyramid Temporal Gridding (SPEC.md 1)
+# PTG: Pyramid Temporal Gridding (paper: "Pyramid Temporal Gridding")
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -59,7 +71,7 @@ def summary_layout(group_size: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=256)
 def sampled_positions(num_frames: int, stride: int) -> tuple[int, ...]:
-    """Frame indices a PTG level of `stride` samples from `num_frames` frames (SPEC.md 1), in time order.
+    """Frame indices a PTG level of `stride` samples from `num_frames` frames, in time order.
 
     Computed exactly as the reference does (float32 linspace, round half to even) so the indices match it.
     """
@@ -68,11 +80,6 @@ def sampled_positions(num_frames: int, stride: int) -> tuple[int, ...]:
         return ()
     positions = torch.round(torch.linspace(0, num_frames, n + 1, dtype=torch.float32)[1:] - 1)
     return tuple(int(p) for p in positions.clamp(0, num_frames - 1).tolist())
-
-
-def _area_window(i: int, size_in: int, size_out: int) -> tuple[int, int]:
-    """[start, end) of the input rows that output row i averages in adaptive average pooling ("area")."""
-    return (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +118,7 @@ class PTGPlan:
 
 @functools.lru_cache(maxsize=256)
 def ptg_plan(num_frames: int, height: int, width: int, pyramid_levels: tuple[tuple[int, int], ...]) -> PTGPlan:
-    """Index maps of PTG (SPEC.md 1) for this geometry, computed once on the host and cached."""
+    """Index maps of PTG for this geometry, computed once on the host and cached."""
     # state[t] = ("frame", t) or ("bank", row): where frame t's current content lives.
     state: list[tuple[str, int]] = [("frame", t) for t in range(num_frames)]
     levels, next_row = [], 0
@@ -156,28 +163,16 @@ def _index_tensor(values: tuple, device: torch.device, columns: int = 0) -> torc
 
 
 def _make_device_maps(plan: PTGPlan, device: torch.device) -> dict:
-    """The plan's index maps as tensors on `device`: 'levels' (per level: frame/bank slot tables, int64
-    [n, 4]), 'kept', 'summary_positions', 'summary_rows' (int64), and the NSP tables (int64 [n, 2]: source, target)."""
-    maps = {
+    """The plan's index maps as tensors on `device`: 'levels' (per level: frame/bank slot tables, int64 [n, 4]),
+    'summary_positions', 'summary_rows' (int64 [n])."""
+    return {
         "levels": [
             (_index_tensor(level.frame_slots, device, 4), _index_tensor(level.bank_slots, device, 4))
             for level in plan.levels
         ],
-        "kept": _index_tensor(plan.kept_frames, device),
         "summary_positions": _index_tensor(plan.summary_positions, device),
         "summary_rows": _index_tensor(plan.summary_rows, device),
-        # Triton: one launch per level / one NSP launch over both sources; column 0 says which (0 frames, 1 bank).
-        "level_slots": [
-            _index_tensor(tuple((0, *r) for r in level.frame_slots) + tuple((1, *r) for r in level.bank_slots), device, 5)
-            for level in plan.levels
-        ],
-        "nsp_entries": _index_tensor(
-            tuple((0, t, t) for t in plan.kept_frames) + tuple((1, r, t) for r, t in zip(plan.summary_rows, plan.summary_positions)),
-            device,
-            3,
-        ),
     }
-    return maps
 
 
 # Host -> device copies of the maps happen once per (geometry, device), not once per call: a copy from pageable host
@@ -217,7 +212,9 @@ def _ptg_bank_torch(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Te
             if table.shape[0] == 0:
                 continue
             tiles = _area_resize(source.index_select(0, table[:, 0]), tile_h, tile_w)
-            slot = (table[:, 1] - level.first_row) * (rows * cols) + (table[:, 2] // tile_h) * cols + table[:, 3] // tile_w
+            slot = (
+                (table[:, 1] - level.first_row) * (rows * cols) + (table[:, 2] // tile_h) * cols + table[:, 3] // tile_w
+            )
             canvas.index_copy_(0, slot, tiles)
         tiled = canvas.reshape(level.num_chunks, rows, cols, tile_h, tile_w, dim).permute(0, 1, 3, 2, 4, 5)
         tiled = tiled.reshape(level.num_chunks, rows * tile_h, cols * tile_w, dim)[:, :height, :width]
@@ -226,27 +223,50 @@ def _ptg_bank_torch(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Te
 
 
 def pyramid_temporal_grid(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Overwrite some frames with summary frames, level by level (SPEC.md 1). Does not modify `frames`.
+    """Overwrite some frames with summary frames, level by level (paper: "Pyramid Temporal
+    Gridding"). Does not modify `frames`.
 
     frames: [T, H, W, D]; pyramid_levels: [(group size, stride), ...]. Returns [T, H, W, D].
     (`st_grid_pool` does not call this: it never materialises the gridded video.)
     """
+    _check_frames(frames)
     levels = validate_pyramid_levels(pyramid_levels)
     plan, maps = _plan_and_maps(frames, levels)
     out = frames.clone()
     if plan.num_summaries:
-        bank = _ptg_bank(frames, plan, maps, ptg_backend(frames))
+        if _resolve_backend("auto", frames) == "triton":
+            bank = _triton_kernels().ptg_bank(frames, plan, levels)
+        else:
+            bank = _ptg_bank_torch(frames, plan, maps)
         out.index_copy_(0, maps["summary_positions"], bank.index_select(0, maps["summary_rows"]))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# NSP: Norm-based Spatial Pooling (SPEC.md 2)
+# NSP: Norm-based Spatial Pooling (paper: "Norm-based Spatial Pooling")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _nsp_geometry(height: int, width: int, keep_ratio: float, padding: int, partial_windows: bool) -> tuple[int, int, int]:
-    """(k, Ho, Wo) for NSP of H x W frames; raises ValueError when the window does not fit."""
+def _check_frames(frames: torch.Tensor) -> None:
+    if frames.dim() != 4:
+        raise ValueError(
+            f"frames of shape {tuple(frames.shape)} is invalid: allowed is one video [T, H, W, D]; pool a batch "
+            f"[B, T, H, W, D] video by video (frames of different videos must never mix)"
+        )
+
+
+def _nsp_geometry(
+    frames: torch.Tensor, keep_ratio: float, temperature: float, norm_p: float, padding: int, partial_windows: bool
+) -> tuple[int, int, int]:
+    """(k, Ho, Wo) for NSP of `frames` [T, H, W, D]; raises ValueError, with the config's words, for an invalid
+    argument or a window that does not fit."""
+    _check_frames(frames)
+    if not torch.compiler.is_compiling():  # constants of the graph: checked once, eagerly
+        VideoPoolingSettings(
+            nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
+            nsp_partial_windows=partial_windows,
+        )  # fmt: skip
+    height, width = frames.shape[1:3]
     k = window_size(keep_ratio)
     out_h, out_w = pooled_frame_size(
         height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
@@ -273,15 +293,38 @@ def _window_weights(
     x: torch.Tensor, k: int, padded_h: int, padded_w: int, temperature: float, norm_p: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """Softmax weights of the tokens of each window of x [N, Ho*k, Wo*k, D] (from `_whole_windows`):
-    [N, Ho, Wo, k*k], row-major within the window. Zero padding tokens score 0 and take part; tokens past the
-    padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0."""
+    [N, Ho, Wo, k*k] in `dtype`, row-major within the window. Zero padding tokens score 0 and take part; tokens past
+    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0.
+
+    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"), the power mean of |x|
+    times tau. It is worked
+    out in log space and relative to the window's largest score, so any finite tau and p > 0 give finite weights
+    (a huge tau picks the largest-norm token, a tiny p the largest geometric mean) instead of inf - inf = NaN."""
     num_frames, rows, cols, dim = x.shape
-    scores = torch.linalg.vector_norm(x, ord=norm_p, dim=-1, dtype=dtype) * (temperature / dim ** (1 / norm_p))
+    if norm_p == 2:  # the paper's L2: one fused reduction
+        log_score = torch.linalg.vector_norm(x, dim=-1, dtype=dtype).log() - 0.5 * math.log(dim)
+    elif math.isinf(norm_p):
+        log_score = x.abs().amax(-1).to(dtype).log()
+    else:  # log of (mean |x|^p)^(1/p), never forming |x|^p or its root
+        log_score = (torch.logsumexp(norm_p * x.abs().to(dtype).log(), dim=-1) - math.log(dim)) / norm_p
+    log_score = log_score.double()  # [N, rows, cols]: small, and float64 keeps the relative scores exact
+    present = torch.ones_like(log_score, dtype=torch.bool)
     if rows > padded_h or cols > padded_w:
-        scores[:, padded_h:] = -math.inf
-        scores[:, :, padded_w:] = -math.inf
-    windows = scores.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
-    return windows.reshape(num_frames, rows // k, cols // k, k * k).softmax(-1)
+        present[:, padded_h:] = False
+        present[:, :, padded_w:] = False
+        log_score = log_score.masked_fill(~present, -math.inf)
+
+    def per_window(t: torch.Tensor) -> torch.Tensor:  # [N, rows, cols] -> [N, Ho, Wo, k*k]
+        t = t.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
+        return t.reshape(num_frames, rows // k, cols // k, k * k)
+
+    log_score, present = per_window(log_score), per_window(present)
+    log_max = log_score.amax(-1, keepdim=True)
+    # score - max score = tau * max * (score / max - 1) <= 0; 0 for the largest (and when every score is 0).
+    ratio_minus_1 = torch.expm1(log_score - log_max).nan_to_num(0.0)
+    log_gap = math.log(temperature) + log_max + torch.log(-ratio_minus_1)
+    shifted = torch.where(ratio_minus_1 == 0, 0.0, -torch.exp(log_gap)).masked_fill(~present, -math.inf)
+    return shifted.softmax(-1).to(dtype)
 
 
 def nsp_window_weights(
@@ -295,8 +338,8 @@ def nsp_window_weights(
     """NSP's softmax weight of every token of every window: frames [T, H, W, D] -> [T, Ho, Wo, k, k] (float32, or
     float64 for float64 input), in the padded frame's coordinates: token (i, j) of window (r, c) is padded-frame
     token (r*k + i, c*k + j). For inspecting what NSP does (`stgridpool visualize`)."""
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, _ = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     x = _whole_windows(frames, k, out_h, out_w, padding)
     dtype = torch.promote_types(frames.dtype, torch.float32)
     weights = _window_weights(x, k, height + 2 * padding, width + 2 * padding, temperature, norm_p, dtype)
@@ -335,13 +378,11 @@ def norm_spatial_pool(
     frames: [T, H, W, D] -> [T, Ho, Wo, D] (see `configuration_stgridpool.pooled_frame_size`), in frames.dtype;
     the arithmetic runs in float32. backend: "auto" (see `nsp_backend`), "torch" or "triton".
     """
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
-    if _resolve_backend(backend, frames, norm_p) == "triton":
-        out = frames.new_empty(num_frames, out_h, out_w, dim)
-        entries = _plan_and_maps(frames, ())[1]["nsp_entries"]
-        _nsp_triton(frames, frames, entries, out, k, temperature, norm_p, padding)
-        return out
+    if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
+        plan = ptg_plan(num_frames, height, width, ())
+        return _triton_kernels().st_grid_pool(frames, plan, (), k, out_h, out_w, temperature, norm_p, padding)
     return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
 
 
@@ -352,35 +393,63 @@ def norm_spatial_pool(
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0) -> str:
-    """"triton" where the fused kernels can run on `frames` (Triton importable, a CUDA tensor of float32/bf16/fp16,
-    a finite norm p, not inside torch.compile, which fuses the PyTorch path itself), else "torch"."""
-    if triton is None or torch.compiler.is_compiling():
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, Triton's own switch; for tests)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    return bool(knobs is not None and knobs.runtime.interpret)
+
+
+def _triton_kernels():
+    """The Triton kernels' module, imported on first use of the Triton path (CPU installs never import it)."""
+    try:  # inside a Hub repo, loaded by Transformers' remote-code loader (which copies the module along)
+        from .stgridpool_triton import st_grid_pool
+    except ImportError:  # installed as top-level modules of this project
+        from stgridpool_triton import st_grid_pool
+    return sys.modules[st_grid_pool.__module__]
+
+
+# The kernels score tokens in float32 directly (no log space): beyond these, a score could overflow, so "auto" takes
+# the PyTorch path, which is finite for every accepted setting.
+_TRITON_NORM_P = (1.0, 8.0)
+_TRITON_MAX_TEMPERATURE = 1e4
+
+
+def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
+    """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
+    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself), else
+    "torch"."""
+    if not _triton_installed() or torch.compiler.is_compiling():
         return "torch"
     if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+        return "torch"
+    if not _TRITON_NORM_P[0] <= norm_p <= _TRITON_NORM_P[1] or temperature > _TRITON_MAX_TEMPERATURE:
         return "torch"
     return "triton"
 
 
-def ptg_backend(frames: torch.Tensor) -> str:
-    """Backend for PTG's area resizes: the same rule as `nsp_backend`."""
-    return nsp_backend(frames)
-
-
-def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0) -> str:
+def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
+    """The backend `backend` ("auto", "torch" or "triton") means for `frames`; raises where "triton" cannot run."""
+    check_pooling_backend(backend, name="backend")
     if backend == "auto":
-        return nsp_backend(frames, norm_p)
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend={backend!r} is invalid: allowed values are 'auto', 'torch', 'triton'")
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend='triton' needs the triton package, which is not importable here")
-    return backend
-
-
-def _ptg_bank(frames: torch.Tensor, plan: PTGPlan, maps: dict, backend: str) -> torch.Tensor:
+        return nsp_backend(frames, norm_p, temperature)
     if backend == "triton":
-        return _ptg_bank_triton(frames, plan, maps)
-    return _ptg_bank_torch(frames, plan, maps)
+        if not _triton_installed():
+            raise RuntimeError("backend='triton' needs the triton package, which is not installed here; use 'torch'")
+        on_device = frames.is_cuda or _triton_interpreting()  # Triton's CPU interpreter runs them on CPU tensors
+        if not on_device or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+            raise ValueError(
+                f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with "
+                f"norm_p={norm_p!r}: the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite "
+                f"norm_p; use 'auto' or 'torch'"
+            )
+    return backend
 
 
 def st_grid_pool(
@@ -401,200 +470,21 @@ def st_grid_pool(
     the index maps depend on shapes alone and are cached on the device.
     """
     levels = validate_pyramid_levels(pyramid_levels)
+    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
     num_frames, height, width, dim = frames.shape
-    k, out_h, out_w = _nsp_geometry(height, width, keep_ratio, padding, partial_windows)
     plan, maps = _plan_and_maps(frames, levels)
-    backend = _resolve_backend(backend, frames, norm_p)
-    bank = _ptg_bank(frames, plan, maps, backend) if plan.num_summaries else None
-    if backend == "triton":
-        out = frames.new_empty(num_frames, out_h, out_w, dim)
-        _nsp_triton(frames, frames if bank is None else bank, maps["nsp_entries"], out, k, temperature, norm_p, padding)
-        return out
+    if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
+        return _triton_kernels().st_grid_pool(frames, plan, levels, k, out_h, out_w, temperature, norm_p, padding)
+    bank = _ptg_bank_torch(frames, plan, maps) if plan.num_summaries else None
     # PyTorch: NSP of every input frame (the few that PTG replaces are wasted work, cheaper than gathering the
     # rest), then the summaries' NSP written over them.
     out = _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
     if bank is not None:
-        summaries = _nsp_torch(bank.index_select(0, maps["summary_rows"]), k, out_h, out_w, temperature, norm_p, padding)
+        summaries = _nsp_torch(
+            bank.index_select(0, maps["summary_rows"]), k, out_h, out_w, temperature, norm_p, padding
+        )
         out = out.index_copy(0, maps["summary_positions"], summaries)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Triton kernels (optional: imported lazily; CPU-only installs never need them)
-# ---------------------------------------------------------------------------------------------------------------
-
-if triton is not None:
-
-    @triton.jit
-    def _area_tile_kernel(
-        frames_ptr, dst_ptr, table_ptr, H, W, D, tile_h, tile_w,
-        KH: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        """One program = one tile pixel of one slot x BLOCK_D channels: area average of its input window, written
-        into its place in the summary frame (dst row of the bank at dst_ptr) unless cropped.
-        table rows: (source kind: 0 input frames / 1 bank, source index, dst, top, left)."""
-        slot = tl.program_id(0)
-        pixel = tl.program_id(1)
-        block = tl.program_id(2)
-        i = pixel // tile_w
-        j = pixel % tile_w
-        from_bank = tl.load(table_ptr + slot * 5) != 0
-        src = tl.load(table_ptr + slot * 5 + 1).to(tl.int64)
-        dst = tl.load(table_ptr + slot * 5 + 2).to(tl.int64)
-        y = tl.load(table_ptr + slot * 5 + 3) + i
-        x = tl.load(table_ptr + slot * 5 + 4) + j
-        h0 = (i * H) // tile_h
-        h1 = ((i + 1) * H + tile_h - 1) // tile_h
-        w0 = (j * W) // tile_w
-        w1 = ((j + 1) * W + tile_w - 1) // tile_w
-        offs = block * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for a in tl.static_range(KH):
-            for b in tl.static_range(KW):
-                inside = (h0 + a < h1) & (w0 + b < w1)
-                base = ((src * H + h0 + a) * W + w0 + b) * D
-                # The source is uniform per program: a scalar branch picks it, one load either way.
-                if from_bank:
-                    v = tl.load(dst_ptr + base + offs, mask=dmask & inside, other=0.0)
-                else:
-                    v = tl.load(frames_ptr + base + offs, mask=dmask & inside, other=0.0)
-                acc += v.to(tl.float32)
-        acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)
-        keep = dmask & (y < H) & (x < W)
-        out_base = ((dst * H + y) * W + x) * D
-        tl.store(dst_ptr + out_base + offs, acc.to(dst_ptr.dtype.element_ty), mask=keep)
-
-    @triton.jit
-    def _nsp_kernel(
-        a_ptr, b_ptr, out_ptr, table_ptr, H, W, D, Wo, out_tokens, pad, scale, norm_p,
-        K: tl.constexpr, KK: tl.constexpr, BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, L2: tl.constexpr,
-    ):  # fmt: skip
-        """One program = one output token (window) of one frame: p-norms of the window's tokens, softmax of the
-        scaled norms, weighted sum; float32 arithmetic, one read of the window (ONE_PASS: it stays in registers;
-        else a second read, from cache). table rows: (source kind: 0 a / 1 b, source frame, output frame)."""
-        entry = tl.program_id(0)
-        token = tl.program_id(1)
-        from_b = tl.load(table_ptr + entry * 3) != 0
-        src = tl.load(table_ptr + entry * 3 + 1).to(tl.int64)
-        dst = tl.load(table_ptr + entry * 3 + 2).to(tl.int64)
-        oh = token // Wo
-        ow = token % Wo
-        kk = tl.arange(0, KK)
-        py = oh * K + kk // K  # padded-frame coordinates of the window's tokens
-        px = ow * K + kk % K
-        in_padded = (kk < K * K) & (py < H + 2 * pad) & (px < W + 2 * pad)
-        y = py - pad
-        x = px - pad
-        in_frame = in_padded & (y >= 0) & (y < H) & (x >= 0) & (x < W)
-        token_base = ((src * H + y) * W + x) * D  # [KK]; only read where in_frame
-        out_base = (dst * out_tokens + token) * D
-        offs = tl.arange(0, BLOCK_D)
-        if ONE_PASS:
-            dmask = offs < D
-            m = in_frame[:, None] & dmask[None, :]
-            # The source (input frames or summaries) is uniform per program: a scalar branch, one load either way.
-            if from_b:
-                v = tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
-            else:
-                v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
-            v = v.to(tl.float32)
-            if L2:
-                norm = tl.sqrt(tl.sum(v * v, axis=1))
-            else:
-                av = tl.abs(v)
-                powered = tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0)
-                total = tl.sum(powered, axis=1)
-                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
-            score = tl.where(in_padded, norm * scale, -float("inf"))
-            e = tl.exp(score - tl.max(score, axis=0))
-            weight = e / tl.sum(e, axis=0)
-            pooled = tl.sum(v * weight[:, None], axis=0)
-            tl.store(out_ptr + out_base + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
-        else:
-            total = tl.zeros([KK], dtype=tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dmask = (d0 + offs) < D
-                m = in_frame[:, None] & dmask[None, :]
-                ptrs = token_base[:, None] + d0 + offs[None, :]
-                if from_b:
-                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
-                else:
-                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
-                v = v.to(tl.float32)
-                if L2:
-                    total += tl.sum(v * v, axis=1)
-                else:
-                    av = tl.abs(v)
-                    total += tl.sum(tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0), axis=1)
-            if L2:
-                norm = tl.sqrt(total)
-            else:
-                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
-            score = tl.where(in_padded, norm * scale, -float("inf"))
-            e = tl.exp(score - tl.max(score, axis=0))
-            weight = e / tl.sum(e, axis=0)
-            for d0 in range(0, D, BLOCK_D):
-                dmask = (d0 + offs) < D
-                m = in_frame[:, None] & dmask[None, :]
-                ptrs = token_base[:, None] + d0 + offs[None, :]
-                if from_b:
-                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
-                else:
-                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
-                v = v.to(tl.float32)
-                pooled = tl.sum(v * weight[:, None], axis=0)
-                tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
-
-
-@functools.lru_cache(maxsize=256)
-def _max_area_window(size_in: int, size_out: int) -> int:
-    return max(end - start for start, end in (_area_window(i, size_in, size_out) for i in range(size_out)))
-
-
-def _ptg_bank_triton(frames: torch.Tensor, plan: PTGPlan, maps: dict) -> torch.Tensor:
-    """All summary frames of `plan` with the Triton area kernel, one launch per level: frames [T, H, W, D] ->
-    bank [S, H, W, D]. Each slot's tile is averaged straight from its source frame into its place: no gather, no
-    canvas. A level reads only rows earlier levels wrote (earlier launches), so there is no race."""
-    frames = frames.contiguous()
-    num_frames, height, width, dim = frames.shape
-    bank = frames.new_empty(plan.num_summaries, height, width, dim)
-    block_d = min(1024, triton.next_power_of_2(dim))
-    for level, table in zip(plan.levels, maps["level_slots"]):
-        if table.shape[0] == 0:
-            continue
-        kh, kw = _max_area_window(height, level.tile_h), _max_area_window(width, level.tile_w)
-        grid = (table.shape[0], level.tile_h * level.tile_w, triton.cdiv(dim, block_d))
-        _area_tile_kernel[grid](
-            frames, bank, table, height, width, dim, level.tile_h, level.tile_w,
-            KH=kh, KW=kw, BLOCK_D=block_d, num_warps=4,
-        )  # fmt: skip
-    return bank
-
-
-def _nsp_triton(
-    a: torch.Tensor, b: torch.Tensor, entries: torch.Tensor, out: torch.Tensor, k: int, temperature: float,
-    norm_p: float, padding: int, one_pass: bool | None = None,
-) -> None:
-    """NSP with the fused Triton kernel, one launch: for each row (kind, i, t) of entries [n, 3], frame i of `a`
-    (kind 0) or of `b` (kind 1), both [*, H, W, D], pooled into out[t] (out: [T, Ho, Wo, D])."""
-    if entries.shape[0] == 0:
-        return
-    a, b = a.contiguous(), b.contiguous()
-    _, height, width, dim = a.shape
-    _, out_h, out_w, _ = out.shape
-    window = triton.next_power_of_2(k * k)
-    full = triton.next_power_of_2(dim)
-    if one_pass is None:
-        one_pass = window * full <= 16384  # the whole window fits in registers
-    block_d = full if one_pass else max(16, min(triton.next_power_of_2(max(1, 4096 // window)), full))
-    num_warps = 8 if window * block_d >= 8192 else 4
-    grid = (entries.shape[0], out_h * out_w)
-    _nsp_kernel[grid](
-        a, b, out, entries, height, width, dim, out_w, out_h * out_w, padding,
-        float(temperature / dim ** (1 / norm_p)), float(norm_p),
-        K=k, KK=window, BLOCK_D=block_d, ONE_PASS=one_pass, L2=norm_p == 2, num_warps=num_warps,
-    )  # fmt: skip
 
 
 def bilinear_pool(frames: torch.Tensor) -> torch.Tensor:
@@ -609,12 +499,14 @@ def bilinear_pool(frames: torch.Tensor) -> torch.Tensor:
 
 
 def average_pool(frames: torch.Tensor) -> torch.Tensor:
-    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped. [T, H, W, D] -> [T, H//2, W//2, D]."""
+    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped.
+    [T, H, W, D] -> [T, H//2, W//2, D]."""
     return F.avg_pool2d(frames.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)
 
 
 def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: str) -> torch.Tensor:
-    """Lay out one video's pooled frames as the language model sees them (SPEC.md 3).
+    """Lay out one video's pooled frames as the language model sees them (LLaVA-OneVision's
+    newline after the video, LLaVA-Video's after each row, or this project's per frame / none).
 
     pooled: [T, Ho, Wo, D]; newline: [D] -> [N, D] with N = `video_token_count(T, Ho, Wo, position)`.
     """
@@ -625,26 +517,29 @@ def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: st
     if position == "grid":
         return torch.cat([pooled, newline.expand(num_frames, out_h, 1, dim)], dim=2).reshape(-1, dim)
     if position == "frame":
-        return torch.cat([pooled.reshape(num_frames, -1, dim), newline.expand(num_frames, 1, dim)], dim=1).reshape(-1, dim)
+        return torch.cat([pooled.reshape(num_frames, -1, dim), newline.expand(num_frames, 1, dim)], dim=1).reshape(
+            -1, dim
+        )
     if position == "none":
         return pooled.reshape(-1, dim)
-    raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are one_token, grid, frame, none")
+    raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
 
 
-def pool_video(frames: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
-    """Pool one video's projected frames [T, H, W, D] as `config.video_pooling_mode` says -> [T, Ho, Wo, D]."""
-    if config.video_pooling_mode == "bilinear":
+def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: str = "auto") -> torch.Tensor:
+    """Pool one video's projected frames [T, H, W, D] as `settings.video_pooling_mode` says -> [T, Ho, Wo, D]."""
+    if settings.video_pooling_mode == "bilinear":
         return bilinear_pool(frames)
-    if config.video_pooling_mode == "average":
+    if settings.video_pooling_mode == "average":
         return average_pool(frames)
     return st_grid_pool(
         frames,
-        pyramid_levels=config.pyramid_levels,
-        keep_ratio=config.nsp_keep_ratio,
-        temperature=config.nsp_temperature,
-        norm_p=config.nsp_norm_p,
-        padding=config.nsp_padding,
-        partial_windows=config.nsp_partial_windows,
+        pyramid_levels=settings.pyramid_levels,
+        keep_ratio=settings.nsp_keep_ratio,
+        temperature=settings.nsp_temperature,
+        norm_p=settings.nsp_norm_p,
+        padding=settings.nsp_padding,
+        partial_windows=settings.nsp_partial_windows,
+        backend=backend,
     )
 
 
@@ -652,41 +547,62 @@ def pool_video(frames: torch.Tensor, config: STGridPoolConfig) -> torch.Tensor:
 # Transformers glue
 # ---------------------------------------------------------------------------------------------------------------
 
-def _settings_giving(num_tokens: int, num_frames: int, frame_size: int) -> list[dict]:
-    """Common geometry settings under which a video of `num_frames` frames takes `num_tokens` tokens."""
-    found = []
-    for mode in ("stgridpool", "bilinear", "average"):
-        for keep_ratio in (0.25, 1.0, 1 / 9, 1 / 16) if mode == "stgridpool" else (0.25,):
-            for padding in (0, 1, 2) if mode == "stgridpool" else (0,):
-                for partial in (False, True) if mode == "stgridpool" else (False,):
-                    if window_size(keep_ratio) > frame_size + 2 * padding:
-                        continue
-                    rows, cols = pooled_frame_size(
-                        frame_size, frame_size, video_pooling_mode=mode, nsp_keep_ratio=keep_ratio,
-                        nsp_padding=padding, nsp_partial_windows=partial,
-                    )  # fmt: skip
-                    for newline in ("one_token", "grid", "frame", "none"):
-                        if video_token_count(num_frames, rows, cols, newline) == num_tokens:
-                            found.append(dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline))))
+# Transformers 5.17 keeps every vision layer, names the video argument `pixel_values`, appends the newline in the
+# stock forward and reports the features as `video_hidden_states`; newer Transformers (5.24) take
+# `mm_encoder_outputs`, select the vision layers they use and report `video_outputs`.
+# DELETE this flag and every branch on it when 5.17 support ends.
+_TRANSFORMERS_5_17 = "mm_encoder_outputs" not in inspect.signature(LlavaOnevisionModel.forward).parameters
+
+
+def _settings_giving(settings: VideoPoolingSettings, frame_size: int, num_frames: int, num_tokens: int) -> list[dict]:
+    """The smallest changes of `settings`' geometry fields under which a video of `num_frames` frames of
+    `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: (theirs, ours)}, ...], fewest fields
+    changed. Every mode, newline position, window, padding and border rule is tried (a few thousand, cheap)."""
+    found, fewest = [], len(GEOMETRY_FIELDS)
+    for mode in POOLING_MODES:
+        if mode != "stgridpool":  # the NSP fields play no part: keep ours
+            windows = [(settings.nsp_keep_ratio, settings.nsp_padding, settings.nsp_partial_windows)]
+        else:
+            windows = [
+                (1.0 / k**2, padding, partial)
+                for padding in range(frame_size + 1)
+                for k in range(1, frame_size + 2 * padding + 1)
+                for partial in (False, True)
+            ]
+        for keep_ratio, padding, partial in windows:
+            for newline in NEWLINE_POSITIONS:
+                values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
+                window = {k: v for k, v in values.items() if k != "video_newline_position"}
+                rows, cols = pooled_frame_size(frame_size, frame_size, **window)
+                if video_token_count(num_frames, rows, cols, newline) != num_tokens:
+                    continue
+                changed = settings.replace(**values).diff(settings, GEOMETRY_FIELDS)
+                if len(changed) < fewest:
+                    found, fewest = [], len(changed)
+                if len(changed) == fewest and changed not in found:
+                    found.append(changed)
     return found
 
 
-def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, num_videos: int, tokens_per_video: int) -> str:
-    """Explain a <video> placeholder / feature count mismatch in terms of the settings that differ."""
-    ours = {name: getattr(config, name) for name in GEOMETRY_FIELDS}
-    rows, cols = config.pooled_frame_size
-    per_frame = {"one_token": rows * cols, "grid": rows * (cols + 1), "frame": rows * cols + 1, "none": rows * cols}
-    num_frames = (tokens_per_video - (config.video_newline_position == "one_token")) // per_frame[config.video_newline_position]
+def placeholder_mismatch_message(
+    settings: VideoPoolingSettings, frame_size: int, num_placeholders: int, num_videos: int, tokens_per_video: int
+) -> str:
+    """Explain a <video> placeholder / feature count mismatch by the settings under which the processor would have
+    made `num_placeholders` placeholders (derived from the counts: the processor's settings are not sent along)."""
+    # num_tokens is linear in the number of frames: invert it rather than writing the count formula again.
+    base = settings.num_tokens(0, frame_size, frame_size)
+    num_frames = (tokens_per_video - base) // (settings.num_tokens(1, frame_size, frame_size) - base)
+    ours = settings.geometry()
     message = (
         f"The prompt has {num_placeholders} <video> placeholder tokens but the model made {num_videos} x "
         f"{tokens_per_video} video features ({num_videos} video(s) of {num_frames} frames) with {ours}: the processor "
         f"and the model are configured differently."
     )
     if num_placeholders % num_videos == 0:
-        candidates = _settings_giving(num_placeholders // num_videos, num_frames, config.frame_size)
-        diffs = ["; ".join(f"{k}={v!r} (model: {ours[k]!r})" for k, v in c.items() if v != ours[k]) for c in candidates[:4]]
-        if diffs:
-            message += " Processor settings that give that many placeholders: " + " | ".join(diffs) + "."
+        changes = _settings_giving(settings, frame_size, num_frames, num_placeholders // num_videos)
+        described = ["; ".join(f"{k}={v!r} (model: {m!r})" for k, (v, m) in c.items()) for c in changes[:6]]
+        if described:
+            message += " Processor settings that give that many placeholders: " + " | ".join(described) + "."
     return message + " Load both from the same repo, or pass the same ST-GridPool settings to each."
 
 
@@ -695,100 +611,165 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
 
     config_class = STGridPoolConfig
 
-    def get_video_features(
-        self,
-        pixel_values_videos: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPooling:
-        """pixel_values_videos: [B, T, C, H, W] -> `pooler_output` [B, N, D], each video's tokens in the newline
-        layout of `config.video_newline_position` (N from `configuration_stgridpool.video_token_count`).
-        Also accepts the videos as `pixel_values=` (the keyword older Transformers, e.g. 5.17, pass)."""
-        if pixel_values_videos is None:
-            pixel_values_videos = kwargs.pop("pixel_values")
-        kwargs.pop("pixel_values", None)
-        config = self.config
-        if vision_feature_layer is None:
-            vision_feature_layer = config.vision_feature_layer
-        if vision_feature_select_strategy is None:
-            vision_feature_select_strategy = config.vision_feature_select_strategy
-        kwargs.pop("return_dict", None)  # always an output object; hidden states are always needed
-        kwargs.pop("output_hidden_states", None)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        _use_stock_checkpoint_layout()
+        return super().from_pretrained(*args, **kwargs)
+
+    def _encode_video_frames(
+        self, pixel_values_videos: torch.Tensor, vision_feature_layer, vision_feature_select_strategy, **kwargs
+    ) -> tuple:
+        """(vision tower outputs, projected frames [B, T, h, w, D]) of pixel_values_videos [B, T, C, H, W]."""
+        if _TRANSFORMERS_5_17:
+            kwargs["output_hidden_states"] = True  # its tower cannot select layers: all of them, as stock 5.17
+        elif not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = vision_feature_layer  # only the layer(s) used are kept, as stock
         batch_size, num_frames = pixel_values_videos.shape[:2]
-        vision_outputs = self.vision_tower(
-            pixel_values_videos.flatten(0, 1), output_hidden_states=True, return_dict=True, **kwargs
-        )
+        vision_outputs = self.vision_tower(pixel_values_videos.flatten(0, 1), return_dict=True, **kwargs)
         if isinstance(vision_feature_layer, int):
             selected = vision_outputs.hidden_states[vision_feature_layer]
         else:
             selected = torch.cat([vision_outputs.hidden_states[i] for i in vision_feature_layer], dim=-1)
         if vision_feature_select_strategy == "default":
             selected = selected[:, 1:]
-        projected = self.multi_modal_projector(selected)  # [B*T, H*W, D]
-        side = config.frame_size
-        videos = projected.reshape(batch_size, num_frames, side, side, -1)
+        projected = self.multi_modal_projector(selected)  # [B*T, h*w, D]
+        side = self.config.frame_size
+        return vision_outputs, projected.reshape(batch_size, num_frames, side, side, -1)
+
+    def project_video_frames(
+        self,
+        pixel_values_videos: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> torch.Tensor:
+        """The videos' frames through the vision tower and the projector, not yet pooled:
+        pixel_values_videos [B, T, C, H, W] -> [B, T, h, w, D] (h = w = `config.frame_size`). The layer and the
+        selection strategy default to the config's, as in `get_video_features`."""
+        if vision_feature_layer is None:
+            vision_feature_layer = self.config.vision_feature_layer
+        if vision_feature_select_strategy is None:
+            vision_feature_select_strategy = self.config.vision_feature_select_strategy
+        return self._encode_video_frames(pixel_values_videos, vision_feature_layer, vision_feature_select_strategy)[1]
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> tuple | BaseModelOutputWithPooling:
+        """pixel_values_videos: [B, T, C, H, W] -> the vision tower's outputs with `pooler_output` [B, N, D]: each
+        video pooled on its own (PTG across its own frames only) and laid out with
+        `config.video_newline_position`'s newlines
+        (N = `config.video_pooling.num_tokens(T, h, w)`). A tuple with `return_dict=False`, as stock."""
+        if _TRANSFORMERS_5_17 and pixel_values_videos is None:
+            pixel_values_videos = kwargs.pop("pixel_values")  # the name 5.17's stock callers use
+        vision_outputs, frames = self._encode_video_frames(
+            pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+        settings = self.config.video_pooling
+        backend = self.config.pooling_backend
         # Frames of different videos are never mixed: PTG runs across the frames of one video.
         vision_outputs.pooler_output = torch.stack(
             [
-                add_video_newlines(pool_video(video, config), self.image_newline, config.video_newline_position)
-                for video in videos
+                add_video_newlines(
+                    pool_video(video, settings, backend), self.image_newline, settings.video_newline_position
+                )
+                for video in frames
             ]
         )
         return vision_outputs
 
+    def _check_video_placeholders(self, input_ids, inputs_embeds, video_features: torch.Tensor) -> torch.Tensor:
+        """The <video> placeholder mask [B, L]; raises ValueError naming the settings when its count is not the
+        number of video features [num_videos, tokens_per_video, D]."""
+        if input_ids is not None:
+            video_mask = input_ids == self.config.video_token_id
+        else:
+            video_token = self.get_input_embeddings()(
+                torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
+            )
+            video_mask = (inputs_embeds == video_token).all(-1)
+        num_videos, tokens_per_video = video_features.shape[:2]
+        num_placeholders = int(video_mask.sum())
+        if num_placeholders != num_videos * tokens_per_video:
+            raise ValueError(
+                placeholder_mismatch_message(
+                    self.config.video_pooling, self.config.frame_size, num_placeholders, num_videos, tokens_per_video
+                )
+            )
+        return video_mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ):
-        # The stock forward lays out video tokens itself (differently across Transformers versions), so the video
-        # features are placed here and the stock forward runs the rest (images, text) unchanged. `generate` in
-        # newer Transformers computes them ahead, through get_video_features, into mm_encoder_outputs["video"].
-        encoder_outputs = kwargs.get("mm_encoder_outputs") or {}
-        features = None
-        if pixel_values_videos is not None:
-            features = self.get_video_features(
-                pixel_values_videos,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-            ).pooler_output
-        elif encoder_outputs.get("video") is not None:
-            features = encoder_outputs["video"].pooler_output
-            kwargs["mm_encoder_outputs"] = {k: v for k, v in encoder_outputs.items() if k != "video"}
-        if features is not None:
+        # Only the video path changes; the stock forward runs the rest. The video features are computed here so a
+        # placeholder mismatch is explained in terms of the settings.
+        common = dict(
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy
+        )
+        if _TRANSFORMERS_5_17:
+            return self._forward_5_17(
+                input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs
+            )
+        encoder_outputs = dict(kwargs.pop("mm_encoder_outputs", None) or {})
+        if pixel_values_videos is not None and encoder_outputs.get("video") is None:
+            encoder_outputs["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **common)
+        if encoder_outputs.get("video") is not None:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-            if inputs_embeds is None:
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-                video_mask = input_ids == self.config.video_token_id
-            else:
-                video_token = self.get_input_embeddings()(
-                    torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
-                )
-                video_mask = (inputs_embeds == video_token).all(-1)
-            num_videos, tokens_per_video = features.shape[:2]
-            features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
-            num_placeholders = int(video_mask.sum())
-            if num_placeholders != features.shape[0]:
-                raise ValueError(placeholder_mismatch_message(self.config, num_placeholders, num_videos, tokens_per_video))
-            inputs_embeds = inputs_embeds.masked_scatter(video_mask.unsqueeze(-1).to(inputs_embeds.device), features)
-            # The stock forward takes exactly one of the two; it finds image placeholders in the embeddings too.
-            input_ids = None
+            self._check_video_placeholders(input_ids, inputs_embeds, encoder_outputs["video"].pooler_output)
+            if pixel_values is not None and encoder_outputs.get("image") is None:
+                # The stock forward takes pixel values or encoder outputs, not both: encode the images as it would.
+                encoder_outputs["image"] = self.get_image_features(
+                    pixel_values, image_sizes, batch_num_images=kwargs.pop("batch_num_images", None), return_dict=True,
+                    **common,
+                )  # fmt: skip
+            pixel_values = None
         return super().forward(
             input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
             inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
+            mm_encoder_outputs=encoder_outputs or None,
+            **common,
             **kwargs,
         )
 
+    def _forward_5_17(self, input_ids, pixel_values, image_sizes, pixel_values_videos, inputs_embeds, common, kwargs):
+        """Transformers 5.17: its stock forward lays out video tokens its own way, so the video features are placed
+        into the embeddings here and the stock forward runs the rest. DELETE when 5.17 support ends."""
+        features = None
+        if pixel_values_videos is not None:
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            features = self.get_video_features(pixel_values_videos, return_dict=True, **common).pooler_output
+            video_mask = self._check_video_placeholders(input_ids, inputs_embeds, features)
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            features = features.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask.unsqueeze(-1).to(inputs_embeds.device), features)
+            input_ids = None  # the stock forward takes exactly one of the two; it finds image placeholders in either
+        outputs = super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, inputs_embeds=inputs_embeds,
+            **common, **kwargs,
+        )  # fmt: skip
+        if features is not None:
+            outputs.video_hidden_states = features  # what stock 5.17 reports there: [num_tokens, D]
+        return outputs
 
-class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+
+class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditionalGeneration, GenerationMixin):
     """`LlavaOnevisionForConditionalGeneration` with ST-GridPool video pooling; loads any llava-onevision checkpoint."""
 
     config_class = STGridPoolConfig
@@ -800,24 +781,23 @@ class STGridPoolLlavaOnevisionForConditionalGeneration(LlavaOnevisionForConditio
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
-        return self.model.get_video_features(
-            pixel_values_videos,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            **kwargs,
-        )
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        _use_stock_checkpoint_layout()
+        return super().from_pretrained(*args, **kwargs)
 
 
-# Checkpoints keep the stock key layout, which Transformers renames on load by model type and class name; ours take
-# the stock renamings, or a llava-onevision checkpoint would load with missing keys.
-for _ours, _stock in (
-    ("STGridPoolLlavaOnevisionForConditionalGeneration", "llava_onevision"),
-    ("STGridPoolLlavaOnevisionModel", "LlavaOnevisionModel"),
-):
-    _mapping = conversion_mapping.get_checkpoint_conversion_mapping(_stock)
-    if _mapping is not None:
-        conversion_mapping.register_checkpoint_conversion_mapping(_ours, _mapping, overwrite=True)
+def _use_stock_checkpoint_layout() -> None:
+    """Let our classes load (and save) the stock llava-onevision key layout: Transformers renames checkpoint keys by
+    class name or model type, and skips custom classes unless their renamings are registered. Done when a model is
+    loaded, not at import, and only under our own class names."""
+    for ours, stock in (
+        ("STGridPoolLlavaOnevisionForConditionalGeneration", "llava_onevision"),
+        ("STGridPoolLlavaOnevisionModel", "LlavaOnevisionModel"),
+    ):
+        renamings = conversion_mapping.get_checkpoint_conversion_mapping(stock)
+        if renamings is not None and ours not in conversion_mapping.USER_REGISTERED_MAPPINGS:
+            conversion_mapping.register_checkpoint_conversion_mapping(ours, renamings, overwrite=True)
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Benchmark ST-GridPool's video pooling against stock LLaVA-OneVision pooling, the authors'-style reference, the
+"""Benchmark ST-GridPool's video pooling against stock LLaVA-OneVision pooling, a loop rewrite of ours (benchmarks/loop_impl.py, the "reference" column; not the authors' code), the
 plain vectorized reading of SPEC.md and a device copy of the same bytes; optionally end to end on a 7B-shaped
 random-weight model (GPU). Prints a table, writes JSON. Timings are never asserted anywhere.
 
@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import modeling_stgridpool_llava as ours  # noqa: E402
-from benchmarks import plain_impl, reference_impl  # noqa: E402
+import stgridpool_triton as kernels  # noqa: E402
+from benchmarks import loop_impl, plain_impl  # noqa: E402
 
 LEVELS = ((4, 2), (4, 4), (4, 8))
 NSP = dict(keep_ratio=0.25, temperature=1.0, norm_p=2.0, padding=0, partial_windows=False)
@@ -138,7 +139,7 @@ def bench_case(num_frames, dim, side, device, dtype, with_reference=True, with_c
         t["ours_stgridpool_torch_path"] = time_fn(lambda x: ours.st_grid_pool(x, backend="torch", **kw), inputs, device)
     t["plain"] = time_fn(lambda x: plain_impl.st_grid_pool(x, **kw), inputs, device)
     if with_reference:
-        t["reference"] = time_fn(lambda x: reference_impl.reference_st_grid_pool(x, **kw), inputs, device, budget_s=0.3)
+        t["reference"] = time_fn(lambda x: loop_impl.loop_st_grid_pool(x, **kw), inputs, device, budget_s=0.3)
     before = [x.clone() for x in inputs[:1]]
     ours.st_grid_pool(inputs[0], **kw)
     row["input_unchanged"] = bool(torch.equal(before[0], inputs[0]))
@@ -191,9 +192,9 @@ def nsp_variants(device, dtype, num_frames=64, dim=3584, side=27) -> dict:
     out = torch.empty(num_frames, 13, 13, dim, device=device, dtype=dtype)
     res = {}
     for one_pass in (True, False):
-        res[f"nsp_one_pass={one_pass}"] = time_fn(lambda v: ours._nsp_triton(v, v, entries, out, 2, 1.0, 2.0, 0, one_pass=one_pass), [x], device)
+        res[f"nsp_one_pass={one_pass}"] = time_fn(lambda v: kernels._nsp_triton(v, v, entries, out, 2, 1.0, 2.0, 0, one_pass=one_pass), [x], device)
     plan, maps = ours._plan_and_maps(x, LEVELS)
-    res["ptg_bank_triton"] = time_fn(lambda v: ours._ptg_bank_triton(v, plan, maps), [x], device)
+    res["ptg_bank_triton"] = time_fn(lambda v: kernels.ptg_bank(v, plan, LEVELS), [x], device)
     res["ptg_bank_torch"] = time_fn(lambda v: ours._ptg_bank_torch(v, plan, maps), [x], device)
     res["nsp_torch"] = time_fn(lambda v: ours._nsp_torch(v, 2, 13, 13, 1.0, 2.0, 0), [x], device)
     return res
@@ -365,7 +366,7 @@ def main(argv=None) -> int:
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
-    env["triton"] = getattr(ours.triton, "__version__", None)
+    env["triton"] = getattr(kernels.triton, "__version__", None)
     results = dict(env=env, rows=[], errors=[])
 
     def save():
@@ -385,7 +386,7 @@ def main(argv=None) -> int:
             save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if device.type == "cuda" and ours.triton is not None:
+    if device.type == "cuda" and kernels.triton is not None:
         for name, fn in (("config_checks", lambda: config_checks(device, dtype)), ("nsp_variants", lambda: nsp_variants(device, dtype))):
             try:
                 results[name] = fn()

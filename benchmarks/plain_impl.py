@@ -152,5 +152,6 @@ def bilinear_pool(frames: torch.Tensor) -> torch.Tensor:
 
 
 def average_pool(frames: torch.Tensor) -> torch.Tensor:
-    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped. [T, H, W, D] -> [T, H//2, W//2, D]."""
+    """Stock LLaVA-Video: 2x2 average pooling, stride 2, trailing row/column dropped.
+    [T, H, W, D] -> [T, H//2, W//2, D]."""
     return F.avg_pool2d(frames.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)

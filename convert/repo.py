@@ -18,7 +18,7 @@ from .source import PICKLE_SUFFIXES, SourceCheckpoint
 
 MODEL_TYPE = "stgridpool_llava_onevision"
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
-CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool")
+CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
 PROCESSOR_CLASS = "STGridPoolProcessor"
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
 # What the Auto classes and pipelines ("image-text-to-text": AutoModelForImageTextToText, "any-to-any":

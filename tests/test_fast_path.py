@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,8 +19,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import modeling_stgridpool_llava as m  # noqa: E402
-from benchmarks import plain_impl, reference_impl  # noqa: E402
-from configuration_stgridpool import STGridPoolConfig, pooled_frame_size  # noqa: E402
+from benchmarks import loop_impl, plain_impl  # noqa: E402
+from configuration_stgridpool import STGridPoolConfig  # noqa: E402
 from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "data" / "stgridpool_cases.safetensors"
@@ -59,7 +60,7 @@ def _kwargs(case):
 def test_fast_path_matches_plain_and_reference(case):
     x = _random_video(case["shape"], case["seed"])
     kwargs = _kwargs(case)
-    want = reference_impl.reference_st_grid_pool(x, **kwargs)
+    want = loop_impl.loop_st_grid_pool(x, **kwargs)
     plain = plain_impl.st_grid_pool(x, **kwargs)
     got64 = m.st_grid_pool(x, **kwargs)
     assert got64.shape == want.shape == plain.shape
@@ -69,7 +70,7 @@ def test_fast_path_matches_plain_and_reference(case):
     assert got32.dtype == torch.float32
     torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
     ptg = m.pyramid_temporal_grid(x, case["pyramid_levels"])
-    torch.testing.assert_close(ptg, reference_impl.reference_ptg(x, case["pyramid_levels"]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ptg, loop_impl.loop_ptg(x, case["pyramid_levels"]), rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
@@ -77,7 +78,7 @@ def test_fast_path_matches_plain_and_reference(case):
 def test_nsp_alone_matches_reference(case):
     x = _random_video(case["shape"], case["seed"])
     args = (case["keep_ratio"], case["temperature"], case["norm_p"], case["padding"], case["partial_windows"])
-    torch.testing.assert_close(m.norm_spatial_pool(x, *args), reference_impl.reference_nsp(x, *args), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m.norm_spatial_pool(x, *args), loop_impl.loop_nsp(x, *args), rtol=1e-9, atol=1e-9)
 
 
 def test_golden_cases():
@@ -110,8 +111,8 @@ def test_fallback_when_triton_unavailable(monkeypatch):
     kwargs = dict(pyramid_levels=((4, 2),), keep_ratio=0.25)
     assert m.nsp_backend(x) == "torch"  # CPU tensors never take the CUDA kernels
     want = m.st_grid_pool(x, backend="torch", **kwargs)
-    monkeypatch.setattr(m, "triton", None)
-    assert m.nsp_backend(x) == "torch" and m.ptg_backend(x) == "torch"
+    monkeypatch.setattr(m, "_triton_installed", lambda: False)
+    assert m.nsp_backend(x) == "torch"
     torch.testing.assert_close(m.st_grid_pool(x, **kwargs), want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="triton"):
         m.st_grid_pool(x, backend="triton", **kwargs)
@@ -119,7 +120,52 @@ def test_fallback_when_triton_unavailable(monkeypatch):
         m.st_grid_pool(x, backend="cuda", **kwargs)
 
 
-@pytest.mark.skipif(m.triton is None, reason="triton not installed")
+def test_triton_on_a_cpu_tensor_is_refused_with_the_reason():
+    """Issue 12 item 23: a clear ValueError, not Triton's "0 active drivers"."""
+    x = _random_video((9, 5, 5, 6), 0, torch.float32)
+    message = r"backend='triton' is invalid for a cpu tensor of torch.float32 .* need a CUDA tensor"
+    if not m._triton_installed():
+        pytest.skip("triton not installed")
+    with pytest.raises(ValueError, match=message):
+        m.st_grid_pool(x, backend="triton", pyramid_levels=((4, 2),), keep_ratio=0.25)
+    with pytest.raises(ValueError, match=message):
+        m.norm_spatial_pool(x, 0.25, backend="triton")
+
+
+def test_the_triton_module_is_imported_only_where_used():
+    """Issue 11: importing the model (and running it on the CPU) never imports the Triton kernels' module."""
+    script = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import modeling_stgridpool_llava as m
+m.st_grid_pool(torch.randn(9, 5, 5, 6), pyramid_levels=((4, 2),), keep_ratio=0.25)
+assert "stgridpool_triton" not in sys.modules
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_config_forces_the_pytorch_path(monkeypatch):
+    """Issue 11: pooling_backend="torch" never asks for the Triton path, even where it would be chosen."""
+    chosen = []
+    monkeypatch.setattr(m, "nsp_backend", lambda frames, norm_p=2.0, temperature=1.0: chosen.append(1) or "triton")
+    x = _random_video((9, 5, 5, 6), 0, torch.float32)
+    settings = STGridPoolConfig().video_pooling
+    out = m.pool_video(x, settings, backend="torch")
+    torch.testing.assert_close(
+        out, m.st_grid_pool(x, backend="torch", pyramid_levels=settings.pyramid_levels, keep_ratio=0.25)
+    )
+    assert not chosen
+    with pytest.raises(
+        ValueError, match=r"pooling_backend='cuda' is invalid: allowed values are \('auto', 'torch', 'triton'\)"
+    ):
+        STGridPoolConfig.from_dict({"pooling_backend": "cuda"})
+    with pytest.raises(StrictDataclassError, match="pooling_backend"):
+        STGridPoolConfig(pooling_backend="cuda")
+
+
+@pytest.mark.skipif(not m._triton_installed(), reason="triton not installed")
 def test_backend_choice_rules():
     x = torch.zeros(2, 3, 3, 4)
     assert m.nsp_backend(x) == "torch"
@@ -129,6 +175,7 @@ def test_backend_choice_rules():
         y = torch.zeros(2, 3, 3, 4, device="cuda", dtype=torch.bfloat16)
         assert m.nsp_backend(y) == "triton"
         assert m.nsp_backend(y, norm_p=math.inf) == "torch"
+        assert m.nsp_backend(y, norm_p=0.05) == "torch" and m.nsp_backend(y, temperature=1e39) == "torch"
         assert m.nsp_backend(y.to(torch.int32)) == "torch"
 
 
@@ -139,7 +186,7 @@ def test_pool_video_follows_input_and_never_modifies_it(mode, dtype):
     config = STGridPoolConfig(**tiny_config_kwargs(build_tiny_tokenizer(), 27), video_pooling_mode=mode)
     x = _random_video((17, 27, 27, 8), 1, dtype)
     before = x.clone()
-    out = m.pool_video(x, config)
+    out = m.pool_video(x, config.video_pooling)
     assert out.device == x.device and out.dtype == x.dtype
     assert tuple(out.shape) == (17, *config.pooled_frame_size, 8)
     assert torch.equal(x, before)
@@ -162,25 +209,36 @@ def test_index_maps_are_cached():
     assert m._cached_device_maps.cache_info().hits == hits + 1
 
 
+def test_triton_launch_tables_are_cached():
+    kernels = pytest.importorskip("stgridpool_triton")
+    x = _random_video((20, 6, 6, 4), 3, torch.float32)
+    plan = m.ptg_plan(20, 6, 6, ((4, 2),))
+    first = kernels.launch_tables(x, ((4, 2),), plan)
+    assert kernels.launch_tables(x, ((4, 2),), plan) is first
+    assert [tuple(t.shape) for t in first["level_slots"]] == [(8, 5)] and first["nsp_entries"].shape == (20, 3)
+
+
 def test_compile_fullgraph_no_graph_breaks():
     """torch.compile(fullgraph=True) raises on any graph break; the PyTorch path is what it compiles."""
     import functools
 
-    kwargs = dict(pyramid_levels=((4, 2), (4, 4)), keep_ratio=0.25, temperature=0.7, norm_p=2.0, padding=1, partial_windows=True)
+    kwargs = dict(
+        pyramid_levels=((4, 2), (4, 4)), keep_ratio=0.25, temperature=0.7, norm_p=2.0, padding=1, partial_windows=True
+    )
     fn = torch.compile(functools.partial(m.st_grid_pool, **kwargs), fullgraph=True, dynamic=False, backend="eager")
     x = _random_video((16, 7, 7, 8), 4, torch.float32)
     torch.testing.assert_close(fn(x), m.st_grid_pool(x, **kwargs), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(m.triton is None, reason="triton not installed")
+@pytest.mark.skipif(not m._triton_installed(), reason="triton not installed")
 def test_triton_kernels_in_interpreter():
     """The Triton kernels themselves, run by Triton's CPU interpreter on small random cases (fresh process: the
     interpreter is chosen when the kernels are defined)."""
-    script = r'''
+    script = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import modeling_stgridpool_llava as m
-from benchmarks.reference_impl import reference_st_grid_pool
+from benchmarks.loop_impl import loop_st_grid_pool
 cases = [((16, 7, 7, 40), ((4, 2), (4, 4)), 0.25, 1.0, 2.0, 0, False),
          ((13, 6, 5, 24), ((3, 2), (2, 3), (1, 1)), 1 / 9, 0.5, 1.0, 1, True),
          ((9, 5, 8, 70), ((6, 1),), 0.25, 2.0, 3.0, 0, True)]
@@ -188,13 +246,15 @@ for seed, (shape, levels, r, tau, p, pad, part) in enumerate(cases):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, generator=g) * (0.5 + 3 * torch.rand(*shape[:3], 1, generator=g))
     kw = dict(pyramid_levels=levels, keep_ratio=r, temperature=tau, norm_p=p, padding=pad, partial_windows=part)
-    want = reference_st_grid_pool(x.double(), **kw)
+    want = loop_st_grid_pool(x.double(), **kw)
     for one_pass in (None,):
         got = m.st_grid_pool(x, backend="triton", **kw)
         err = ((got.double() - want).norm() / want.norm()).item()
         assert err < 1e-5, (shape, err)
 print("ok")
-'''
+"""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -4,10 +4,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers import GenerationMixin, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+from transformers.utils import logging as transformers_logging
 
 from configuration_stgridpool import STGridPoolConfig
-from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration, add_video_newlines, st_grid_pool
+from modeling_stgridpool_llava import (
+    _TRANSFORMERS_5_17,
+    STGridPoolLlavaOnevisionForConditionalGeneration,
+    add_video_newlines,
+    average_pool,
+    pool_video,
+    st_grid_pool,
+)
 from processing_stgridpool import STGridPoolProcessor
 from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
@@ -64,8 +72,83 @@ def test_bilinear_mode_equals_stock(tiny_stock_dir, stock, stock_processor, kind
     stock_inputs = stock_processor(text=chat(stock_processor, *content), return_tensors="pt", **media)
     assert torch.equal(inputs["input_ids"], stock_inputs["input_ids"])
     with torch.no_grad():
-        ours_logits, stock_logits = ours(**inputs).logits, stock(**inputs).logits
-    assert (ours_logits - stock_logits).abs().max() <= 1e-5
+        ours_out, stock_out = ours(**inputs), stock(**inputs)
+    assert (ours_out.logits - stock_out.logits).abs().max() <= 1e-5
+    # The same output fields as stock (video_outputs on 5.24, video_hidden_states on 5.17), filled alike.
+    assert type(ours_out) is type(stock_out) and list(ours_out.keys()) == list(stock_out.keys())
+
+
+def hidden_states_kept(output) -> int:
+    return sum(state is not None for state in output.hidden_states or ())
+
+
+def test_get_video_features_follows_the_stock_contract(tiny_stock_dir, stock):
+    """Issue 11: a tuple with return_dict=False, the stock fields, and no more vision layers kept than stock."""
+    ours = load_ours(tiny_stock_dir)
+    pixels = torch.randn(2, 3, 3, 54, 54)
+    with torch.no_grad():
+        ours_out, stock_out = ours.model.get_video_features(pixels), stock.model.get_video_features(pixels)
+        ours_tuple = ours.model.get_video_features(pixels, return_dict=False)
+        stock_tuple = stock.model.get_video_features(pixels, return_dict=False)
+        via_generation_class = ours.get_video_features(pixels, return_dict=False)
+    assert type(ours_out) is type(stock_out) and list(ours_out.keys()) == list(stock_out.keys())
+    assert isinstance(ours_tuple, tuple) and isinstance(stock_tuple, tuple) and len(ours_tuple) == len(stock_tuple)
+    assert isinstance(via_generation_class, tuple)
+    assert torch.equal(ours_tuple[list(ours_out.keys()).index("pooler_output")], ours_out.pooler_output)
+    assert 1 <= hidden_states_kept(ours_out) <= hidden_states_kept(stock_out)
+    # The config's return_dict is honoured as stock does.
+    ours.config.return_dict = False
+    try:
+        with torch.no_grad():
+            assert isinstance(ours.model.get_video_features(pixels), tuple)
+    finally:
+        ours.config.return_dict = True
+
+
+def test_get_video_features_keeps_only_the_vision_layer_it_uses(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir)
+    layers = ours.config.vision_config.num_hidden_layers + 1
+    with torch.no_grad():
+        kept = hidden_states_kept(ours.model.get_video_features(torch.randn(1, 2, 3, 54, 54)))
+    assert kept == (layers if _TRANSFORMERS_5_17 else 1)  # 5.17's stock tower cannot select layers
+    # A caller asking for every hidden state still gets them.
+    with torch.no_grad():
+        every = ours.model.get_video_features(torch.randn(1, 2, 3, 54, 54), output_hidden_states=True)
+    assert hidden_states_kept(every) == layers
+
+
+def test_project_video_frames_is_the_path_get_video_features_pools(tiny_stock_dir):
+    ours = load_ours(tiny_stock_dir, video_pooling_mode="average", video_newline_position="none")
+    pixels = torch.randn(2, 3, 3, 54, 54)
+    with torch.no_grad():
+        frames = ours.model.project_video_frames(pixels)
+        features = ours.model.get_video_features(pixels).pooler_output
+        hidden = ours.model.vision_tower(pixels.flatten(0, 1), output_hidden_states=True).hidden_states[-1]
+    assert frames.shape == (2, 3, 27, 27, 32)
+    torch.testing.assert_close(frames, ours.model.multi_modal_projector(hidden).reshape(2, 3, 27, 27, -1))
+    torch.testing.assert_close(features, average_pool(frames.flatten(0, 1)).reshape(2, -1, 32))
+
+
+def test_generation_class_lists_generation_mixin():
+    assert GenerationMixin in STGridPoolLlavaOnevisionForConditionalGeneration.__bases__
+
+
+def test_loading_a_stock_checkpoint_does_not_warn(tiny_stock_dir):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = transformers_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    try:
+        load_ours(tiny_stock_dir)
+        STGridPoolConfig.from_pretrained(tiny_stock_dir)
+    finally:
+        logger.removeHandler(handler)
+    assert not [
+        r for r in records if "another model type" in r.getMessage() or "instantiate a model of type" in r.getMessage()
+    ]
 
 
 def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_stock_dir):
@@ -87,36 +170,74 @@ def test_stgridpool_features_are_st_grid_pool_of_each_videos_projection(tiny_sto
     assert torch.allclose(alone[0], features[1], atol=1e-6)
 
 
-def test_placeholders_equal_features_for_every_mode_newline_and_frame_count():
-    """T = 1..70 frames x 4 newline positions x 3 modes: processor count == feature count, and forward runs."""
-    tokenizer = build_tiny_tokenizer()
-    frame_size = 7  # odd, like 27, and small so 840 forward passes stay quick
+SWEEP_FRAME_SIZE = 7  # odd, like 27, and small so forward passes stay quick
+SWEEP = [(mode, newline) for mode in MODES for newline in NEWLINES]
+
+
+@pytest.fixture(scope="module")
+def sweep_tokenizer():
+    return build_tiny_tokenizer()
+
+
+def sweep_processor(tokenizer, mode, newline):
+    return build_tiny_processor(
+        tokenizer, SWEEP_FRAME_SIZE, processor_class=STGridPoolProcessor,
+        video_pooling_mode=mode, video_newline_position=newline,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode,newline", SWEEP)
+def test_processor_count_equals_model_geometry_for_every_frame_count(sweep_tokenizer, mode, newline):
+    """T = 1..70 for each mode x newline position, without forward passes: the processor's count, the settings'
+    count and the length of what the model's pooling and layout functions make, all equal."""
+    processor = sweep_processor(sweep_tokenizer, mode, newline)
+    settings = STGridPoolConfig(video_pooling_mode=mode, video_newline_position=newline).video_pooling
+    side = SWEEP_FRAME_SIZE
+    for num_frames in range(1, 71):
+        pooled = pool_video(torch.zeros(num_frames, side, side, 1), settings)
+        made = add_video_newlines(pooled, torch.zeros(1), newline).shape[0]
+        count = processor.num_video_tokens(num_frames)
+        assert count == settings.num_tokens(num_frames, side, side) == made, (mode, newline, num_frames)
+        assert processor._get_num_multimodal_tokens(video_sizes=[(num_frames, 14, 14)]).num_video_tokens == [count]
+    text = chat(processor, {"type": "video"})
+    for num_frames in (1, 8, 33, 70):  # the prompt itself, at a few counts
+        inputs = processor(text=text, videos=[random_video(num_frames, 14, 14, seed=num_frames)], return_tensors="pt")
+        assert int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<video>")).sum()) == (
+            processor.num_video_tokens(num_frames)
+        )
+
+
+def _forward_sweep(tokenizer, frame_counts):
     torch.manual_seed(0)
     model = STGridPoolLlavaOnevisionForConditionalGeneration(
-        STGridPoolConfig(**tiny_config_kwargs(tokenizer, frame_size))
+        STGridPoolConfig(**tiny_config_kwargs(tokenizer, SWEEP_FRAME_SIZE))
     ).eval()
-    videos = {t: random_video(t, 14, 14, seed=t) for t in range(1, 71)}
-    for mode in MODES:
-        for newline in NEWLINES:
-            model.config.video_pooling_mode = mode
-            model.config.video_newline_position = newline
-            processor = build_tiny_processor(
-                tokenizer, frame_size, processor_class=STGridPoolProcessor,
-                video_pooling_mode=mode, video_newline_position=newline,
-            )  # fmt: skip
-            text = chat(processor, {"type": "video"})
-            for num_frames, video in videos.items():
-                inputs = processor(text=text, videos=[video], return_tensors="pt")
-                num_placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
-                assert num_placeholders == processor.num_video_tokens(num_frames)
-                assert processor._get_num_multimodal_tokens(video_sizes=[(num_frames, 14, 14)]).num_video_tokens == [
-                    num_placeholders
-                ]
-                with torch.no_grad():
-                    features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
-                    assert features.shape[1] == num_placeholders, (mode, newline, num_frames)
-                    logits = model(**inputs).logits
-                assert logits.shape[1] == inputs["input_ids"].shape[1]
+    for mode, newline in SWEEP:
+        model.config.video_pooling_mode = mode
+        model.config.video_newline_position = newline
+        processor = sweep_processor(tokenizer, mode, newline)
+        text = chat(processor, {"type": "video"})
+        for num_frames in frame_counts:
+            video = random_video(num_frames, 14, 14, seed=num_frames)
+            inputs = processor(text=text, videos=[video], return_tensors="pt")
+            num_placeholders = int((inputs["input_ids"] == model.config.video_token_id).sum())
+            assert num_placeholders == processor.num_video_tokens(num_frames)
+            with torch.no_grad():
+                features = model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+                assert features.shape[1] == num_placeholders, (mode, newline, num_frames)
+                logits = model(**inputs).logits
+            assert logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_placeholders_equal_features_in_a_few_forward_passes(sweep_tokenizer):
+    """Every mode x newline position, forward passes at two frame counts (no PTG level, and two levels)."""
+    _forward_sweep(sweep_tokenizer, (1, 17))
+
+
+@pytest.mark.slow_sweep
+def test_placeholders_equal_features_for_every_mode_newline_and_frame_count(sweep_tokenizer):
+    """The full sweep: T = 1..70 x 4 newline positions x 3 modes, 840 forward passes (`pytest -m slow_sweep`)."""
+    _forward_sweep(sweep_tokenizer, range(1, 71))
 
 
 @pytest.mark.parametrize(
@@ -128,7 +249,9 @@ def test_other_nsp_geometries_agree_with_the_processor(tiny_stock_dir, settings)
     ours = load_ours(tiny_stock_dir, **settings)
     processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, **settings)
     for num_frames in (1, 8, 17):
-        inputs = processor(text=chat(processor, {"type": "video"}), videos=[random_video(num_frames)], return_tensors="pt")
+        inputs = processor(
+            text=chat(processor, {"type": "video"}), videos=[random_video(num_frames)], return_tensors="pt"
+        )
         with torch.no_grad():
             assert ours(**inputs).logits.isfinite().all()
 
@@ -152,13 +275,34 @@ def test_processor_rejects_bad_settings(tiny_stock_dir):
 
 def test_mismatch_error_names_the_settings_that_differ(tiny_stock_dir, stock_processor):
     ours = load_ours(tiny_stock_dir)
-    inputs = stock_processor(text=chat(stock_processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt")
+    inputs = stock_processor(
+        text=chat(stock_processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt"
+    )
     with pytest.raises(ValueError) as error:
         ours(**inputs)
     message = str(error.value)
     assert "785 <video> placeholder tokens" in message  # 4 * 14 * 14 + 1, the stock count
     assert "video_pooling_mode='bilinear' (model: 'stgridpool')" in message
     assert "nsp_partial_windows=True (model: False)" in message
+
+
+@pytest.mark.parametrize(
+    "processor_settings,named,not_named",
+    [
+        (dict(nsp_keep_ratio=1 / 25), "nsp_keep_ratio=0.04 (model: 0.25)", "nsp_padding="),
+        (dict(nsp_padding=3), "nsp_padding=3 (model: 0)", "nsp_partial_windows="),
+    ],
+    ids=["keep-ratio-1/25", "padding-3"],
+)
+def test_mismatch_error_derives_the_processor_settings(tiny_stock_dir, processor_settings, named, not_named):
+    """Issue 12 item 24: the differing settings are worked out from the counts, not picked from a few candidates."""
+    ours = load_ours(tiny_stock_dir)
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir, **processor_settings)
+    inputs = processor(text=chat(processor, {"type": "video"}), videos=[random_video(4)], return_tensors="pt")
+    with pytest.raises(ValueError) as error:
+        ours(**inputs)
+    message = str(error.value)
+    assert named in message and not_named not in message, message
 
 
 def test_generate_on_a_video_a_batch_of_two_and_an_image_with_a_video(tiny_stock_dir):

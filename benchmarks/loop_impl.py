@@ -1,6 +1,7 @@
-"""A straightforward, loop-based reading of SPEC.md 1-2, written the way the authors' reference code is: one chunk
-at a time, `F.interpolate(mode="area")` per frame into a canvas, and NSP per frame through `F.unfold` windows and a
-softmax per window. Only for the benchmark ("the authors' reference") and the CPU tests; never shipped.
+"""A loop rewrite of this project's ST-GridPool (the paper's PTG and NSP), one chunk at a time:
+`F.interpolate(mode="area")` per frame into a canvas, and NSP per frame through `F.unfold` windows and a softmax per
+window. It is ours, not the authors' code: a second, independent reading for the CPU tests and a loop-style baseline
+in the benchmark. Never shipped.
 """
 
 import math
@@ -15,7 +16,7 @@ def _layout(g: int) -> tuple[int, int]:
     return max(best, g // best), min(best, g // best)
 
 
-def reference_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> torch.Tensor:
+def loop_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]]) -> torch.Tensor:
     """frames [T, H, W, D] -> [T, H, W, D], PTG level by level, chunk by chunk, frame by frame."""
     frames = frames.clone()
     num_frames, height, width, dim = frames.shape
@@ -23,7 +24,11 @@ def reference_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]])
         n = num_frames // s
         if n == 0:
             continue
-        pos = torch.round(torch.linspace(0, num_frames, n + 1, dtype=torch.float32)[1:] - 1).clamp(0, num_frames - 1).long()
+        pos = (
+            torch.round(torch.linspace(0, num_frames, n + 1, dtype=torch.float32)[1:] - 1)
+            .clamp(0, num_frames - 1)
+            .long()
+        )
         snapshot = frames[pos].clone()  # [n, H, W, D]
         rows, cols = _layout(g)
         th, tw = math.ceil(height / rows), math.ceil(width / cols)
@@ -41,11 +46,16 @@ def reference_ptg(frames: torch.Tensor, pyramid_levels: Sequence[Sequence[int]])
     return frames
 
 
-def reference_nsp(
-    frames: torch.Tensor, keep_ratio: float, temperature: float = 1.0, norm_p: float = 2.0, padding: int = 0,
+def loop_nsp(
+    frames: torch.Tensor,
+    keep_ratio: float,
+    temperature: float = 1.0,
+    norm_p: float = 2.0,
+    padding: int = 0,
     partial_windows: bool = False,
 ) -> torch.Tensor:
-    """frames [T, H, W, D] -> [T, Ho, Wo, D]: per frame, unfold k x k windows, softmax of the scaled norms, weighted sum."""
+    """frames [T, H, W, D] -> [T, Ho, Wo, D]: per frame, unfold k x k windows, softmax of the scaled norms,
+    weighted sum."""
     k = round(1 / math.sqrt(keep_ratio))
     num_frames, height, width, dim = frames.shape
     outs = []
@@ -68,7 +78,8 @@ def reference_nsp(
     return torch.stack(outs).to(frames.dtype)
 
 
-def reference_st_grid_pool(frames, *, pyramid_levels, keep_ratio, temperature=1.0, norm_p=2.0, padding=0,
-                           partial_windows=False) -> torch.Tensor:
+def loop_st_grid_pool(
+    frames, *, pyramid_levels, keep_ratio, temperature=1.0, norm_p=2.0, padding=0, partial_windows=False
+) -> torch.Tensor:
     """PTG then NSP, the reference way. [T, H, W, D] -> [T, Ho, Wo, D]."""
-    return reference_nsp(reference_ptg(frames, pyramid_levels), keep_ratio, temperature, norm_p, padding, partial_windows)
+    return loop_nsp(loop_ptg(frames, pyramid_levels), keep_ratio, temperature, norm_p, padding, partial_windows)
