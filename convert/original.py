@@ -12,17 +12,6 @@ from pathlib import Path
 
 from .errors import ConversionError
 
-# LLaVA-OneVision's chat template (llava-hf repos), images and videos first, then text.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 # SigLIP towers LLaVA-NeXT uses, by `mm_vision_tower`; the layer count comes from the weights (the original drops the
 # tower's last layer). Other towers: pass --vision-config.
@@ -55,8 +44,6 @@ KEY_PREFIXES = (
 )
 # Frames the video processor samples by default: LLaVA-Video 64, LLaVA-OneVision 32.
 NUM_FRAMES = {"llava_video": 64, "onevision": 32}
-NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def is_original_layout(config: dict) -> bool:
@@ -95,14 +82,22 @@ class WeightInfo:
 
 
 def read_weight_info(path: Path, weight_files: list[str]) -> WeightInfo:
+    """Names and shapes from the safetensors headers; a ConversionError naming the file if a header is unreadable."""
     from safetensors import safe_open
 
     shapes, shards = {}, {}
     for name in weight_files:
-        with safe_open(path / name, "pt") as handle:
-            keys = list(handle.keys())
-            for key in keys:
-                shapes[key] = list(handle.get_slice(key).get_shape())
+        try:
+            with safe_open(path / name, "pt") as handle:
+                keys = list(handle.keys())
+                for key in keys:
+                    shapes[key] = list(handle.get_slice(key).get_shape())
+        except Exception as error:  # SafetensorError (bad header, truncated), OSError
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ConversionError(
+                f"SRC weights={str(path / name)!r} are invalid: not a readable safetensors file ({type(error).__name__}: "
+                f"{reason}); allowed are complete safetensors files"
+            ) from None
         shards[name] = keys
     return WeightInfo(shapes, shards)
 
@@ -171,6 +166,8 @@ def load_tokenizer(src: Path, tokenizer_source: str | None):
     """The tokenizer SRC ships (or `--tokenizer`), with `<image>` and `<video>` added as special tokens if absent."""
     from transformers import AutoTokenizer
 
+    from .source import TOKENIZER_FILES
+
     where = tokenizer_source or str(src)
     if tokenizer_source is None and not any((src / name).is_file() for name in TOKENIZER_FILES):
         raise ConversionError(
@@ -225,16 +222,20 @@ def build_source_config(config: dict, info: WeightInfo, tokenizer, vision_config
     if "torch_dtype" in config:
         converted["dtype"] = config["torch_dtype"]
     converted.update({k: v for k, v in config.items() if k.startswith("mm_") or k == "image_aspect_ratio"})
+    from configuration_stgridpool import NEWLINE_POSITIONS
+
     newline = config.get("mm_newline_position", "one_token")
     defaults = {"video_newline_position": newline} if newline in NEWLINE_POSITIONS else {}
     return converted, defaults
 
 
-def build_processor(config: dict, tokenizer, geometry: dict):
-    """An STGridPoolProcessor for the converted model: SigLIP-normalised image and video processors."""
+def build_processor(config: dict, tokenizer, settings):
+    """An STGridPoolProcessor for the converted model (`settings`: its VideoPoolingSettings): SigLIP-normalised
+    image and video processors."""
     from processing_stgridpool import STGridPoolProcessor
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
 
+    from stgridpool.chat_template import CHAT_TEMPLATE
 
     vision = config["vision_config"]
     size = {"height": vision["image_size"], "width": vision["image_size"]}
@@ -250,7 +251,7 @@ def build_processor(config: dict, tokenizer, geometry: dict):
         vision_feature_select_strategy="full",
         chat_template=tokenizer.chat_template if _handles_media(tokenizer.chat_template) else CHAT_TEMPLATE,
         vision_aspect_ratio=config["vision_aspect_ratio"],
-        **geometry,
+        **settings.geometry(),
     )
 
 

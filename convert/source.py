@@ -17,6 +17,8 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weights in these formats are pickles or other formats this converter never reads, copies or unpickles.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_MODEL_TYPES = ("llava_onevision",)
+# A checkpoint ships its tokenizer if it has one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
