@@ -210,10 +210,9 @@ def _copy_with_progress(src: Path, dst: Path, progress, chunk_size: int = 64 << 
     shutil.copymode(src, dst)
 
 
-def _stale(entry: Path) -> bool:
-    """True for a work folder (`.NAME.PID.*.partial` / `.old`) whose process is gone (killed mid-write)."""
-    parts = entry.name.split(".")
-    pid = parts[2] if len(parts) > 3 else ""
+def _stale(entry: Path, dst: Path) -> bool:
+    """True for a work folder of DST (`.NAME.PID.*.partial` / `.old`) whose process is gone (killed mid-write)."""
+    pid = entry.name[len(dst.name) + 2 :].split(".")[0]
     if not pid.isdigit():
         return False
     try:
@@ -230,7 +229,7 @@ def _remove_stale_work_dirs(dst: Path) -> None:
     if not dst.parent.is_dir():
         return
     for entry in dst.parent.glob(f".{dst.name}.*"):
-        if entry.name.endswith((".partial", ".old")) and entry.is_dir() and not entry.is_symlink() and _stale(entry):
+        if entry.name.endswith((".partial", ".old")) and entry.is_dir() and not entry.is_symlink() and _stale(entry, dst):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -267,8 +267,35 @@ def _refusal_cases(tmp: Path, stock: Path) -> list:
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors", "processor_config.json"):
         (no_tokenizer / name).write_bytes((stock / name).read_bytes())
+    def variant(name: str, **changes) -> Path:
+        """A copy of the stock checkpoint with files replaced: {file name: text}."""
+        path = tmp / name
+        path.mkdir()
+        for p in stock.iterdir():
+            os.link(p, path / p.name)
+        for file_name, text in changes.items():
+            (path / file_name.replace("__", ".")).unlink(missing_ok=True)
+            (path / file_name.replace("__", ".")).write_text(text)
+        return path
+
+    config = json.loads((stock / "config.json").read_text())
+    bad_processor = variant("bad-processor", processor_config__json="{not json")
+    bad_tokenizer = variant("bad-tokenizer", tokenizer_config__json='{"a": ')
+    vision_five = variant("vision-five", config__json=json.dumps({**config, "vision_config": 5}))
+    big = variant("big", config__json=json.dumps({**config, "text_config": {**config["text_config"], "hidden_size": "big"}}))
+    custom_tokenizer = variant(
+        "custom-tokenizer",
+        tokenizer_config__json=json.dumps({"tokenizer_class": "XTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}),
+    )
     return [
         ("missing", tmp / "does-not-exist", [], ["SRC=", "does-not-exist", "no such directory", "allowed"]),
+        ("bad processor json", bad_processor, [], ["processor_config.json", "JSON", "allowed"]),
+        ("bad tokenizer json", bad_tokenizer, [], ["tokenizer_config.json", "JSON", "allowed"]),
+        ("vision config 5", vision_five, [], ["SRC config.json is invalid", "allowed"]),
+        ("hidden size big", big, [], ["SRC config.json is invalid", "allowed"]),
+        ("custom tokenizer code", custom_tokenizer, [], ["tokenizer_class='XTokenizer'", "not a Transformers class"]),
+        ("huge temperature", stock, ["--temperature", "1e400"], ["--temperature='1e400'", "too large"]),
+        ("huge keep ratio", stock, ["--keep-ratio", "1e400"], ["--keep-ratio='1e400'", "too large"]),
         ("not llava", not_llava, [], ["SRC=", "model_type='qwen2'", "llava_onevision"]),
         ("pickle only", pickles, [], ["SRC=", "pytorch_model.bin", "safetensors"]),
         ("incomplete index", incomplete, [], ["model-00002-of-00002.safetensors", "missing", "allowed"]),
@@ -372,12 +399,120 @@ def test_push_to_hub(stock, tmp_path, monkeypatch, capsys):
     assert 'repo = "me/tiny-stgridpool"' in (dst / "README.md").read_text()
 
 
-def test_parse_pyramid_levels():
-    from convert.cli import parse_pyramid_levels
+def test_parse_settings():
+    """The one parser of setting values (the converter's options, the lmms-eval model's args)."""
+    from stgridpool.options import parse_pyramid_levels, parse_setting
 
     assert parse_pyramid_levels("4:2,4:4,4:8") == [[4, 2], [4, 4], [4, 8]]
-    assert parse_pyramid_levels("none") == []
+    assert parse_pyramid_levels("[[4,2],[4,4]]") == [[4, 2], [4, 4]]
+    assert parse_pyramid_levels("none") == parse_pyramid_levels("") == []
     assert parse_pyramid_levels(" 2:1 ") == [[2, 1]]
+    assert parse_setting("nsp_keep_ratio", "1/9") == pytest.approx(1 / 9)
+    assert parse_setting("nsp_padding", "2") == 2 and parse_setting("nsp_padding", 1.0) == 1
+    assert parse_setting("nsp_partial_windows", "true") is True
+    for field, text, words in (
+        ("nsp_temperature", "1e400", "too large"),
+        ("nsp_norm_p", "two", "not a number"),
+        ("pyramid_levels", "4-2", "GROUP:STRIDE"),
+        ("pyramid_levels", "[[4,2]", "JSON"),
+        ("nsp_padding", "1.5", "integers"),
+    ):
+        with pytest.raises(ValueError, match=words) as info:
+            parse_setting(field, text, label="--x")
+        assert str(info.value).startswith(f"--x={text!r} is invalid")
+
+
+def test_destination_inside_source_is_refused(stock, tmp_path):
+    """DST inside SRC (or SRC itself, or containing it, through a symbolic link too) is refused; SRC untouched."""
+    before = tree_digest(stock)
+    names_before = sorted(p.name for p in stock.iterdir())
+    link = tmp_path / "link-to-src"
+    link.symlink_to(stock)
+    cases = [[stock, stock / "converted"], [stock, stock / "a" / "b"], [stock, link / "converted"], [stock, stock, "--overwrite"],
+             [stock, stock.parent, "--overwrite"]]  # fmt: skip
+    for code, stderr in run_cli_many(tmp_path, cases):
+        assert code == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "inside SRC" in stderr, stderr
+    assert tree_digest(stock) == before and sorted(p.name for p in stock.iterdir()) == names_before
+
+
+def test_symlinked_destination(stock, tmp_path):
+    """A link to a directory is written through (the link stays); a dangling link is refused."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    (code, stderr), (dangling_code, dangling_err) = run_cli_many(tmp_path, [[stock, link], [stock, dangling]])
+    assert code == 0, stderr
+    assert link.is_symlink() and (target / "config.json").is_file()
+    assert dangling_code == 2 and "does not exist" in dangling_err and len(dangling_err.strip().splitlines()) == 1
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+    result = run_cli(tmp_path, stock, link, "--overwrite", "--video-pooling-mode", "average")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and json.loads((target / "config.json").read_text())["video_pooling_mode"] == "average"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "target"]  # no .old / .partial left
+
+
+def test_only_model_repo_files_and_own_code_are_carried(stock, tmp_path):
+    """Allow-list: code, binaries and other files of SRC stay behind; auto_map entries naming other code (a local
+    module, another repo) are dropped, so DST loads with this project's code alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in stock.iterdir():
+        os.link(p, src / p.name)
+    for name in ("helper.PY", "gui.pyw", "native.so", "tokenization_x.py", "notes.ipynb", "run.sh"):
+        (src / name).write_text("raise SystemExit('must not be carried')")
+    tokenizer_config = json.loads((stock / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_x.XTokenizer", None], "AutoProcessor": "other-org/other-repo--p.P"}
+    (src / "tokenizer_config.json").unlink()
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    processor_config = json.loads((stock / "processor_config.json").read_text())
+    processor_config["auto_map"] = {"AutoProcessor": "other-org/other-repo--processing_x.XProcessor"}
+    (src / "processor_config.json").unlink()
+    (src / "processor_config.json").write_text(json.dumps(processor_config))
+    dst = tmp_path / "dst"
+    result = run_cli(tmp_path, src, dst)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in dst.iterdir()) == sorted([p.name for p in stock.iterdir()] + list(CODE_MODULES))
+    for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
+        auto_map = json.loads((dst / name).read_text()).get("auto_map", {})
+        modules = {str(ref).rsplit(".", 1)[0] for value in auto_map.values() for ref in (value if isinstance(value, list) else [value]) if ref}
+        assert modules <= {name[: -len(".py")] for name in CODE_MODULES}, (name, auto_map)
+    from stgridpool.loading import load_processor, resolve_model
+
+    source = resolve_model(str(dst))
+    assert not source.remote_code  # only this project's code, byte for byte: the installed classes load it
+    assert type(load_processor(source)).__name__ == "STGridPoolProcessor"
+
+
+def test_interrupted_conversion_leaves_nothing(stock, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM mid-copy: one line, exit 130, no temporary folder; a folder left by a killed run (kill -9)
+    is removed by the next run."""
+    import signal
+    import time
+
+    import convert
+    import convert.repo
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".dst.{int(dead.stdout)}.abc.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    for interrupt in ("ctrl-c", "sigterm"):
+
+        def broken(*args, **kwargs):
+            if interrupt == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+        monkeypatch.setattr(convert.repo, "transfer_weights", broken)
+        assert convert.main([str(stock), str(tmp_path / "dst"), "--copy"]) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "interrupted" in err[0], err
+        assert list(tmp_path.iterdir()) == [], interrupt  # the stale folder went too
 
 
 def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
