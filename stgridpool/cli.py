@@ -363,8 +363,15 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit code 2; subcommands inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stgridpool", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="stgridpool", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
@@ -396,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # bad options: argparse prints one usage line + error and exits 2
+    args = parser.parse_args(argv)  # bad options: one line, exit 2
     from processing_stgridpool import VideoDecodeError
     from stgridpool.loading import ModelLoadError
 
