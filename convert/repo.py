@@ -18,8 +18,6 @@ from .source import TOKENIZER_FILES, SourceCheckpoint, read_json
 
 MODEL_TYPE = "stgridpool_llava_onevision"
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
-# This project's modules that a repo carries as its remote code, copied byte for byte. The one list: the converter
-# copies these, and stgridpool.loading compares a repo's copies with the installed ones.
 CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool")
 PROCESSOR_CLASS = "STGridPoolProcessor"
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
@@ -97,7 +95,8 @@ def check_destination(dst: Path, source: Path, overwrite: bool) -> None:
 
 
 def code_file(module: str) -> Path:
-    """Path of one of this project's three top-level modules, as installed."""
+    """Path of one of this project's top-level modules, as installed. `CODE_MODULES` is the one list of them: the
+    converter copies these into a repo byte for byte, and stgridpool.loading compares a repo's copies with them."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
         raise ConversionError(f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava")

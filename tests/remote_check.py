@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool")
+BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
 
 
 class _Refuse(importlib.abc.MetaPathFinder):

@@ -17,7 +17,8 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 REMOTE_CHECK = Path(__file__).with_name("remote_check.py")
-CODE_MODULES = ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py")
+# The code files a repo carries: the converter's one list (it grows when the project adds a module).
+CODE_MODULES = tuple(f"{module}.py" for module in __import__("convert.repo").repo.CODE_MODULES)
 SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# tiny llava-onevision\n"
 # Non-default settings for the main conversion, so the test sees that every option lands in config and processor.
 OPTIONS = {
