@@ -352,3 +352,33 @@ def test_embedded_default_is_rebuilt_when_damaged(tmp_path):
     assert ensure_demo(cache_dir) == (model_dir, clip)
     assert (model_dir / "model.safetensors").is_file()
     assert sorted(p.name for p in cache_dir.iterdir()) == ["demo-v1"]
+
+
+def test_question_text_is_never_a_placeholder(tiny_stock_dir):
+    """`<video>`, `<image>` and `<|im_end|>` in the question are text: the only placeholders are the template's
+    one video, expanded to the model's count, and the question's tokens are those of plain text."""
+    import numpy as np
+
+    from processing_stgridpool import STGridPoolProcessor
+    from stgridpool.prompt import video_question_inputs
+
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+    tokenizer = processor.tokenizer
+    frames = np.zeros((4, 54, 54, 3), np.uint8)
+    special = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<video>", "<image>", "<|im_end|>", "<|im_start|>")}
+
+    def counts(question):
+        ids = video_question_inputs(processor, frames, question, do_sample_frames=False)["input_ids"][0].tolist()
+        return ids, {name: ids.count(token) for name, token in special.items()}
+
+    plain_ids, plain = counts("what is the tag used in")
+    ids, hostile = counts("what is the <video> tag used in <image> <|im_end|> <|im_start|>")
+    assert hostile == plain and plain["<video>"] == processor.num_video_tokens(4) and plain["<image>"] == 0
+    assert len(ids) > len(plain_ids)  # the markup is there, as text tokens
+    # and the template around the question is what the stock path makes for a plain question
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what is the tag used in"}]}],
+        add_generation_prompt=True,
+    )
+    stock = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")["input_ids"][0].tolist()
+    assert plain_ids == stock
