@@ -141,6 +141,22 @@ def find_weight_files(path: Path) -> tuple[list[str], str | None]:
     )
 
 
+def check_weight_headers(path: Path, weight_files: list[str]) -> None:
+    """Refuse safetensors files whose header cannot be read (garbage, or cut short); no tensor is read."""
+    from safetensors import safe_open
+
+    for name in weight_files:
+        try:
+            with safe_open(path / name, "pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ConversionError(
+                f"SRC weights={str(path / name)!r} are invalid: not a readable safetensors file ({type(error).__name__}: "
+                f"{reason}); allowed are complete safetensors files"
+            ) from None
+
+
 def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
     """Resolve and check SRC: a Transformers-format LLaVA-OneVision checkpoint with safetensors weights."""
     path, hub_id = resolve_source(src, revision)
@@ -163,6 +179,7 @@ def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
             f"one (model_type 'llava', LlavaQwenForCausalLM: LLaVA-Video, lmms-lab LLaVA-OneVision)"
         )
     weight_files, index_file = find_weight_files(path)
+    check_weight_headers(path, weight_files)
     return SourceCheckpoint(
         path=path,
         config=config,

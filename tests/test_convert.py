@@ -747,6 +747,10 @@ def test_original_refusals(workdir, tmp_path):
     tensors = load_file(src / "model.safetensors")
     tensors["model.vision_resampler.weight"] = tensors["model.image_newline"].clone()
     save_file(tensors, unknown_key / "model.safetensors", metadata={"format": "pt"})
+    garbage = tmp_path / "garbage-header"
+    garbage.mkdir()
+    for p in src.iterdir():
+        (garbage / p.name).write_bytes(p.read_bytes() if p.name != "model.safetensors" else b"garbage" * 20)
     vision = ["--vision-config", src / "vision_config.json"]
     wrong_vision = tmp_path / "wrong_vision.json"
     wrong_vision.write_text(json.dumps({**TINY_VISION, "hidden_size": 24}))
@@ -756,6 +760,7 @@ def test_original_refusals(workdir, tmp_path):
         (unknown_key, vision, ["model.vision_resampler.weight", "allowed"]),
         (src, ["--vision-config", src / "config.json"], ["--vision-config=", "image_size", "patch_size", "allowed"]),
         (src, ["--vision-config", wrong_vision], ["vision config", "shape", "patch_embedding"]),
+        (garbage, vision, ["model.safetensors", "not a readable safetensors file", "allowed"]),
     ]
     results = run_cli_many(tmp_path, [[s, tmp_path / "out" / str(i), *args] for i, (s, args, _) in enumerate(cases)])
     for (s, args, words), (code, stderr) in zip(cases, results):
