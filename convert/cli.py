@@ -16,7 +16,10 @@ from .errors import ConversionError
 PROG = "stgridpool-convert"
 # The ST-GridPool options: flag -> VideoPoolingSettings field, and the help. The one table between the two names.
 SETTING_OPTIONS = {
-    "--video-pooling-mode": ("video_pooling_mode", "stgridpool (default), bilinear (stock LLaVA-OneVision) or average (stock LLaVA-Video)"),
+    "--video-pooling-mode": (
+        "video_pooling_mode",
+        "stgridpool (default), bilinear (stock LLaVA-OneVision) or average (stock LLaVA-Video)",
+    ),
     "--pyramid-levels": ("pyramid_levels", "PTG levels GROUP:STRIDE,... (default 4:2,4:4,4:8); 'none' disables PTG"),
     "--keep-ratio": ("nsp_keep_ratio", "NSP keep ratio 1/k^2 (default 0.25)"),
     "--temperature": ("nsp_temperature", "NSP softmax temperature > 0 (default 1.0)"),
@@ -56,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a LLaVA-OneVision checkpoint (Transformers format, safetensors) into an ST-GridPool model "
         "repo that loads with trust_remote_code=True. Weights are hard-linked or copied, never loaded.",
     )
-    parser.add_argument("src", metavar="SRC", help="local checkpoint directory or Hub model id (model_type llava_onevision)")
-    parser.add_argument("dst", metavar="DST", help="directory to write the repo to (must be new or empty unless --overwrite)")
+    parser.add_argument(
+        "src", metavar="SRC", help="local checkpoint directory or Hub model id (model_type llava_onevision)"
+    )
+    parser.add_argument(
+        "dst", metavar="DST", help="directory to write the repo to (must be new or empty unless --overwrite)"
+    )
     group = parser.add_argument_group("ST-GridPool settings (default: the paper's)")
     for flag, (field, help_text) in SETTING_OPTIONS.items():
         if field == "nsp_partial_windows":
@@ -67,11 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-model", help="Hub id for the card's base_model (default: SRC when it is a Hub id)")
     parser.add_argument("--src-revision", help="revision of SRC when it is a Hub model id")
     parser.add_argument("--copy", action="store_true", help="copy the weights instead of hard-linking them")
-    parser.add_argument("--tokenizer", help="original LLaVA-NeXT SRC only: tokenizer directory or Hub id, if SRC ships none")
-    parser.add_argument("--vision-config", help="original LLaVA-NeXT SRC only: JSON file with the SigLIP vision config, for a tower not known by name")
+    parser.add_argument(
+        "--tokenizer", help="original LLaVA-NeXT SRC only: tokenizer directory or Hub id, if SRC ships none"
+    )
+    parser.add_argument(
+        "--vision-config",
+        help="original LLaVA-NeXT SRC only: JSON file with the SigLIP vision config, for a tower not known by name",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it is a non-empty directory")
     hub = parser.add_argument_group("Hub upload")
-    hub.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the repo to this Hub model repo (created if needed)")
+    hub.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="upload the repo to this Hub model repo (created if needed)"
+    )
     hub.add_argument("--private", action="store_true", help="create the Hub repo private")
     hub.add_argument("--revision", help="branch to upload to (created if needed; default main)")
     return parser
@@ -88,7 +102,10 @@ def check_hub_options(args: argparse.Namespace) -> None:
     if args.push_to_hub is None:
         for flag, value in (("--private", args.private), ("--revision", args.revision)):
             if value:
-                raise ConversionError(f"{flag}={value!r} is invalid without --push-to-hub; allowed only together with --push-to-hub REPO_ID")
+                raise ConversionError(
+                    f"{flag}={value!r} is invalid without --push-to-hub; allowed only together with "
+                    "--push-to-hub REPO_ID"
+                )
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -120,7 +137,10 @@ def run(args: argparse.Namespace) -> Path:
     else:
         for flag, value in (("--tokenizer", args.tokenizer), ("--vision-config", args.vision_config)):
             if value:
-                raise ConversionError(f"{flag}={value!r} is invalid for a Transformers-format SRC; allowed only for original LLaVA-NeXT checkpoints")
+                raise ConversionError(
+                    f"{flag}={value!r} is invalid for a Transformers-format SRC; allowed only for original "
+                    "LLaVA-NeXT checkpoints"
+                )
         check_processor_files(source)
         config = build_config(source.config, chosen_settings(args))
 
@@ -128,7 +148,9 @@ def run(args: argparse.Namespace) -> Path:
             copy_stock_files(source, temp, args.copy)
 
     settings = VideoPoolingSettings.from_config(config).to_kwargs()
-    card = model_card(source.card_metadata, args.base_model or source.hub_id, settings, args.push_to_hub, source.path.name)
+    card = model_card(
+        source.card_metadata, args.base_model or source.hub_id, settings, args.push_to_hub, source.path.name
+    )
     write_repo(source.path, config, card, dst, fill, overwrite=args.overwrite)
     print(f"Wrote {dst}", file=sys.stderr)
     if args.push_to_hub:
@@ -136,7 +158,9 @@ def run(args: argparse.Namespace) -> Path:
             url = push_to_hub(dst, args.push_to_hub, private=args.private, revision=args.revision)
         except Exception as error:  # network, auth, permissions: the repo on disk is complete; say so in one line
             reason = str(error).splitlines()[0] if str(error) else ""
-            raise PushError(f"wrote {dst} but uploading it to {args.push_to_hub!r} failed ({type(error).__name__}: {reason})") from None
+            raise PushError(
+                f"wrote {dst} but uploading it to {args.push_to_hub!r} failed ({type(error).__name__}: {reason})"
+            ) from None
         print(f"Pushed to {url}", file=sys.stderr)
     return dst
 

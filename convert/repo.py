@@ -68,7 +68,13 @@ def build_config(source_config: dict, overrides: dict) -> dict:
                 f"as Transformers saves it"
             )
         raise ConversionError(message) from None
-    return {**source_config, **fields, "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "auto_map": MODEL_AUTO_MAP}
+    return {
+        **source_config,
+        **fields,
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "auto_map": MODEL_AUTO_MAP,
+    }
 
 
 def check_destination(dst: Path, source: Path, overwrite: bool) -> None:
@@ -76,15 +82,20 @@ def check_destination(dst: Path, source: Path, overwrite: bool) -> None:
     SRC, or a dangling symbolic link. `dst` is absolute; a link to a directory is checked as its target."""
     if dst.is_symlink() and not dst.exists():
         raise ConversionError(
-            f"DST={str(dst)!r} is invalid: it is a symbolic link to {os.readlink(dst)!r}, which does not exist; allowed "
+            f"DST={str(dst)!r} is invalid: it is a symbolic link to {os.readlink(dst)!r}, which does not exist; "
+            "allowed "
             f"is a new or empty directory, or a link to one"
         )
     if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"DST={str(dst)!r} is invalid: it is a file; allowed is a new or empty directory (or --overwrite for a directory)")
+        raise ConversionError(
+            f"DST={str(dst)!r} is invalid: it is a file; allowed is a new or empty directory (or --overwrite "
+            "for a directory)"
+        )
     dst_real, src_real = dst.resolve(), source.resolve()
     if dst_real == src_real or dst_real in src_real.parents or src_real in dst_real.parents:
         raise ConversionError(
-            f"DST={str(dst)!r} is invalid: it is, contains or is inside SRC {str(source)!r}; the converter never writes "
+            f"DST={str(dst)!r} is invalid: it is, contains or is inside SRC {str(source)!r}; the converter "
+            "never writes "
             f"into its source; allowed is a directory outside SRC"
         )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
@@ -99,7 +110,9 @@ def code_file(module: str) -> Path:
     converter copies these into a repo byte for byte, and stgridpool.loading compares a repo's copies with them."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ConversionError(f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava")
+        raise ConversionError(
+            f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava"
+        )
     return Path(spec.origin)
 
 
@@ -122,7 +135,8 @@ def check_processor_files(source: SourceCheckpoint) -> None:
     nested = "image_processor" in configs.get("processor_config.json", {})
     if not nested and "preprocessor_config.json" not in configs:
         raise ConversionError(
-            f"SRC={str(path)!r} is invalid: it has no image processor (preprocessor_config.json, or processor_config.json "
+            f"SRC={str(path)!r} is invalid: it has no image processor (preprocessor_config.json, or "
+            "processor_config.json "
             f"with 'image_processor'); allowed is a checkpoint that ships its processor, as llava-hf repos do"
         )
     import transformers
@@ -135,7 +149,8 @@ def check_processor_files(source: SourceCheckpoint) -> None:
                 if isinstance(value, str) and not hasattr(transformers, value):
                     raise ConversionError(
                         f"SRC file={str(path / name)!r} is invalid: {field}={value!r} is not a Transformers class (it "
-                        f"needs code the repo would not carry); allowed are tokenizers and processors Transformers ships"
+                        "needs code the repo would not carry); allowed are tokenizers and processors "
+                        "Transformers ships"
                     )
 
 
@@ -228,7 +243,12 @@ def _remove_stale_work_dirs(dst: Path) -> None:
     if not dst.parent.is_dir():
         return
     for entry in dst.parent.glob(f".{dst.name}.*"):
-        if entry.name.endswith((".partial", ".old")) and entry.is_dir() and not entry.is_symlink() and _stale(entry, dst):
+        if (
+            entry.name.endswith((".partial", ".old"))
+            and entry.is_dir()
+            and not entry.is_symlink()
+            and _stale(entry, dst)
+        ):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -75,9 +75,13 @@ def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{what}={str(path)!r} is invalid: cannot read it as JSON ({error}); allowed is a JSON object") from None
+        raise ConversionError(
+            f"{what}={str(path)!r} is invalid: cannot read it as JSON ({error}); allowed is a JSON object"
+        ) from None
     if not isinstance(data, dict):
-        raise ConversionError(f"{what}={str(path)!r} is invalid: it holds a {type(data).__name__}; allowed is a JSON object")
+        raise ConversionError(
+            f"{what}={str(path)!r} is invalid: it holds a {type(data).__name__}; allowed is a JSON object"
+        )
     return data
 
 
@@ -110,13 +114,15 @@ def find_weight_files(path: Path) -> tuple[list[str], str | None]:
         weight_map = read_json(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(
-                f"weights index={str(index)!r} is invalid: it has no 'weight_map'; allowed is a Transformers safetensors index"
+                f"weights index={str(index)!r} is invalid: it has no 'weight_map'; allowed is a Transformers "
+                "safetensors index"
             )
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
             if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise ConversionError(
-                    f"weights index={str(index)!r} is invalid: it lists shard {shard!r}; allowed are .safetensors file names in SRC"
+                    f"weights index={str(index)!r} is invalid: it lists shard {shard!r}; allowed are "
+                    ".safetensors file names in SRC"
                 )
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
@@ -132,7 +138,8 @@ def find_weight_files(path: Path) -> tuple[list[str], str | None]:
     if pickles:
         raise ConversionError(
             f"SRC={str(path)!r} is invalid: its weights are only pickle files ({', '.join(pickles[:3])}), which this "
-            f"converter never loads; allowed are safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} + shards): "
+            f"converter never loads; allowed are safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} + "
+            "shards): "
             f"convert them first, e.g. with Transformers' save_pretrained(safe_serialization=True)"
         )
     raise ConversionError(
@@ -152,7 +159,8 @@ def check_weight_headers(path: Path, weight_files: list[str]) -> None:
         except Exception as error:  # SafetensorError, OSError
             reason = str(error).splitlines()[0] if str(error) else ""
             raise ConversionError(
-                f"SRC weights={str(path / name)!r} are invalid: not a readable safetensors file ({type(error).__name__}: "
+                f"SRC weights={str(path / name)!r} are invalid: not a readable safetensors file "
+                f"({type(error).__name__}: "
                 f"{reason}); allowed are complete safetensors files"
             ) from None
 

@@ -43,7 +43,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "stgridpool"
 
 
-DEMO_FILES = ("model/config.json", "model/model.safetensors", "model/processor_config.json", "model/tokenizer.json", "sample.mp4")
+DEMO_FILES = (
+    "model/config.json",
+    "model/model.safetensors",
+    "model/processor_config.json",
+    "model/tokenizer.json",
+    "sample.mp4",
+)
 
 
 def demo_is_complete(root: Path) -> bool:
@@ -89,7 +95,10 @@ def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
         _remove_stale_builds(cache_dir)
         build = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=cache_dir))
     except OSError as error:
-        raise UsageError(f"--cache-dir {cache_dir}: cannot write there ({type(error).__name__}: {error.strerror or error}); allowed is a writable folder") from None
+        raise UsageError(
+            f"--cache-dir {cache_dir}: cannot write there ({type(error).__name__}: {error.strerror or error}); "
+            "allowed is a writable folder"
+        ) from None
     print(f"[stgridpool] building the embedded default (tiny random weights, offline) in {root} ...", file=sys.stderr)
     from configuration_stgridpool import STGridPoolConfig
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
@@ -117,7 +126,9 @@ def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
 def resolve_inputs(args) -> tuple[str, Path | None, bool]:
     """(model, video path, whether the model is the embedded random default)."""
     if args.video == "":
-        raise UsageError("VIDEO '' is invalid: an empty file name; allowed is a video file, or no VIDEO for the sample clip")
+        raise UsageError(
+            "VIDEO '' is invalid: an empty file name; allowed is a video file, or no VIDEO for the sample clip"
+        )
     video = Path(args.video) if args.video else None
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     if args.model == "":
@@ -148,10 +159,14 @@ def check_device(value: str) -> str:
         return value
     backend = getattr(torch, device.type, None)
     if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        raise argparse.ArgumentTypeError(f"--device {value!r} is invalid: this machine has no {device.type} device; {allowed}")
+        raise argparse.ArgumentTypeError(
+            f"--device {value!r} is invalid: this machine has no {device.type} device; {allowed}"
+        )
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if device.index is not None and device.index >= count:
-        raise argparse.ArgumentTypeError(f"--device {value!r} is invalid: this machine has {count} {device.type} device(s); {allowed}")
+        raise argparse.ArgumentTypeError(
+            f"--device {value!r} is invalid: this machine has {count} {device.type} device(s); {allowed}"
+        )
     return value
 
 
@@ -244,7 +259,9 @@ def check_output(output: Path) -> None:
     if output.is_dir():
         raise UsageError(f"-o {output}: it is a folder; {allowed}")
     if formats.get(output.suffix.lower()) not in Image.SAVE:
-        raise UsageError(f"-o {output}: {output.suffix or 'no extension'} is not an image format Pillow writes; {allowed}")
+        raise UsageError(
+            f"-o {output}: {output.suffix or 'no extension'} is not an image format Pillow writes; {allowed}"
+        )
     if not output.parent.is_dir():
         raise UsageError(f"-o {output}: folder {output.parent} does not exist; {allowed}")
 
@@ -291,7 +308,7 @@ def cmd_ask(args) -> int:
     if demo:
         print(
             "[stgridpool] Using the embedded default: a tiny model with RANDOM weights, so the answer is noise. "
-            f"For real answers: stgridpool ask VIDEO \"QUESTION\" --model {REAL_MODEL_HINT} (or an ST-GridPool repo).",
+            f'For real answers: stgridpool ask VIDEO "QUESTION" --model {REAL_MODEL_HINT} (or an ST-GridPool repo).',
             file=sys.stderr,
         )
     source = resolve_model(model_id, trust_remote_code=args.trust_remote_code)
@@ -316,7 +333,9 @@ def cmd_ask(args) -> int:
         file=sys.stderr,
     )
     if fed != ours:
-        print(f"[stgridpool] warning: the config's geometry says {ours} tokens, the processor made {fed}", file=sys.stderr)
+        print(
+            f"[stgridpool] warning: the config's geometry says {ours} tokens, the processor made {fed}", file=sys.stderr
+        )
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     vision_s, remove_hooks = time_vision_path(model)
     start = time.perf_counter()
@@ -382,7 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="allow a --model whose code differs from this project's installed code to run that code",
         )  # fmt: skip
         sub.add_argument("--num-frames", type=check_num_frames, help="frames to sample (default: the processor's, 32)")
-        sub.add_argument("--device", default="auto", type=check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+        sub.add_argument(
+            "--device", default="auto", type=check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+        )
         sub.add_argument("--cache-dir", help=f"where the embedded default lives (default: {default_cache_dir()})")
         sub.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
@@ -419,5 +440,9 @@ def main(argv=None) -> int:
         if args.debug:
             raise
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        print(f"stgridpool: error: unexpected {type(error).__name__}: {reason} (run again with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"stgridpool: error: unexpected {type(error).__name__}: {reason} (run again with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
         return 1

@@ -114,7 +114,9 @@ def untrusted_code(model_id: str, revision: str | None, prefix: str) -> list[str
     for module in CODE_MODULES:  # every copy the repo holds, named or not: a code file that differs is suspect
         path = _repo_file(model_id, f"{module}.py", revision)
         if path is not None and path.read_bytes() != installed_code_file(module).read_bytes():
-            reasons[module] = f"its {module}.py differs from the installed stgridpool-llava's (changed, or another version)"
+            reasons[module] = (
+                f"its {module}.py differs from the installed stgridpool-llava's (changed, or another version)"
+            )
     return list(reasons.values())
 
 
@@ -135,17 +137,23 @@ def check_weights(model_id: str, revision: str | None, prefix: str) -> None:
     else:
         pickles = [name for name in PICKLE_WEIGHTS if _repo_file(model_id, name, revision) is not None]
         if pickles:
-            raise ModelLoadError(f"{prefix}: its weights are only pickle files ({', '.join(pickles)}), which are never loaded; {allowed}")
+            raise ModelLoadError(
+                f"{prefix}: its weights are only pickle files ({', '.join(pickles)}), which are never loaded; {allowed}"
+            )
         raise ModelLoadError(f"{prefix}: it has no weights; {allowed}")
     for shard in shards:
         path = _repo_file(model_id, shard, revision) if Path(shard).name == shard else None
         if path is None:
-            raise ModelLoadError(f"{prefix}: weight file {shard!r} (from its {WEIGHTS_INDEX_NAME}) is missing; {allowed}")
+            raise ModelLoadError(
+                f"{prefix}: weight file {shard!r} (from its {WEIGHTS_INDEX_NAME}) is missing; {allowed}"
+            )
         try:
             with safe_open(path, "pt"):
                 pass
         except Exception as error:  # SafetensorError: truncated, garbage header
-            raise ModelLoadError(f"{prefix}: its weight file {shard} is damaged ({_first_line(error)}); {allowed}") from None
+            raise ModelLoadError(
+                f"{prefix}: its weight file {shard} is damaged ({_first_line(error)}); {allowed}"
+            ) from None
 
 
 def resolve_model(
@@ -203,7 +211,9 @@ def build_config(source: ModelSource):
     try:
         return STGridPoolConfig.from_dict({**source.config, **source.settings.to_kwargs()})
     except Exception as error:  # strict-dataclass, type and value errors of a bad config.json
-        raise ModelLoadError(f"{source.label} {source.model_id}: its config.json is invalid ({_first_line(error)})") from None
+        raise ModelLoadError(
+            f"{source.label} {source.model_id}: its config.json is invalid ({_first_line(error)})"
+        ) from None
 
 
 def load_processor(source: ModelSource):
@@ -220,7 +230,9 @@ def load_processor(source: ModelSource):
 
             processor = STGridPoolProcessor.from_pretrained(source.model_id, **kwargs, **geometry)
     except Exception as error:
-        raise ModelLoadError(f"{source.label} {source.model_id}: cannot load its processor ({_first_line(error)})") from None
+        raise ModelLoadError(
+            f"{source.label} {source.model_id}: cannot load its processor ({_first_line(error)})"
+        ) from None
     theirs = VideoPoolingSettings.from_config({**source.settings.to_kwargs(), **vars(processor)})
     if theirs.geometry() != geometry:
         raise ModelLoadError(f"{source.label} {source.model_id}: its processor does not take the settings {geometry}")
@@ -251,7 +263,9 @@ def load_model(source: ModelSource, **model_kwargs):
     except ModelLoadError:
         raise
     except Exception as error:
-        raise ModelLoadError(f"{source.label} {source.model_id}: cannot load the model ({_first_line(error)})") from None
+        raise ModelLoadError(
+            f"{source.label} {source.model_id}: cannot load the model ({_first_line(error)})"
+        ) from None
     return model.eval()
 
 

@@ -8,7 +8,9 @@ import json
 from fractions import Fraction
 
 NUMBER_FIELDS = ("nsp_keep_ratio", "nsp_temperature", "nsp_norm_p")
-PYRAMID_ALLOWED = "comma-separated GROUP:STRIDE pairs of positive integers (e.g. 4:2,4:4,4:8), JSON like [[4,2],[4,4]], or none"
+PYRAMID_ALLOWED = (
+    "comma-separated GROUP:STRIDE pairs of positive integers (e.g. 4:2,4:4,4:8), JSON like [[4,2],[4,4]], or none"
+)
 
 
 def parse_number(text: str, label: str = "value") -> float:
@@ -18,7 +20,9 @@ def parse_number(text: str, label: str = "value") -> float:
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"{label}={text!r} is invalid: not a number; allowed are numbers like 0.25 or 1/9") from None
     except OverflowError:
-        raise ValueError(f"{label}={text!r} is invalid: too large for a float; allowed are finite numbers like 0.25 or 1/9") from None
+        raise ValueError(
+            f"{label}={text!r} is invalid: too large for a float; allowed are finite numbers like 0.25 or 1/9"
+        ) from None
     return number
 
 
@@ -39,7 +43,10 @@ def parse_pyramid_levels(text: str, label: str = "pyramid_levels") -> list[list[
     for item in text.split(","):
         parts = item.strip().split(":")
         if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-            raise ValueError(f"{label}={text!r} is invalid: level {item.strip()!r} is not GROUP:STRIDE; allowed are {PYRAMID_ALLOWED}")
+            raise ValueError(
+                f"{label}={text!r} is invalid: level {item.strip()!r} is not GROUP:STRIDE; allowed are "
+                f"{PYRAMID_ALLOWED}"
+            )
         levels.append([int(part) for part in parts])
     return levels
 

@@ -79,7 +79,8 @@ def ptg_images(images: list[Image.Image], pyramid_levels) -> list[Image.Image]:
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Map weight ratios (weight * k^2; 1 = uniform) to RGB: 0 blue, 1 white, >= 2 red; NaN dark gray. [...] -> [..., 3]."""
+    """Map weight ratios (weight * k^2; 1 = uniform) to RGB: 0 blue, 1 white, >= 2 red; NaN dark gray. [...] "
+    "-> [..., 3]."""
     v = np.clip(np.nan_to_num(values, nan=1.0), 0, 2)
     low, high = np.clip(v, 0, 1), np.clip(v - 1, 0, 1)
     rgb = np.stack([low * 255, 255 - 190 * high, 255 - 190 * high], -1)  # white -> red above 1

@@ -67,7 +67,9 @@ def load_video(path: str, num_frames: int) -> np.ndarray:
     return read_video_pyav(path, sample_indices_fn=lmms_eval_indices)[0]
 
 
-def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = False, **model_kwargs):
+def load_model_and_processor(
+    pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = False, **model_kwargs
+):
     """Load the ST-GridPool model with `overrides` applied to its config, and a processor that follows it, through
     the loader the CLI uses (stgridpool.loading): code from the repo runs only with `trust_remote_code=True`, and
     a repo whose code is this project's installed code loads with the installed classes. Raises

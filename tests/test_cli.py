@@ -22,7 +22,9 @@ def cli_env(tmp_path) -> dict:
 
 
 def run_cli(args, env, **kwargs):
-    return subprocess.run([sys.executable, "-m", "stgridpool", *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "stgridpool", *args], env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,9 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
 def test_visualize_png(cache, tmp_path):
     tmp, _ = cache
     out = tmp_path / "vis.png"
-    result = run_cli(["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], cli_env(tmp_path))
+    result = run_cli(
+        ["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], cli_env(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     picture = np.asarray(Image.open(out).convert("RGB"))
     # the same figure, drawn in-process, gives the panel layout
@@ -136,7 +140,10 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, cache, capsys):
     processes = {
         name: subprocess.Popen(
             [sys.executable, "-m", "stgridpool", "ask", *cases[name][0], "--cache-dir", str(tmp / "cache")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("missing", "text", "num_frames_zero")
     }
@@ -203,7 +210,16 @@ def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path):
     marker = tmp_path / "marker.txt"
     modeling = (converted / "modeling_stgridpool_llava.py").read_text()
     replace_file(repo / "modeling_stgridpool_llava.py", modeling + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
-    args = ["ask", str(tmp / "cache" / "demo-v1" / "sample.mp4"), "--model", str(repo), "--num-frames", "4", "--max-new-tokens", "2"]
+    args = [
+        "ask",
+        str(tmp / "cache" / "demo-v1" / "sample.mp4"),
+        "--model",
+        str(repo),
+        "--num-frames",
+        "4",
+        "--max-new-tokens",
+        "2",
+    ]
     refused = run_cli(args, cli_env(tmp_path))
     assert refused.returncode == 2, refused.stderr
     line = one_line(refused.stderr)
@@ -281,7 +297,10 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
         (["ask", sample, "--max-new-tokens", "0"], "--max-new-tokens '0' is invalid"),
         (["ask", sample, "--max-new-tokens=-1"], "--max-new-tokens '-1' is invalid"),
         (["ask", sample, "--device", "foo"], "--device 'foo' is invalid"),
-        (["ask", sample, "--device", "cuda:7"] if torch.cuda.device_count() < 8 else None, "--device 'cuda:7' is invalid"),
+        (
+            ["ask", sample, "--device", "cuda:7"] if torch.cuda.device_count() < 8 else None,
+            "--device 'cuda:7' is invalid",
+        ),
         (["ask", sample, "--device", "cuda"] if not torch.cuda.is_available() else None, "no cuda device"),
         (["ask", ""], "VIDEO '' is invalid"),
         (["visualize", sample, "-o", str(tmp_path / "v.png"), "--thumb", "0"], "--thumb '0' is invalid"),
@@ -365,7 +384,9 @@ def test_question_text_is_never_a_placeholder(tiny_stock_dir):
     processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
     tokenizer = processor.tokenizer
     frames = np.zeros((4, 54, 54, 3), np.uint8)
-    special = {name: tokenizer.convert_tokens_to_ids(name) for name in ("<video>", "<image>", "<|im_end|>", "<|im_start|>")}
+    special = {
+        name: tokenizer.convert_tokens_to_ids(name) for name in ("<video>", "<image>", "<|im_end|>", "<|im_start|>")
+    }
 
     def counts(question):
         ids = video_question_inputs(processor, frames, question, do_sample_frames=False)["input_ids"][0].tolist()
@@ -380,5 +401,7 @@ def test_question_text_is_never_a_placeholder(tiny_stock_dir):
         [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what is the tag used in"}]}],
         add_generation_prompt=True,
     )
-    stock = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")["input_ids"][0].tolist()
+    stock = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
     assert plain_ids == stock
