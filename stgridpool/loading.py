@@ -9,8 +9,8 @@ repo's own code.
 
 Every problem with the repo (no config.json, a bad ST-GridPool value, no or broken safetensors weights, pickle-only
 weights, code that needs trust) raises `ModelLoadError`: one line naming the repo, what is wrong and what is allowed.
-`resolve_model` checks everything that can be checked without running the model code, reading only JSON, the
-safetensors headers and the code files' bytes.
+`resolve_model` checks everything that can be checked without running the repo's code or fetching its weights,
+reading only JSON and the code files' bytes; `load_model` first checks the weights (safetensors headers).
 """
 
 import dataclasses
@@ -135,7 +135,8 @@ def check_weights(model_id: str, revision: str | None, prefix: str) -> None:
     elif _repo_file(model_id, WEIGHTS_NAME, revision) is not None:
         shards = [WEIGHTS_NAME]
     else:
-        pickles = [name for name in PICKLE_WEIGHTS if _repo_file(model_id, name, revision) is not None]
+        local = Path(model_id).is_dir()  # on the Hub, probing would download the pickle files: only say what is missing
+        pickles = [name for name in PICKLE_WEIGHTS if local and _repo_file(model_id, name, revision) is not None]
         if pickles:
             raise ModelLoadError(
                 f"{prefix}: its weights are only pickle files ({', '.join(pickles)}), which are never loaded; {allowed}"
@@ -200,7 +201,6 @@ def resolve_model(
     source = ModelSource(model_id, revision, config, settings, remote_code=bool(reasons), label=label)
     if not source.remote_code:
         build_config(source)  # every field of config.json checked now, not when the model loads
-    check_weights(model_id, revision, prefix)
     return source
 
 
@@ -240,8 +240,9 @@ def load_processor(source: ModelSource):
 
 
 def load_model(source: ModelSource, **model_kwargs):
-    """The model (eval mode), safetensors weights only. `model_kwargs` go to `from_pretrained` (dtype,
-    device_map, attn_implementation, ...)."""
+    """The model (eval mode), safetensors weights only (their headers checked first, see `check_weights`).
+    `model_kwargs` go to `from_pretrained` (dtype, device_map, attn_implementation, ...)."""
+    check_weights(source.model_id, source.revision, f"{source.label} {source.model_id}")
     if source.revision:
         model_kwargs["revision"] = source.revision
     try:
