@@ -180,6 +180,11 @@ def resolve_model(
             f"{prefix}: no such folder, and fetching it as a Hub model id failed ({_first_line(error)}); allowed are a "
             f"model folder or a Hub model id"
         ) from None
+    if config_path is None and not Path(model_id).is_dir():
+        raise ModelLoadError(
+            f"{prefix}: no such folder, and no config.json could be fetched for it as a Hub model id (offline, no such "
+            f"repo, or no access); allowed are a model folder or a Hub model id"
+        )
     if config_path is None:
         raise ModelLoadError(f"{prefix}: it has no config.json; allowed is a Transformers model folder or Hub model id")
     config = _read_json(config_path, f"{prefix}: its config.json")
