@@ -262,7 +262,8 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
         handle.write("\n# changed: no longer the installed copy\n")
     auto_maps = {
         "config.json": {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
-                        "AutoModelForImageTextToText": "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration"},
+                        "AutoModelForImageTextToText":
+                            "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration"},
         "processor_config.json": {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"},
     }
     for filename, auto_map in auto_maps.items():
