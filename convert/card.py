@@ -34,7 +34,9 @@ def card_metadata(source_metadata: dict, base_model: str | None) -> dict:
     return metadata
 
 
-def model_card(source_metadata: dict, base_model: str | None, settings: dict, repo_id: str | None, source_name: str = "") -> str:
+def model_card(
+    source_metadata: dict, base_model: str | None, settings: dict, repo_id: str | None, source_name: str = ""
+) -> str:
     """README.md text: YAML front matter, the settings used, how to load the model, the citation."""
     metadata = yaml.safe_dump(card_metadata(source_metadata, base_model), sort_keys=False, allow_unicode=True)
     name = repo_id or "path/to/this/repo"

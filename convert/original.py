@@ -12,24 +12,18 @@ from pathlib import Path
 
 from .errors import ConversionError
 
-# LLaVA-OneVision's chat template (llava-hf repos), images and videos first, then text.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{% endif %}{{'<|im_end|>\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 # SigLIP towers LLaVA-NeXT uses, by `mm_vision_tower`; the layer count comes from the weights (the original drops the
 # tower's last layer). Other towers: pass --vision-config.
 KNOWN_VISION_TOWERS = {
     "google/siglip-so400m-patch14-384": dict(
-        hidden_size=1152, intermediate_size=4304, num_attention_heads=16, image_size=384, patch_size=14,
-        layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+        layer_norm_eps=1e-6,
+        hidden_act="gelu_pytorch_tanh",
     ),  # fmt: skip
 }
 VISION_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "image_size", "patch_size")
@@ -55,8 +49,6 @@ KEY_PREFIXES = (
 )
 # Frames the video processor samples by default: LLaVA-Video 64, LLaVA-OneVision 32.
 NUM_FRAMES = {"llava_video": 64, "onevision": 32}
-NEWLINE_POSITIONS = ("one_token", "grid", "frame", "none")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def is_original_layout(config: dict) -> bool:
@@ -95,6 +87,7 @@ class WeightInfo:
 
 
 def read_weight_info(path: Path, weight_files: list[str]) -> WeightInfo:
+    """Names and shapes from the safetensors headers (checked readable by `source.inspect_source`)."""
     from safetensors import safe_open
 
     shapes, shards = {}, {}
@@ -117,13 +110,17 @@ def vision_config(config: dict, info: WeightInfo, vision_config_file: str | None
         try:
             base = json.loads(Path(vision_config_file).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ConversionError(f"--vision-config={vision_config_file!r} is invalid: {error}; allowed is a JSON file of SigLIP vision config fields") from None
+            raise ConversionError(
+                f"--vision-config={vision_config_file!r} is invalid: {error}; allowed is a JSON file of SigLIP "
+                "vision config fields"
+            ) from None
         if not isinstance(base, dict):
             base = {}
         missing = [k for k in VISION_FIELDS if not (isinstance(base.get(k), int) and base[k] > 0)]
         if missing:
             raise ConversionError(
-                f"--vision-config={vision_config_file!r} is invalid: no positive integer {', '.join(missing)}; allowed is "
+                f"--vision-config={vision_config_file!r} is invalid: no positive integer {', '.join(missing)}; "
+                "allowed is "
                 f"a JSON object of SigLIP vision config fields with at least {', '.join(VISION_FIELDS)}"
             )
     elif tower in KNOWN_VISION_TOWERS:
@@ -136,19 +133,33 @@ def vision_config(config: dict, info: WeightInfo, vision_config_file: str | None
     prefix = "model.vision_tower.vision_tower.vision_model."
     if not any(key.startswith(prefix) for key in info.shapes):
         prefix = "model.vision_tower.vision_tower."  # checkpoints that omit `vision_model.`
-    layers = {int(m.group(1)) for k in info.shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
+    layers = {
+        int(m.group(1)) for k in info.shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))
+    }
     if not layers:
-        raise ConversionError("SRC weights are invalid: no vision tower layers (model.vision_tower.vision_tower.*); allowed is a full original LLaVA-NeXT checkpoint")
-    vision = {"model_type": "siglip_vision_model", **base, "num_hidden_layers": max(layers) + 1, "vision_use_head": False}
+        raise ConversionError(
+            "SRC weights are invalid: no vision tower layers (model.vision_tower.vision_tower.*); allowed is a "
+            "full original LLaVA-NeXT checkpoint"
+        )
+    vision = {
+        "model_type": "siglip_vision_model",
+        **base,
+        "num_hidden_layers": max(layers) + 1,
+        "vision_use_head": False,
+    }
     expected = {
         "embeddings.patch_embedding.weight": [vision["hidden_size"], 3, vision["patch_size"], vision["patch_size"]],
-        "embeddings.position_embedding.weight": [(vision["image_size"] // vision["patch_size"]) ** 2, vision["hidden_size"]],
+        "embeddings.position_embedding.weight": [
+            (vision["image_size"] // vision["patch_size"]) ** 2,
+            vision["hidden_size"],
+        ],
         "encoder.layers.0.mlp.fc1.weight": [vision["intermediate_size"], vision["hidden_size"]],
     }
     for name, shape in expected.items():
         if info.shapes.get(prefix + name) != shape:
             raise ConversionError(
-                f"vision config is invalid for SRC's weights: {prefix + name} has shape {info.shapes.get(prefix + name)}, "
+                f"vision config is invalid for SRC's weights: {prefix + name} has shape "
+                f"{info.shapes.get(prefix + name)}, "
                 f"the config ({tower!r}) gives {shape}; allowed is the tower's true config (--vision-config FILE.json)"
             )
     return vision
@@ -159,7 +170,9 @@ def parse_grid_pinpoints(value, patch: int) -> list[list[int]]:
     if isinstance(value, str):
         found = [tuple(map(int, m)) for m in re.findall(r"\((\d+)x(\d+)\)", value)]
         if len(found) != 2:
-            raise ConversionError(f"image_grid_pinpoints={value!r} is invalid; allowed is a list of [h, w] or '(AxB),...,(CxD)'")
+            raise ConversionError(
+                f"image_grid_pinpoints={value!r} is invalid; allowed is a list of [h, w] or '(AxB),...,(CxD)'"
+            )
         (a0, b0), (a1, b1) = found
         return [[i * patch, j * patch] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
     if isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
@@ -171,16 +184,22 @@ def load_tokenizer(src: Path, tokenizer_source: str | None):
     """The tokenizer SRC ships (or `--tokenizer`), with `<image>` and `<video>` added as special tokens if absent."""
     from transformers import AutoTokenizer
 
+    from .source import TOKENIZER_FILES
+
     where = tokenizer_source or str(src)
     if tokenizer_source is None and not any((src / name).is_file() for name in TOKENIZER_FILES):
         raise ConversionError(
-            f"SRC={str(src)!r} is invalid: it ships no tokenizer ({', '.join(TOKENIZER_FILES)}); allowed is a checkpoint "
+            f"SRC={str(src)!r} is invalid: it ships no tokenizer ({', '.join(TOKENIZER_FILES)}); allowed is a "
+            "checkpoint "
             f"with its tokenizer files, or pass --tokenizer DIR_OR_HUB_ID (e.g. the Qwen2 model it was trained from)"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
     except Exception as error:
-        raise ConversionError(f"tokenizer={where!r} is invalid: cannot load it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); allowed is a Qwen2 tokenizer directory or Hub id") from None
+        raise ConversionError(
+            f"tokenizer={where!r} is invalid: cannot load it ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); allowed is a Qwen2 tokenizer directory or Hub id"
+        ) from None
     missing = [t for t in ("<image>", "<video>") if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_additional_special_tokens=False)
@@ -205,10 +224,15 @@ def build_source_config(config: dict, info: WeightInfo, tokenizer, vision_config
             f"{embed_rows} rows; allowed is a tokenizer whose tokens fit the model's vocabulary"
         )
     if config.get("mm_hidden_size", vision["hidden_size"]) != vision["hidden_size"]:
-        raise ConversionError(f"mm_hidden_size={config['mm_hidden_size']!r} is invalid: the vision tower is {vision['hidden_size']} wide; allowed is its width")
+        raise ConversionError(
+            f"mm_hidden_size={config['mm_hidden_size']!r} is invalid: the vision tower is "
+            f"{vision['hidden_size']} wide; allowed is its width"
+        )
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
         raise ConversionError(f"mm_projector_type={config['mm_projector_type']!r} is invalid: allowed is 'mlp2x_gelu'")
-    pinpoints = parse_grid_pinpoints(config.get("image_grid_pinpoints", [[vision["image_size"]] * 2]), vision["image_size"])
+    pinpoints = parse_grid_pinpoints(
+        config.get("image_grid_pinpoints", [[vision["image_size"]] * 2]), vision["image_size"]
+    )
     converted = LlavaOnevisionConfig(
         text_config=text,
         vision_config=vision,
@@ -225,16 +249,20 @@ def build_source_config(config: dict, info: WeightInfo, tokenizer, vision_config
     if "torch_dtype" in config:
         converted["dtype"] = config["torch_dtype"]
     converted.update({k: v for k, v in config.items() if k.startswith("mm_") or k == "image_aspect_ratio"})
+    from configuration_stgridpool import NEWLINE_POSITIONS
+
     newline = config.get("mm_newline_position", "one_token")
     defaults = {"video_newline_position": newline} if newline in NEWLINE_POSITIONS else {}
     return converted, defaults
 
 
-def build_processor(config: dict, tokenizer, geometry: dict):
-    """An STGridPoolProcessor for the converted model: SigLIP-normalised image and video processors."""
+def build_processor(config: dict, tokenizer, settings):
+    """An STGridPoolProcessor for the converted model (`settings`: its VideoPoolingSettings): SigLIP-normalised
+    image and video processors."""
     from processing_stgridpool import STGridPoolProcessor
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
 
+    from stgridpool.chat_template import CHAT_TEMPLATE
 
     vision = config["vision_config"]
     size = {"height": vision["image_size"], "width": vision["image_size"]}
@@ -250,7 +278,7 @@ def build_processor(config: dict, tokenizer, geometry: dict):
         vision_feature_select_strategy="full",
         chat_template=tokenizer.chat_template if _handles_media(tokenizer.chat_template) else CHAT_TEMPLATE,
         vision_aspect_ratio=config["vision_aspect_ratio"],
-        **geometry,
+        **settings.geometry(),
     )
 
 
@@ -291,8 +319,18 @@ def stream_weights(src: Path, info: WeightInfo, target: Path) -> None:
 def check_weight_names(info: WeightInfo, tied: bool) -> None:
     """Every weight has a known place; the parts a LLaVA model needs are there."""
     renamed = {rename_key(key) for key in info.shapes}
-    for needed in ("image_newline", "multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_2.weight", "language_model.model.embed_tokens.weight"):
+    for needed in (
+        "image_newline",
+        "multi_modal_projector.linear_1.weight",
+        "multi_modal_projector.linear_2.weight",
+        "language_model.model.embed_tokens.weight",
+    ):
         if needed not in renamed:
-            raise ConversionError(f"SRC weights are invalid: nothing maps to {needed!r}; allowed is a full original LLaVA-NeXT checkpoint")
+            raise ConversionError(
+                f"SRC weights are invalid: nothing maps to {needed!r}; allowed is a full original LLaVA-NeXT checkpoint"
+            )
     if not tied and "language_model.lm_head.weight" not in renamed:
-        raise ConversionError("SRC weights are invalid: no lm_head.weight although tie_word_embeddings is false; allowed is a full checkpoint")
+        raise ConversionError(
+            "SRC weights are invalid: no lm_head.weight although tie_word_embeddings is false; allowed is a "
+            "full checkpoint"
+        )

@@ -11,10 +11,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from configuration_stgridpool import GEOMETRY_FIELDS, STGRIDPOOL_FIELDS
+from configuration_stgridpool import STGRIDPOOL_FIELDS, VideoPoolingSettings
 
 from .errors import ConversionError
-from .source import PICKLE_SUFFIXES, SourceCheckpoint
+from .source import TOKENIZER_FILES, SourceCheckpoint, read_json
 
 MODEL_TYPE = "stgridpool_llava_onevision"
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
@@ -30,83 +30,128 @@ MODEL_AUTO_MAP = {
     "AutoModelForMultimodalLM": f"modeling_stgridpool_llava.{ARCHITECTURE}",
     **PROCESSOR_AUTO_MAP,
 }
-# Files of SRC that the repo gets from elsewhere, or never: rewritten, replaced, or not safe to carry.
-REWRITTEN_FILES = ("config.json", "README.md")
-SKIPPED_SUFFIXES = PICKLE_SUFFIXES + (".safetensors", ".msgpack", ".h5", ".onnx", ".py", ".pyc")
-# Files that may name the processor class; they are pointed at ours so AutoProcessor finds it whichever it reads.
+# SRC's files that go into the repo as they are: what a LLaVA-OneVision model repo holds besides its config, card,
+# weights and code. An allow-list: anything else (code, binaries, pickles, notebooks) stays behind.
+CARRIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "video_preprocessor_config.json", "processor_config.json", "generation_config.json",
+    "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt",
+)  # fmt: skip
+# Carried configs that may name a processor class or carry an auto_map: pointed at our processor, other code dropped.
 PROCESSOR_NAMING_FILES = ("tokenizer_config.json", "preprocessor_config.json", "video_preprocessor_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Class-name fields of carried configs, which must name Transformers classes once foreign auto_map entries are gone.
+CLASS_FIELDS = ("tokenizer_class", "image_processor_type", "video_processor_type", "feature_extractor_type")
 
 
 def build_config(source_config: dict, overrides: dict) -> dict:
     """config.json of the repo: every field of the source config, the ST-GridPool fields, type and auto_map.
 
-    `overrides` holds the ST-GridPool fields the user chose; the others take STGridPoolConfig's defaults (the
-    paper's settings). Validated by building the STGridPoolConfig, whose errors name the field, value and what
-    is allowed.
+    `overrides` holds the ST-GridPool fields the user chose; the others take the source's values or the defaults
+    (the paper's settings). Validated by `VideoPoolingSettings` and by building the STGridPoolConfig, whose errors
+    name the field, value and what is allowed.
     """
     from configuration_stgridpool import STGridPoolConfig
 
-    merged = {**source_config, **overrides, "model_type": MODEL_TYPE}
     try:
-        config = STGridPoolConfig.from_dict(merged)
-    except (ValueError, TypeError) as error:
+        settings = VideoPoolingSettings.from_config({**source_config, **overrides})
+    except ValueError as error:
         raise ConversionError(str(error).splitlines()[0]) from None
-    fields = {name: getattr(config, name) for name in STGRIDPOOL_FIELDS}
-    fields["pyramid_levels"] = [list(level) for level in fields["pyramid_levels"]]
-    return {**source_config, **fields, "model_type": MODEL_TYPE, "architectures": [ARCHITECTURE], "auto_map": MODEL_AUTO_MAP}
+    fields = settings.to_kwargs()
+    try:
+        STGridPoolConfig.from_dict({**source_config, **fields, "model_type": MODEL_TYPE})
+    except Exception as error:  # a bad SRC config.json: strict-dataclass, type and value errors
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if not message.startswith(STGRIDPOOL_FIELDS):
+            message = (
+                f"SRC config.json is invalid: {type(error).__name__}: {message}; allowed is a LLaVA-OneVision config "
+                f"as Transformers saves it"
+            )
+        raise ConversionError(message) from None
+    return {
+        **source_config,
+        **fields,
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
+        "auto_map": MODEL_AUTO_MAP,
+    }
 
 
 def check_destination(dst: Path, source: Path, overwrite: bool) -> None:
-    """Refuse a DST that is a file, a non-empty directory (unless `overwrite`), SRC itself, or contains SRC."""
+    """Refuse a DST that is a file, a non-empty directory (unless `overwrite`), SRC itself, inside SRC or containing
+    SRC, or a dangling symbolic link. `dst` is absolute; a link to a directory is checked as its target."""
+    if dst.is_symlink() and not dst.exists():
+        raise ConversionError(
+            f"DST={str(dst)!r} is invalid: it is a symbolic link to {os.readlink(dst)!r}, which does not exist; "
+            "allowed "
+            f"is a new or empty directory, or a link to one"
+        )
     if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"DST={str(dst)!r} is invalid: it is a file; allowed is a new or empty directory (or --overwrite for a directory)")
+        raise ConversionError(
+            f"DST={str(dst)!r} is invalid: it is a file; allowed is a new or empty directory (or --overwrite "
+            "for a directory)"
+        )
+    dst_real, src_real = dst.resolve(), source.resolve()
+    if dst_real == src_real or dst_real in src_real.parents or src_real in dst_real.parents:
+        raise ConversionError(
+            f"DST={str(dst)!r} is invalid: it is, contains or is inside SRC {str(source)!r}; the converter "
+            "never writes "
+            f"into its source; allowed is a directory outside SRC"
+        )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise ConversionError(
             f"DST={str(dst)!r} is invalid: it is a non-empty directory; allowed is a new or empty directory, "
             f"or pass --overwrite to replace it"
         )
-    dst_real, src_real = dst.resolve(), source.resolve()
-    if dst_real == src_real or dst_real in src_real.parents:
-        raise ConversionError(f"DST={str(dst)!r} is invalid: it is or contains SRC {str(source)!r}; allowed is a directory outside SRC")
 
 
 def code_file(module: str) -> Path:
-    """Path of one of this project's three top-level modules, as installed."""
+    """Path of one of this project's top-level modules, as installed. `CODE_MODULES` is the one list of them: the
+    converter copies these into a repo byte for byte, and stgridpool.loading compares a repo's copies with them."""
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
-        raise ConversionError(f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava")
+        raise ConversionError(
+            f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava"
+        )
     return Path(spec.origin)
 
 
 def carried_files(source: SourceCheckpoint) -> list[str]:
-    """SRC's top-level files that go into the repo as they are (tokenizer, processor, generation config, ...)."""
-    names = []
-    for entry in sorted(source.path.iterdir()):
-        name = entry.name
-        if not entry.is_file() or name.startswith(".") or name in REWRITTEN_FILES or name == source.index_file:
-            continue
-        if name.endswith(SKIPPED_SUFFIXES):
-            continue
-        names.append(name)
-    return names
+    """SRC's top-level files that go into the repo as they are (`CARRIED_FILES`: tokenizer, processor, generation
+    config, chat template, license)."""
+    return [name for name in CARRIED_FILES if (source.path / name).is_file()]
 
 
 def check_processor_files(source: SourceCheckpoint) -> None:
-    """Refuse a SRC that ships no tokenizer or no image processor: the repo would not be complete."""
+    """Refuse a SRC whose carried configs are not JSON objects, that ships no tokenizer or no image processor (the
+    repo would not be complete), or whose tokenizer/processor needs code other than this project's."""
     path = source.path
+    configs = {name: read_json(path / name, "SRC file") for name in carried_files(source) if name.endswith(".json")}
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise ConversionError(
             f"SRC={str(path)!r} is invalid: it has no tokenizer files ({' or '.join(TOKENIZER_FILES)}); allowed is a "
             f"checkpoint that ships its processor, as llava-hf repos do (save it with processor.save_pretrained)"
         )
-    processor = path / "processor_config.json"
-    nested = processor.is_file() and "image_processor" in _read_json(processor)
-    if not nested and not (path / "preprocessor_config.json").is_file():
+    nested = "image_processor" in configs.get("processor_config.json", {})
+    if not nested and "preprocessor_config.json" not in configs:
         raise ConversionError(
-            f"SRC={str(path)!r} is invalid: it has no image processor (preprocessor_config.json, or processor_config.json "
+            f"SRC={str(path)!r} is invalid: it has no image processor (preprocessor_config.json, or "
+            "processor_config.json "
             f"with 'image_processor'); allowed is a checkpoint that ships its processor, as llava-hf repos do"
         )
+    import transformers
+
+    for name, data in configs.items():
+        sections = [data] + [value for value in data.values() if isinstance(value, dict)]  # processor_config nests
+        for section in sections:
+            for field in CLASS_FIELDS:
+                value = section.get(field)
+                if isinstance(value, str) and not hasattr(transformers, value):
+                    raise ConversionError(
+                        f"SRC file={str(path / name)!r} is invalid: {field}={value!r} is not a Transformers class (it "
+                        "needs code the repo would not carry); allowed are tokenizers and processors "
+                        "Transformers ships"
+                    )
 
 
 def _read_json(path: Path) -> dict:
@@ -120,25 +165,32 @@ def _write_json(path: Path, data: dict) -> None:
         handle.write("\n")
 
 
-def processor_config(path: Path, config: dict) -> dict:
-    """processor_config.json: the one at `path` (if any) with our class, auto_map and the model config's geometry."""
-    data = _read_json(path) if path.is_file() else {}
-    data.update({name: config[name] for name in GEOMETRY_FIELDS})
-    data["processor_class"] = PROCESSOR_CLASS
-    data["auto_map"] = {**data.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
+def own_auto_map(data: dict) -> dict:
+    """`data` (a carried config) with its auto_map replaced by ours: our processor if it names a processor class,
+    else none. Another repo's or module's code (`tokenization_x.X`, `org/repo--x.X`) is never referenced."""
+    data = {key: value for key, value in data.items() if key != "auto_map"}
+    if "processor_class" in data:
+        data["processor_class"] = PROCESSOR_CLASS
+        data["auto_map"] = dict(PROCESSOR_AUTO_MAP)
     return data
 
 
+def processor_config(path: Path, settings: VideoPoolingSettings) -> dict:
+    """processor_config.json: the one at `path` (if any) with our class, auto_map and the model's geometry."""
+    data = _read_json(path) if path.is_file() else {}
+    data.update(settings.geometry())
+    data["processor_class"] = PROCESSOR_CLASS
+    return own_auto_map(data)
+
+
 def point_processor_class(path: Path) -> None:
-    """Make a carried tokenizer/image/video processor config name our processor class, if it names one."""
+    """Make a carried tokenizer/image/video processor config name our processor class and no other code."""
     if not path.is_file():
         return
     data = _read_json(path)
-    if "processor_class" not in data:
-        return
-    data["processor_class"] = PROCESSOR_CLASS
-    data["auto_map"] = {**data.get("auto_map", {}), **PROCESSOR_AUTO_MAP}
-    _write_json(path, data)
+    cleaned = own_auto_map(data)
+    if cleaned != data:
+        _write_json(path, cleaned)
 
 
 def transfer_weights(source: SourceCheckpoint, target: Path, copy: bool) -> None:
@@ -172,22 +224,63 @@ def _copy_with_progress(src: Path, dst: Path, progress, chunk_size: int = 64 << 
     shutil.copymode(src, dst)
 
 
-def _new_temp_dir(dst: Path) -> Path:
-    """An empty directory next to DST (same filesystem, so the final rename is atomic), with normal permissions."""
+def _stale(entry: Path, dst: Path) -> bool:
+    """True for a work folder of DST (`.NAME.PID.*.partial` / `.old`) whose process is gone (killed mid-write)."""
+    pid = entry.name[len(dst.name) + 2 :].split(".")[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _remove_stale_work_dirs(dst: Path) -> None:
+    """Remove what an earlier conversion to DST left when it was killed (kill -9 runs no cleanup)."""
+    if not dst.parent.is_dir():
+        return
+    for entry in dst.parent.glob(f".{dst.name}.*"):
+        if (
+            entry.name.endswith((".partial", ".old"))
+            and entry.is_dir()
+            and not entry.is_symlink()
+            and _stale(entry, dst)
+        ):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _new_temp_dir(dst: Path) -> tuple[Path, Path | None]:
+    """An empty directory next to DST (same filesystem, so the final rename is atomic), with normal permissions,
+    named after this process (so a later run can tell it is stale). Returns (it, the first parent folder this
+    created, or None)."""
+    created = None
+    for parent in reversed(dst.parents):
+        if not parent.exists():
+            created = parent
+            break
     dst.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    _remove_stale_work_dirs(dst)
+    temp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{os.getpid()}.", suffix=".partial", dir=dst.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o777 & ~umask)
-    return temp
+    return temp, created
 
 
 def _move_into_place(temp: Path, dst: Path) -> None:
-    """Rename the finished `temp` to DST, replacing an existing (empty, or --overwrite) DST."""
+    """Rename the finished `temp` to DST, replacing an existing (empty, or --overwrite) DST directory; if that
+    fails half-way, DST is put back."""
     if dst.exists():
         old = temp.with_suffix(".old")
         os.rename(dst, old)
-        os.rename(temp, dst)
+        try:
+            os.rename(temp, dst)
+        except BaseException:
+            os.rename(old, dst)
+            raise
         shutil.rmtree(old)
     else:
         os.rename(temp, dst)
@@ -204,16 +297,19 @@ def write_repo(source_path: Path, config: dict, card: str, dst: Path, fill, *, o
     """Write the complete repo to DST (see module docstring).
 
     `config` from `build_config`, `card` the README text, `fill(temp)` writes the source-specific files (processor,
-    tokenizer, generation config, weights) into the temporary directory; the rest is common.
+    tokenizer, generation config, weights) into the temporary directory; the rest is common. DST is absolute; a
+    symbolic link to a directory is written through (the link stays, its target gets the repo).
     """
     check_destination(dst, source_path, overwrite)
+    dst = dst.resolve()
     code = [code_file(module) for module in CODE_MODULES]
-    temp = _new_temp_dir(dst)
+    settings = VideoPoolingSettings.from_config(config)
+    temp, created = _new_temp_dir(dst)
     try:
         fill(temp)
         for name in PROCESSOR_NAMING_FILES:
             point_processor_class(temp / name)
-        _write_json(temp / "processor_config.json", processor_config(temp / "processor_config.json", config))
+        _write_json(temp / "processor_config.json", processor_config(temp / "processor_config.json", settings))
         _write_json(temp / "config.json", config)
         for path in code:
             shutil.copyfile(path, temp / path.name)
@@ -221,5 +317,13 @@ def write_repo(source_path: Path, config: dict, card: str, dst: Path, fill, *, o
         _move_into_place(temp, dst)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
+        if created is not None:  # the parent folders this run made, if still empty
+            for folder in [dst.parent, *dst.parent.parents]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == created:
+                    break
         raise
     return dst

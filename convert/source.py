@@ -17,6 +17,8 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weights in these formats are pickles or other formats this converter never reads, copies or unpickles.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_MODEL_TYPES = ("llava_onevision",)
+# A checkpoint ships its tokenizer if it has one of these.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass
@@ -73,9 +75,13 @@ def read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConversionError(f"{what}={str(path)!r} is invalid: cannot read it as JSON ({error}); allowed is a JSON object") from None
+        raise ConversionError(
+            f"{what}={str(path)!r} is invalid: cannot read it as JSON ({error}); allowed is a JSON object"
+        ) from None
     if not isinstance(data, dict):
-        raise ConversionError(f"{what}={str(path)!r} is invalid: it holds a {type(data).__name__}; allowed is a JSON object")
+        raise ConversionError(
+            f"{what}={str(path)!r} is invalid: it holds a {type(data).__name__}; allowed is a JSON object"
+        )
     return data
 
 
@@ -108,13 +114,15 @@ def find_weight_files(path: Path) -> tuple[list[str], str | None]:
         weight_map = read_json(index, "weights index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ConversionError(
-                f"weights index={str(index)!r} is invalid: it has no 'weight_map'; allowed is a Transformers safetensors index"
+                f"weights index={str(index)!r} is invalid: it has no 'weight_map'; allowed is a Transformers "
+                "safetensors index"
             )
         shards = list(dict.fromkeys(weight_map.values()))
         for shard in shards:
             if not isinstance(shard, str) or Path(shard).name != shard or not shard.endswith(".safetensors"):
                 raise ConversionError(
-                    f"weights index={str(index)!r} is invalid: it lists shard {shard!r}; allowed are .safetensors file names in SRC"
+                    f"weights index={str(index)!r} is invalid: it lists shard {shard!r}; allowed are "
+                    ".safetensors file names in SRC"
                 )
         missing = [shard for shard in shards if not (path / shard).is_file()]
         if missing:
@@ -130,13 +138,31 @@ def find_weight_files(path: Path) -> tuple[list[str], str | None]:
     if pickles:
         raise ConversionError(
             f"SRC={str(path)!r} is invalid: its weights are only pickle files ({', '.join(pickles[:3])}), which this "
-            f"converter never loads; allowed are safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} + shards): "
+            f"converter never loads; allowed are safetensors weights ({WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} + "
+            "shards): "
             f"convert them first, e.g. with Transformers' save_pretrained(safe_serialization=True)"
         )
     raise ConversionError(
         f"SRC={str(path)!r} is invalid: it has no weights; allowed are safetensors weights ({WEIGHTS_NAME} or "
         f"{WEIGHTS_INDEX_NAME} + shards)"
     )
+
+
+def check_weight_headers(path: Path, weight_files: list[str]) -> None:
+    """Refuse safetensors files whose header cannot be read (garbage, or cut short); no tensor is read."""
+    from safetensors import safe_open
+
+    for name in weight_files:
+        try:
+            with safe_open(path / name, "pt"):
+                pass
+        except Exception as error:  # SafetensorError, OSError
+            reason = str(error).splitlines()[0] if str(error) else ""
+            raise ConversionError(
+                f"SRC weights={str(path / name)!r} are invalid: not a readable safetensors file "
+                f"({type(error).__name__}: "
+                f"{reason}); allowed are complete safetensors files"
+            ) from None
 
 
 def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
@@ -161,6 +187,7 @@ def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:
             f"one (model_type 'llava', LlavaQwenForCausalLM: LLaVA-Video, lmms-lab LLaVA-OneVision)"
         )
     weight_files, index_file = find_weight_files(path)
+    check_weight_headers(path, weight_files)
     return SourceCheckpoint(
         path=path,
         config=config,

@@ -1,21 +1,23 @@
 """`stgridpool`: ask a video question with an ST-GridPool model, or draw what ST-GridPool does to a video.
 
-    stgridpool ask [VIDEO [QUESTION]] [--model REPO_OR_DIR] [--num-frames N] [--max-new-tokens N] [--device D]
-                   [--dtype auto|float32|bfloat16|float16] [--device-map auto] [--cache-dir DIR]
-    stgridpool visualize [VIDEO] -o out.png [--model REPO_OR_DIR] [--num-frames N] [--cache-dir DIR]
+    stgridpool ask [VIDEO [QUESTION]] [--model REPO_OR_DIR] [--trust-remote-code] [--num-frames N] [--max-new-tokens N]
+                   [--device D] [--dtype auto|float32|bfloat16|float16] [--device-map auto] [--cache-dir DIR] [--debug]
+    stgridpool visualize [VIDEO] -o out.png [--model REPO_OR_DIR] [--trust-remote-code] [--num-frames N] [--thumb PX]
+                   [--device D] [--cache-dir DIR] [--debug]
 
 Without VIDEO, a built-in sample clip (moving shapes, written with PyAV) is used. Without --model, an embedded
 default is used: a tiny RANDOM-weight ST-GridPool checkpoint built offline on first use and cached (with the sample
 clip) under --cache-dir (default: $XDG_CACHE_HOME/stgridpool, else ~/.cache/stgridpool). Its answers are noise; it
 exists so the whole path runs on any machine, offline.
 
-Model loading: a checkpoint whose config.json has an `auto_map` (an ST-GridPool Hub repo made by the converter) loads
-with `AutoModelForImageTextToText` / `AutoProcessor` and `trust_remote_code=True`; any other (a stock
-`llava_onevision` checkpoint, or an ST-GridPool one without remote code) loads with this project's classes
-`STGridPoolLlavaOnevisionForConditionalGeneration` / `STGridPoolProcessor` (default ST-GridPool settings for a
-stock checkpoint).
+Model loading (`stgridpool.loading`): a stock `llava_onevision` checkpoint, or an ST-GridPool repo whose code files
+are byte-identical to this project's installed modules, loads with the installed classes: no code from the repo
+runs. A repo with other code (a changed modeling file, another module or repo in an `auto_map`) is refused unless
+`--trust-remote-code` is given; then it loads through the Auto classes and its own code.
 
-Bad input (missing or unreadable video, bad option values) prints one line `stgridpool: error: ...` and exits 2.
+Bad input (missing or unreadable video, bad option values, an unusable --model) prints one line
+`stgridpool: error: ...` and exits 2, before the model is loaded. Anything unexpected prints one line and exits 1;
+`--debug` shows its traceback.
 """
 
 import argparse
@@ -41,15 +43,62 @@ def default_cache_dir() -> Path:
     return Path(base) / "stgridpool"
 
 
+DEMO_FILES = (
+    "model/config.json",
+    "model/model.safetensors",
+    "model/processor_config.json",
+    "model/tokenizer.json",
+    "sample.mp4",
+)
+
+
+def demo_is_complete(root: Path) -> bool:
+    """Every file of the embedded default is there and its weights' header reads."""
+    if not all((root / name).is_file() for name in DEMO_FILES):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(root / "model" / "model.safetensors", "pt"):
+            return True
+    except Exception:  # truncated or damaged: rebuild
+        return False
+
+
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Remove build folders (`.build-PID-*`) whose process is gone (a build killed mid-way)."""
+    for entry in cache_dir.glob(".build-*"):
+        pid = entry.name.split("-")[1] if entry.name.count("-") >= 2 else ""
+        if not pid.isdigit() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
     """Build (once) the embedded default: a tiny random ST-GridPool checkpoint and a sample clip. Returns (model
     dir, clip path), both under `cache_dir/demo-v1`. Built in a temporary folder and renamed, so a crash leaves
-    nothing half-written."""
-    root = Path(cache_dir) / DEMO_VERSION
+    nothing half-written; an incomplete or damaged one (files deleted) is rebuilt."""
+    cache_dir = Path(cache_dir)
+    root = cache_dir / DEMO_VERSION
     model_dir, clip = root / "model", root / "sample.mp4"
-    if (model_dir / "config.json").is_file() and clip.is_file():
+    if demo_is_complete(root):
         return model_dir, clip
-    root.parent.mkdir(parents=True, exist_ok=True)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise UsageError(f"--cache-dir {cache_dir}: it is a file; allowed is a folder (new or existing)")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(cache_dir)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=cache_dir))
+    except OSError as error:
+        raise UsageError(
+            f"--cache-dir {cache_dir}: cannot write there ({type(error).__name__}: {error.strerror or error}); "
+            "allowed is a writable folder"
+        ) from None
     print(f"[stgridpool] building the embedded default (tiny random weights, offline) in {root} ...", file=sys.stderr)
     from configuration_stgridpool import STGridPoolConfig
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
@@ -57,33 +106,68 @@ def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
     from stgridpool.clips import write_sample_clip
     from stgridpool.tiny import save_tiny_stock_checkpoint
 
-    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        stock = save_tiny_stock_checkpoint(Path(tmp) / "stock")
+    try:
+        stock = save_tiny_stock_checkpoint(build / "stock")
         config = STGridPoolConfig.from_pretrained(stock)
         model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(stock, config=config)
         processor = STGridPoolProcessor.from_pretrained(stock)
         processor.video_processor.num_frames = 32
-        staged = Path(tmp) / DEMO_VERSION
+        staged = build / DEMO_VERSION
         model.save_pretrained(staged / "model")
         processor.save_pretrained(staged / "model")
         write_sample_clip(staged / "sample.mp4")
         shutil.rmtree(root, ignore_errors=True)
         os.replace(staged, root)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
     return model_dir, clip
 
 
 def resolve_inputs(args) -> tuple[str, Path | None, bool]:
-    """(model, video path or None for the sample clip, whether the model is the embedded random default)."""
+    """(model, video path, whether the model is the embedded random default)."""
+    if args.video == "":
+        raise UsageError(
+            "VIDEO '' is invalid: an empty file name; allowed is a video file, or no VIDEO for the sample clip"
+        )
     video = Path(args.video) if args.video else None
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.model == "":
+        raise UsageError("--model '' is invalid: an empty name; allowed is a Hub model id or a model folder")
     if args.model:
         model, demo = args.model, False
     else:
-        model_dir, clip = ensure_demo(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+        model_dir, clip = ensure_demo(cache_dir)
         model, demo = str(model_dir), True
         video = video or clip
     if video is None:
-        _, video = ensure_demo(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+        _, video = ensure_demo(cache_dir)
     return model, video, demo
+
+
+def check_device(value: str) -> str:
+    """argparse type of --device: auto, or a torch device this machine has (cpu, cuda, cuda:1, mps, ...)."""
+    if value == "auto":
+        return value
+    import torch
+
+    allowed = "allowed are auto, cpu, or a device this machine has (cuda, cuda:N, mps, ...)"
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"--device {value!r} is invalid: not a device name; {allowed}") from None
+    if device.type == "cpu":
+        return value
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise argparse.ArgumentTypeError(
+            f"--device {value!r} is invalid: this machine has no {device.type} device; {allowed}"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise argparse.ArgumentTypeError(
+            f"--device {value!r} is invalid: this machine has {count} {device.type} device(s); {allowed}"
+        )
+    return value
 
 
 def pick_device_dtype(device: str, dtype: str):
@@ -97,43 +181,21 @@ def pick_device_dtype(device: str, dtype: str):
     return device, getattr(torch, dtype)
 
 
-def load(model_id: str, device: str, dtype, device_map: str | None):
-    """Load (model, processor). See the module docstring for which classes are used."""
-    from transformers import PretrainedConfig
-    from transformers.utils import logging as hf_logging
+def load(model_id: str, device: str, dtype, device_map: str | None = None, trust_remote_code: bool = False):
+    """(model on `device`, processor) through the shared loader (stgridpool.loading)."""
+    from stgridpool.loading import load_model, load_processor, resolve_model
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # reading the raw config warns about the (empty) base model type
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(model_id)
-    except Exception as error:  # noqa: BLE001 - any loading failure is a bad --model
-        raise UsageError(f"--model {model_id}: cannot read its config.json ({str(error).splitlines()[0]})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    kwargs = {"dtype": dtype}
-    if device_map:
-        kwargs["device_map"] = device_map
-    if config_dict.get("auto_map"):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+    source = resolve_model(model_id, trust_remote_code=trust_remote_code)
+    processor = load_processor(source)
+    return place(load_model(source, **model_kwargs(dtype, device_map)), device, device_map), processor
 
-        model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, **kwargs)
-        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    else:
-        if config_dict.get("model_type") not in ("llava_onevision", "stgridpool_llava_onevision"):
-            raise UsageError(
-                f"--model {model_id}: model_type={config_dict.get('model_type')!r} is not supported: allowed are "
-                "llava_onevision checkpoints and ST-GridPool repos"
-            )
-        from configuration_stgridpool import STGridPoolConfig
-        from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
-        from processing_stgridpool import STGridPoolProcessor
 
-        config = STGridPoolConfig.from_pretrained(model_id)
-        model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(model_id, config=config, **kwargs)
-        processor = STGridPoolProcessor.from_pretrained(model_id)
-    if not device_map:
-        model = model.to(device)
-    return model.eval(), processor
+def model_kwargs(dtype, device_map: str | None) -> dict:
+    return {"dtype": dtype, **({"device_map": device_map} if device_map else {})}
+
+
+def place(model, device: str, device_map: str | None):
+    return model if device_map else model.to(device)
 
 
 def decode(video: Path, num_frames: int | None, processor):
@@ -155,56 +217,106 @@ def decode(video: Path, num_frames: int | None, processor):
     return frames, metadata, time.perf_counter() - start
 
 
-def check_video(video: Path) -> None:
-    """Fail fast, before loading a model, on a video that cannot be decoded (raises VideoDecodeError)."""
-    from processing_stgridpool import read_video_pyav
-
-    read_video_pyav(video, num_frames=1)
-
-
 def token_summary(model, num_frames: int) -> tuple[int, int]:
     """(visual tokens this model feeds the LM for one video, tokens the stock pooling would: LLaVA-OneVision's
     bilinear 2x, or LLaVA-Video's 2x2 average with a newline per row when the config lays out newlines per row)."""
-    from configuration_stgridpool import pooled_frame_size, video_token_count
+    from configuration_stgridpool import VideoPoolingSettings
 
     config = model.config
     side = config.vision_config.image_size // config.vision_config.patch_size
-    newline = getattr(config, "video_newline_position", "one_token")
-    ours = video_token_count(num_frames, *config.pooled_frame_size, newline)
-    stock_mode = "average" if newline == "grid" else "bilinear"
-    stock = video_token_count(num_frames, *pooled_frame_size(side, side, video_pooling_mode=stock_mode), newline)
-    return ours, stock
+    settings = VideoPoolingSettings.from_config(config)
+    stock_mode = "average" if settings.video_newline_position == "grid" else "bilinear"
+    stock = settings.replace(video_pooling_mode=stock_mode)
+    return settings.num_tokens(num_frames, side, side), stock.num_tokens(num_frames, side, side)
 
 
-def check_num_frames(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number <= 0:
-        raise argparse.ArgumentTypeError(f"--num-frames {value!r} is invalid: allowed values are integers >= 1")
-    return number
+def positive_int(flag: str):
+    """argparse type: an integer >= 1, the error naming `flag`."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} {value!r} is invalid: allowed values are integers >= 1")
+        return number
+
+    parse.__name__ = flag
+    return parse
+
+
+check_num_frames = positive_int("--num-frames")
+
+
+def check_output(output: Path) -> None:
+    """-o: a new or existing image file Pillow can write, in an existing folder."""
+    from PIL import Image
+
+    Image.init()
+    formats = Image.registered_extensions()
+    allowed = "allowed is an image file name such as out.png (.png, .jpg, .webp, ...) in an existing folder"
+    if output.is_dir():
+        raise UsageError(f"-o {output}: it is a folder; {allowed}")
+    if formats.get(output.suffix.lower()) not in Image.SAVE:
+        raise UsageError(
+            f"-o {output}: {output.suffix or 'no extension'} is not an image format Pillow writes; {allowed}"
+        )
+    if not output.parent.is_dir():
+        raise UsageError(f"-o {output}: folder {output.parent} does not exist; {allowed}")
+
+
+def time_vision_path(model):
+    """Forward pre-hooks on the vision tower and the language model: the seconds from the tower's first call to the
+    language model's first call in each forward (tower + projector + pooling + placing the video tokens).
+    Returns (seconds list, a function that removes the hooks)."""
+    import torch
+
+    inner = getattr(model, "model", model)
+    seconds, start = [], []
+
+    def sync():
+        if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    def tower_called(module, args):
+        if not start:
+            sync()
+            start.append(time.perf_counter())
+
+    def language_model_called(module, args):
+        if start:
+            sync()
+            seconds.append(time.perf_counter() - start.pop())
+
+    handles = [
+        inner.vision_tower.register_forward_pre_hook(tower_called),
+        inner.language_model.register_forward_pre_hook(language_model_called),
+    ]
+    return seconds, lambda: [handle.remove() for handle in handles]
 
 
 def cmd_ask(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from stgridpool.loading import load_model, load_processor, resolve_model
+    from stgridpool.prompt import video_question_inputs
+
     model_id, video, demo = resolve_inputs(args)
     device, dtype = pick_device_dtype(args.device, args.dtype)
     if demo:
         print(
             "[stgridpool] Using the embedded default: a tiny model with RANDOM weights, so the answer is noise. "
-            f"For real answers: stgridpool ask VIDEO \"QUESTION\" --model {REAL_MODEL_HINT} (or an ST-GridPool repo).",
+            f'For real answers: stgridpool ask VIDEO "QUESTION" --model {REAL_MODEL_HINT} (or an ST-GridPool repo).',
             file=sys.stderr,
         )
-    check_video(video)
-    model, processor = load(model_id, device, dtype, args.device_map)
-    frames, frames_meta, decode_s = decode(video, args.num_frames, processor)
+    source = resolve_model(model_id, trust_remote_code=args.trust_remote_code)
+    processor = load_processor(source)
+    frames, frames_meta, decode_s = decode(video, args.num_frames, processor)  # the whole sample, before the model
+    model = place(load_model(source, **model_kwargs(dtype, args.device_map)), device, args.device_map)
     question = args.question or DEFAULT_QUESTION
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    inputs = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")
+    inputs = video_question_inputs(processor, frames, question, do_sample_frames=False)
     inputs = inputs.to(model.device)
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
     num_frames = frames.shape[0]
@@ -216,33 +328,25 @@ def cmd_ask(args) -> int:
         file=sys.stderr,
     )
     print(
-        f"[stgridpool] visual tokens: {fed} with {getattr(model.config, 'video_pooling_mode', 'stgridpool')} "
+        f"[stgridpool] visual tokens: {fed} with {source.settings.video_pooling_mode} "
         f"(stock pooling: {stock}; {100 * (fed - stock) / stock:+.1f}%)",
         file=sys.stderr,
     )
     if fed != ours:
-        print(f"[stgridpool] warning: the config's geometry says {ours} tokens, the processor made {fed}", file=sys.stderr)
-    inner = getattr(model, "model", model)
-    vision_s = [0.0]
-    original = inner.get_video_features
-
-    def timed_video_features(*a, **kw):
-        start = time.perf_counter()
-        result = original(*a, **kw)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        vision_s[0] += time.perf_counter() - start
-        return result
-
-    inner.get_video_features = timed_video_features
+        print(
+            f"[stgridpool] warning: the config's geometry says {ours} tokens, the processor made {fed}", file=sys.stderr
+        )
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    vision_s, remove_hooks = time_vision_path(model)
     start = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    try:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    finally:
+        remove_hooks()
     generate_s = time.perf_counter() - start
-    del inner.get_video_features
     print(
-        f"[stgridpool] time: decode {decode_s:.2f} s | vision (tower + projector + pooling) {vision_s[0]:.2f} s | "
+        f"[stgridpool] time: decode {decode_s:.2f} s | vision (tower + projector + pooling) {sum(vision_s):.2f} s | "
         f"generate {generate_s:.2f} s (includes vision)",
         file=sys.stderr,
     )
@@ -250,20 +354,26 @@ def cmd_ask(args) -> int:
 
 
 def cmd_visualize(args) -> int:
+    from stgridpool.loading import load_model, load_processor, resolve_model
     from stgridpool.visualize import visualize_video
 
+    output = Path(args.output)
+    check_output(output)
     model_id, video, demo = resolve_inputs(args)
     device, dtype = pick_device_dtype(args.device, "float32")
-    check_video(video)
-    output = Path(args.output)
-    if not output.parent.is_dir():
-        raise UsageError(f"-o {output}: folder {output.parent} does not exist")
-    model, processor = load(model_id, device, dtype, None)
+    source = resolve_model(model_id, trust_remote_code=args.trust_remote_code)
+    processor = load_processor(source)
     frames, metadata, _ = decode(video, args.num_frames, processor)
-    config = model.config
+    model = place(load_model(source, dtype=dtype), device, None)
+    if not hasattr(model.model, "project_video_frames"):
+        raise UsageError(
+            f"--model {model_id}: its modeling code has no project_video_frames (made by an older stgridpool-llava); "
+            "allowed is a repo converted by this version"
+        )
+    settings = source.settings
     title = (
         f"ST-GridPool on {video.name}: {frames.shape[0]} of {metadata.total_num_frames} frames, "
-        f"pyramid {[tuple(l) for l in config.pyramid_levels]}, NSP keep {config.nsp_keep_ratio:g}"
+        f"pyramid {list(settings.pyramid_levels)}, NSP keep {settings.nsp_keep_ratio:g}"
         + ("  [random demo weights]" if demo else "")
     )
     image, _ = visualize_video(model, processor, frames, metadata.frames_indices, title=title, thumb=args.thumb)
@@ -272,41 +382,67 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), exit code 2; subcommands inherit it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stgridpool", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="stgridpool", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub):
         sub.add_argument("video", nargs="?", help="video file (default: the built-in sample clip)")
         sub.add_argument("--model", help="Hub repo id or local dir (default: the embedded tiny random checkpoint)")
+        sub.add_argument(
+            "--trust-remote-code", action="store_true",
+            help="allow a --model whose code differs from this project's installed code to run that code",
+        )  # fmt: skip
         sub.add_argument("--num-frames", type=check_num_frames, help="frames to sample (default: the processor's, 32)")
-        sub.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+        sub.add_argument(
+            "--device", default="auto", type=check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+        )
         sub.add_argument("--cache-dir", help=f"where the embedded default lives (default: {default_cache_dir()})")
+        sub.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
 
     ask = commands.add_parser("ask", help="answer a question about a video")
     common(ask)
     ask.add_argument("question", nargs="?", help=f"default: {DEFAULT_QUESTION!r}")
-    ask.add_argument("--max-new-tokens", type=int, default=128)
+    ask.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ask.add_argument("--device-map", choices=["auto"], help="spread the model over all GPUs (accelerate)")
     ask.set_defaults(func=cmd_ask)
     vis = commands.add_parser("visualize", help="draw the sampled frames, PTG summary frames and NSP weights")
     common(vis)
-    vis.add_argument("-o", "--output", required=True, help="PNG file to write")
-    vis.add_argument("--thumb", type=int, default=112, help="thumbnail side in pixels")
+    vis.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg, ...)")
+    vis.add_argument("--thumb", type=positive_int("--thumb"), default=112, help="thumbnail side in pixels")
     vis.set_defaults(func=cmd_visualize)
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # bad options: argparse prints one usage line + error and exits 2
+    args = parser.parse_args(argv)  # bad options: one line, exit 2
     from processing_stgridpool import VideoDecodeError
+    from stgridpool.loading import ModelLoadError
 
     try:
         return args.func(args)
-    except (UsageError, VideoDecodeError) as error:
+    except (UsageError, VideoDecodeError, ModelLoadError) as error:
         print(f"stgridpool: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("stgridpool: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        if args.debug:
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(
+            f"stgridpool: error: unexpected {type(error).__name__}: {reason} (run again with --debug for the "
+            "traceback)",
+            file=sys.stderr,
+        )
+        return 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from convert.original import CHAT_TEMPLATE
+from stgridpool.chat_template import CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 WORDS = (
@@ -24,9 +24,7 @@ def build_tiny_tokenizer():
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + list("0123456789.,?!:\n"))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -86,7 +84,8 @@ def build_tiny_processor(tokenizer, frame_size: int = 27, num_frames: int = 8, p
     image_size = 2 * frame_size
     size = {"height": image_size, "width": image_size}
     image_processor = LlavaOnevisionImageProcessor(
-        size=size, image_grid_pinpoints=[[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+        size=size,
+        image_grid_pinpoints=[[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]],
     )
     video_processor = LlavaOnevisionVideoProcessor(size=size, num_frames=num_frames)
     processor_class = processor_class or LlavaOnevisionProcessor

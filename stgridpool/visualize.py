@@ -1,17 +1,19 @@
 """What ST-GridPool did to one video, as one PNG: sampled frames, PTG summary frames (with their tiles), NSP weights.
 
 Pure helpers first (`nsp_token_weights`, `ptg_trace`, `ptg_images`), then the Pillow drawing (`render`), then
-`visualize_video`, which runs a model's vision tower + projector on a video and draws it.
+`visualize_video`, which runs the loaded model's own code on a video (its `project_video_frames`, and the PTG and
+NSP functions of the module it was loaded from) and draws it.
 """
 
 import math
+import sys
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from configuration_stgridpool import window_size
-from modeling_stgridpool_llava import nsp_window_weights, pyramid_temporal_grid, sampled_positions, summary_layout
+from configuration_stgridpool import VideoPoolingSettings
+from modeling_stgridpool_llava import nsp_window_weights, sampled_positions, summary_layout
 
 LEVEL_COLORS = [(230, 120, 0), (150, 60, 200), (0, 150, 90), (200, 30, 90), (30, 110, 220)]
 BACKGROUND, TEXT, GRAY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
@@ -24,14 +26,16 @@ def nsp_token_weights(
     norm_p: float = 2.0,
     padding: int = 0,
     partial_windows: bool = False,
+    window_weights=nsp_window_weights,
 ) -> torch.Tensor:
-    """NSP's softmax weight of every token within its window (`nsp_window_weights`), laid out over the frame.
+    """NSP's softmax weight of every token within its window (`window_weights`: a modeling module's
+    `nsp_window_weights`, by default the installed one), laid out over the frame.
 
     frames: [T, H, W, D] -> [T, H, W] float32; each full window's weights sum to 1 (uniform = 1/k^2). Tokens in no
     window (the border rows/columns NSP drops) are NaN; the zero padding tokens' weights are not returned.
     """
     num_frames, height, width, _ = frames.shape
-    windows = nsp_window_weights(frames.float(), keep_ratio, temperature, norm_p, padding, partial_windows)
+    windows = window_weights(frames.float(), keep_ratio, temperature, norm_p, padding, partial_windows)
     _, out_h, out_w, k, _ = windows.shape
     weights = windows.permute(0, 1, 3, 2, 4).reshape(num_frames, out_h * k, out_w * k)
     padded_h, padded_w = height + 2 * padding, width + 2 * padding
@@ -75,7 +79,8 @@ def ptg_images(images: list[Image.Image], pyramid_levels) -> list[Image.Image]:
 
 
 def heat_colors(values: np.ndarray) -> np.ndarray:
-    """Map weight ratios (weight * k^2; 1 = uniform) to RGB: 0 blue, 1 white, >= 2 red; NaN dark gray. [...] -> [..., 3]."""
+    """Map weight ratios (weight * k^2; 1 = uniform) to RGB: 0 blue, 1 white, >= 2 red; NaN dark gray. [...] "
+    "-> [..., 3]."""
     v = np.clip(np.nan_to_num(values, nan=1.0), 0, 2)
     low, high = np.clip(v, 0, 1), np.clip(v - 1, 0, 1)
     rgb = np.stack([low * 255, 255 - 190 * high, 255 - 190 * high], -1)  # white -> red above 1
@@ -168,54 +173,38 @@ def render(
     return image, {"panels": panels, "size": image.size}
 
 
-@torch.no_grad()
-def project_video(model, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-    """One video's projected features before pooling, as the model's `get_video_features` computes them.
-
-    pixel_values_videos: [1, T, C, H, W] -> [T, side, side, D] float32 (side = tokens per frame side, 27 for
-    SigLIP-384/14)."""
-    inner = getattr(model, "model", model)
-    config = model.config
-    dtype = next(inner.vision_tower.parameters()).dtype
-    device = next(inner.vision_tower.parameters()).device
-    outputs = inner.vision_tower(pixel_values_videos.flatten(0, 1).to(device, dtype), output_hidden_states=True)
-    layer = config.vision_feature_layer
-    if isinstance(layer, int):
-        selected = outputs.hidden_states[layer]
-    else:
-        selected = torch.cat([outputs.hidden_states[i] for i in layer], dim=-1)
-    if config.vision_feature_select_strategy == "default":
-        selected = selected[:, 1:]
-    projected = inner.multi_modal_projector(selected).float().cpu()
-    side = math.isqrt(projected.shape[1])
-    return projected.reshape(projected.shape[0], side, side, -1)
-
-
 def visualize_video(model, processor, frames: np.ndarray, frame_indices, *, title: str, thumb: int = 112):
-    """Run `model`'s vision tower + projector on decoded frames (uint8 [T, H, W, 3]) and draw the figure.
+    """Run `model`'s own video projection (`model.model.project_video_frames`: vision tower + projector, before
+    pooling) on decoded frames (uint8 [T, H, W, 3]), then PTG and NSP's weights from the module the model's class
+    was loaded from (a repo's own copy when it came through remote code), and draw the figure.
 
     Returns (image, layout) as `render`."""
-    config = model.config
+    settings = VideoPoolingSettings.from_config(model.config)
+    code = sys.modules[type(model).__module__]
     pixel_values = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")[
         "pixel_values_videos"
     ]
-    projected = project_video(model, pixel_values)
-    stgridpool = getattr(config, "video_pooling_mode", "stgridpool") == "stgridpool"
-    levels = [tuple(level) for level in config.pyramid_levels] if stgridpool else []
-    window = window_size(config.nsp_keep_ratio) if stgridpool else 2
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        projected = model.model.project_video_frames(pixel_values.to(parameter.device, parameter.dtype))
+    projected = projected[0].float().cpu()  # [T, h, w, D]
+    stgridpool = settings.video_pooling_mode == "stgridpool"
+    levels = [tuple(level) for level in settings.pyramid_levels] if stgridpool else []
+    window = settings.window_size if stgridpool else 2
     weights = None
     if stgridpool:
-        gridded_features = pyramid_temporal_grid(projected, levels)
+        gridded_features = code.pyramid_temporal_grid(projected, levels)
         weights = nsp_token_weights(
             gridded_features,
-            config.nsp_keep_ratio,
-            config.nsp_temperature,
-            config.nsp_norm_p,
-            config.nsp_padding,
-            config.nsp_partial_windows,
+            settings.nsp_keep_ratio,
+            settings.nsp_temperature,
+            settings.nsp_norm_p,
+            settings.nsp_padding,
+            settings.nsp_partial_windows,
+            window_weights=code.nsp_window_weights,
         ).numpy()
     # LLaVA-OneVision resizes video frames to a square without cropping; the thumbnails do the same.
     thumbs = [Image.fromarray(f).resize((thumb, thumb), Image.BILINEAR) for f in frames]
     labels = [f"#{t}  (frame {int(i)})" for t, i in enumerate(frame_indices)]
-    return render(thumbs, ptg_images(thumbs, levels), ptg_trace(len(thumbs), levels), weights, window, title=title, frame_labels=labels)
-
+    trace = ptg_trace(len(thumbs), levels)
+    return render(thumbs, ptg_images(thumbs, levels), trace, weights, window, title=title, frame_labels=labels)

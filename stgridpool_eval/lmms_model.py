@@ -23,7 +23,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from configuration_stgridpool import GEOMETRY_FIELDS, STGRIDPOOL_FIELDS
+from configuration_stgridpool import STGRIDPOOL_FIELDS
 
 LOADER_ARGS = (
     "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
@@ -93,51 +93,24 @@ def load_video(path: str, max_frames_num: int, frame_sampling: str = "uniform") 
     return read_video_pyav(path, sample_indices_fn=indices)[0]
 
 
-def _has_auto_map(pretrained: str, filename: str, key: str, revision: str) -> bool:
-    """Whether `filename` in the repo/dir declares `auto_map[key]` (remote code to load with trust_remote_code)."""
-    from transformers.utils import cached_file
+def load_model_and_processor(
+    pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = False, **model_kwargs
+):
+    """Load the ST-GridPool model with `overrides` applied to its config, and a processor that follows it, through
+    the loader the CLI uses (stgridpool.loading): code from the repo runs only with `trust_remote_code=True`, and
+    a repo whose code is this project's installed code loads with the installed classes. Raises
+    `stgridpool.loading.ModelLoadError` (a ValueError, one line) for an unusable or untrusted repo."""
+    from stgridpool.loading import load_model_and_processor as load
 
-    path = cached_file(pretrained, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
-    if path is None:
-        return False
-    with open(path) as f:
-        return key in (json.load(f).get("auto_map") or {})
-
-
-def load_model_and_processor(pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = True, **model_kwargs):
-    """Load the ST-GridPool model with `overrides` applied to its config, and a processor that follows it.
-
-    Uses the repo's remote code (`auto_map`) when it has some, else this project's installed classes (which also
-    load stock llava-onevision checkpoints). The processor gets the model's final geometry, so the two agree.
-    """
-    remote = _has_auto_map(pretrained, "config.json", "AutoModelForImageTextToText", revision)
-    if remote:
-        from transformers import AutoConfig, AutoModelForImageTextToText as model_class
-
-        config = AutoConfig.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code)
-        model_kwargs["trust_remote_code"] = trust_remote_code
-    else:
-        from configuration_stgridpool import STGridPoolConfig
-        from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration as model_class
-
-        config = STGridPoolConfig.from_pretrained(pretrained, revision=revision)
-    # Rebuilt from a dict, not set attribute by attribute, so the config's own checks see the overridden values.
-    config = type(config).from_dict({**config.to_dict(), **overrides})
-    model = model_class.from_pretrained(pretrained, config=config, revision=revision, **model_kwargs)
-    geometry = {name: getattr(model.config, name) for name in GEOMETRY_FIELDS}
-    if _has_auto_map(pretrained, "processor_config.json", "AutoProcessor", revision) or _has_auto_map(
-        pretrained, "tokenizer_config.json", "AutoProcessor", revision
-    ):
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(pretrained, revision=revision, trust_remote_code=trust_remote_code, **geometry)
-    else:
-        from processing_stgridpool import STGridPoolProcessor
-
-        processor = STGridPoolProcessor.from_pretrained(pretrained, revision=revision, **geometry)
-    for name, value in geometry.items():
-        if getattr(processor, name, None) != value:
-            raise ValueError(f"processor {name}={getattr(processor, name, None)!r} does not follow the model's {value!r}")
+    model, processor = load(
+        pretrained,
+        overrides,
+        revision=None if revision == "main" else revision,
+        trust_remote_code=trust_remote_code,
+        label="model_args pretrained",
+        trust_hint="trust_remote_code=true in --model_args",
+        **model_kwargs,
+    )
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -163,7 +136,7 @@ class STGridPoolLMM(lmms):
         max_batch_size: int | None = None,  # lmms-eval passes it; unused at batch size 1
         frame_sampling: str = "uniform",
         max_frames_num: int = 32,
-        trust_remote_code: bool = True,
+        trust_remote_code: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()

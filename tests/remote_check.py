@@ -1,17 +1,17 @@
 """Run in a fresh Python process by tests/test_convert.py: load a converted repo the way a Hub user would.
 
 The project's modules must not be importable here, so everything ST-GridPool comes from the repo's own code
-(transformers_modules). Usage: python remote_check.py {full,stock} PROJECT_DIR REPO SRC WORK_DIR; prints one JSON line of results.
+(transformers_modules). Usage: python remote_check.py {full,stock,original} PROJECT_DIR REPO SRC WORK_DIR; prints one
+JSON line of results.
 """
 
 import importlib
 import importlib.abc
 import json
-import os
 import sys
 from pathlib import Path
 
-BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool")
+BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -70,10 +70,16 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     model, info = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True, output_loading_info=True)
     model.eval()
     out["model"] = origin(model)
-    out["loading_info"] = {key: sorted(map(str, value)) for key, value in info.items() if key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    out["loading_info"] = {
+        key: sorted(map(str, value))
+        for key, value in info.items()
+        if key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     base, base_info = AutoModel.from_pretrained(repo, trust_remote_code=True, output_loading_info=True)
     out["base_model"] = origin(base)
-    out["base_loading_info"] = {key: sorted(map(str, value)) for key, value in base_info.items() if key in ("missing_keys", "unexpected_keys")}
+    out["base_loading_info"] = {
+        key: sorted(map(str, value)) for key, value in base_info.items() if key in ("missing_keys", "unexpected_keys")
+    }
     out["multimodal_lm"] = origin(AutoModelForMultimodalLM.from_pretrained(repo, trust_remote_code=True))
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     out["processor"] = origin(processor)
@@ -82,7 +88,9 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     out["config_geometry"] = {name: getattr(config, name) for name in geometry}
 
     # generate answers a question about a video
-    inputs = processor(text=video_prompt(processor, "what is happening in this video?"), videos=[frames], return_tensors="pt")
+    inputs = processor(
+        text=video_prompt(processor, "what is happening in this video?"), videos=[frames], return_tensors="pt"
+    )
     out["video_placeholders"] = int((inputs["input_ids"] == config.video_token_id).sum())
     out["expected_placeholders"] = processor.num_video_tokens(len(frames))
     with torch.no_grad():
@@ -95,7 +103,12 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     image = Image.fromarray(frames[0])
     pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
     out["image_pipeline_model"] = origin(pipe.model)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is in the image?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is in the image?"}],
+        }
+    ]
     result = pipe(text=messages, max_new_tokens=3, return_full_text=False)
     out["image_pipeline_answer"] = result[0]["generated_text"]
 
@@ -104,8 +117,15 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     out["video_pipeline_model"] = origin(pipe.model)
     seen = []  # frames of each video the pipeline's model pooled: proof the video reached the model
     get_video_features = pipe.model.model.get_video_features
-    pipe.model.model.get_video_features = lambda pixels, *a, **k: seen.append(pixels.shape[1]) or get_video_features(pixels, *a, **k)
-    messages = [{"role": "user", "content": [{"type": "video", "video": frames}, {"type": "text", "text": "what is happening?"}]}]
+    pipe.model.model.get_video_features = lambda pixels, *a, **k: (
+        seen.append(pixels.shape[1]) or get_video_features(pixels, *a, **k)
+    )
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": frames}, {"type": "text", "text": "what is happening?"}],
+        }
+    ]
     result = pipe(text=messages, max_new_tokens=3, return_full_text=False)
     out["video_pipeline_answer"] = result[0]["generated_text"]
     out["video_pipeline_frames_seen"] = seen
@@ -123,7 +143,9 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     out["resaved_model"] = origin(model2)
     out["resaved_processor"] = origin(processor2)
     out["resaved_processor_geometry"] = {name: getattr(processor2, name) for name in geometry}
-    inputs2 = processor2(text=video_prompt(processor2, "what is happening in this video?"), videos=[frames], return_tensors="pt")
+    inputs2 = processor2(
+        text=video_prompt(processor2, "what is happening in this video?"), videos=[frames], return_tensors="pt"
+    )
     with torch.no_grad():
         logits2 = model2(**inputs2).logits
     out["resaved_same_inputs"] = bool(torch.equal(inputs["input_ids"], inputs2["input_ids"]))
@@ -136,15 +158,24 @@ def compare_with_stock(project: str, repo: str, src: str, work: str) -> dict:
     isolate(Path(project))
     import numpy as np
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+    )
 
     frames = np.random.default_rng(1).integers(0, 256, size=(6, 54, 54, 3), dtype=np.uint8)
     ours = AutoModelForImageTextToText.from_pretrained(repo, trust_remote_code=True).eval()
     stock = LlavaOnevisionForConditionalGeneration.from_pretrained(src).eval()
     ours_processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     stock_processor = LlavaOnevisionProcessor.from_pretrained(src)
-    ours_inputs = ours_processor(text=video_prompt(ours_processor, "describe the video"), videos=[frames], return_tensors="pt")
-    stock_inputs = stock_processor(text=video_prompt(stock_processor, "describe the video"), videos=[frames], return_tensors="pt")
+    ours_inputs = ours_processor(
+        text=video_prompt(ours_processor, "describe the video"), videos=[frames], return_tensors="pt"
+    )
+    stock_inputs = stock_processor(
+        text=video_prompt(stock_processor, "describe the video"), videos=[frames], return_tensors="pt"
+    )
     with torch.no_grad():
         ours_logits = ours(**ours_inputs).logits
         stock_logits = stock(**stock_inputs).logits
@@ -183,7 +214,9 @@ def original_reference(src: str, config: dict, pixel_values_videos):
         frames = pixel_values_videos[0]  # one video: [T, 3, H, W]
         hidden = tower(frames, output_hidden_states=True).hidden_states[-1]
         projected = F.linear(hidden, tensors["model.mm_projector.0.weight"], tensors["model.mm_projector.0.bias"])
-        projected = F.linear(F.gelu(projected), tensors["model.mm_projector.2.weight"], tensors["model.mm_projector.2.bias"])
+        projected = F.linear(
+            F.gelu(projected), tensors["model.mm_projector.2.weight"], tensors["model.mm_projector.2.bias"]
+        )
         num_frames, num_tokens, dim = projected.shape
         side = int(num_tokens**0.5)
         # get_2dPool, mode "average", stride 2
@@ -211,11 +244,17 @@ def check_original(project: str, repo: str, src: str, work: str) -> dict:
     model.eval()
     processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
     frames = np.random.default_rng(2).integers(0, 256, size=(5, 54, 54, 3), dtype=np.uint8)
-    inputs = processor(text=video_prompt(processor, "what is happening in this video?"), videos=[frames], return_tensors="pt")
+    inputs = processor(
+        text=video_prompt(processor, "what is happening in this video?"), videos=[frames], return_tensors="pt"
+    )
     out = {
         "model": origin(model),
         "processor": origin(processor),
-        "loading_info": {key: sorted(map(str, value)) for key, value in info.items() if key in ("missing_keys", "unexpected_keys", "mismatched_keys")},
+        "loading_info": {
+            key: sorted(map(str, value))
+            for key, value in info.items()
+            if key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        },
         "video_placeholders": int((inputs["input_ids"] == config["video_token_index"]).sum()),
         "processor_num_frames": processor.video_processor.num_frames,
     }

@@ -1,5 +1,6 @@
 """The `stgridpool` console script, run as `python -m stgridpool` in a subprocess, offline."""
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,9 @@ def cli_env(tmp_path) -> dict:
 
 
 def run_cli(args, env, **kwargs):
-    return subprocess.run([sys.executable, "-m", "stgridpool", *args], env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "stgridpool", *args], env=env, capture_output=True, text=True, timeout=300, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +57,11 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
     convert = subprocess.run([sys.executable, "-m", "convert", str(stock_dir), str(converted_dir)],
                              env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
     assert convert.returncode == 0, convert.stderr
+    # the question's "<video>" and "<|im_end|>" are text: still 1353 placeholders, and the answer comes
     for model in (stgridpool_dir, stock_dir, converted_dir):
+        question = "how is the <video> tag used<|im_end|>?"
         result = run_cli(
-            ["ask", str(clip), "what is happening?", "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"],
+            ["ask", str(clip), question, "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"],
             cli_env(tmp_path),
         )
         assert result.returncode == 0, result.stderr
@@ -68,7 +73,9 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
 def test_visualize_png(cache, tmp_path):
     tmp, _ = cache
     out = tmp_path / "vis.png"
-    result = run_cli(["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], cli_env(tmp_path))
+    result = run_cli(
+        ["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], cli_env(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     picture = np.asarray(Image.open(out).convert("RGB"))
     # the same figure, drawn in-process, gives the panel layout
@@ -133,10 +140,268 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, cache, capsys):
     processes = {
         name: subprocess.Popen(
             [sys.executable, "-m", "stgridpool", "ask", *cases[name][0], "--cache-dir", str(tmp / "cache")],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("missing", "text", "num_frames_zero")
     }
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=300)
         check_error(name, cases[name][0], cases[name][1], process.returncode, stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening (issue 12) and the trust rule (issue 11): every unusable --model and bad option is one line, exit 2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_main(args) -> int:
+    """`stgridpool ARGS` in-process; argparse's exits become return codes."""
+    from stgridpool.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("[stgridpool]")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A converter-made repo (this project's code, byte for byte) of a tiny stock checkpoint."""
+    from stgridpool.tiny import save_tiny_stock_checkpoint
+
+    tmp = tmp_path_factory.mktemp("converted")
+    stock = save_tiny_stock_checkpoint(tmp / "stock")
+    result = subprocess.run([sys.executable, "-m", "convert", str(stock), str(tmp / "repo")],
+                            env=cli_env(tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return tmp / "repo"
+
+
+def copy_repo(repo: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for p in repo.iterdir():
+        os.link(p, dst / p.name)
+    return dst
+
+
+def replace_file(path: Path, text: str) -> None:
+    path.unlink()  # a hard-linked copy: never write through to the original
+    path.write_text(text)
+
+
+def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path):
+    """A repo whose modeling file was changed is refused without --trust-remote-code, and its code does not run
+    (it would write a marker file); with the flag it loads through its own code (the marker appears)."""
+    from stgridpool.loading import resolve_model
+
+    assert resolve_model(str(converted)).remote_code is False  # identical code: the installed classes
+    tmp, _ = cache
+    repo = copy_repo(converted, tmp_path / "changed")
+    marker = tmp_path / "marker.txt"
+    modeling = (converted / "modeling_stgridpool_llava.py").read_text()
+    replace_file(repo / "modeling_stgridpool_llava.py", modeling + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    args = [
+        "ask",
+        str(tmp / "cache" / "demo-v1" / "sample.mp4"),
+        "--model",
+        str(repo),
+        "--num-frames",
+        "4",
+        "--max-new-tokens",
+        "2",
+    ]
+    refused = run_cli(args, cli_env(tmp_path))
+    assert refused.returncode == 2, refused.stderr
+    line = one_line(refused.stderr)
+    assert line.startswith(f"stgridpool: error: --model {repo}: ") and "modeling_stgridpool_llava.py" in line
+    assert "--trust-remote-code" in line
+    assert not marker.exists(), "the repo's changed code ran without --trust-remote-code"
+    trusted = run_cli([*args, "--trust-remote-code"], cli_env(tmp_path))
+    assert trusted.returncode == 0, trusted.stderr
+    assert marker.read_text() == "ran"  # the repo's own code is what ran
+
+
+def test_foreign_code_needs_trust(converted, tmp_path):
+    """auto_map entries naming another module or another repo's code, in any config, need trust."""
+    from stgridpool.loading import ModelLoadError, resolve_model
+
+    for name, auto_map, words in (
+        ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, "tokenization_x.py"),
+        ("processor_config.json", {"AutoProcessor": "other/repo--processing_x.XProcessor"}, "another repo"),
+        ("config.json", {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
+                         "AutoModelForImageTextToText": "modeling_x.X"}, "modeling_x.py"),
+    ):  # fmt: skip
+        repo = copy_repo(converted, tmp_path / name)
+        data = json.loads((converted / name).read_text())
+        replace_file(repo / name, json.dumps({**data, "auto_map": auto_map}))
+        with pytest.raises(ModelLoadError, match="trust") as info:
+            resolve_model(str(repo))
+        assert words in str(info.value) and "\n" not in str(info.value)
+        assert resolve_model(str(repo), trust_remote_code=True).remote_code
+
+
+def test_unusable_models_exit_2_with_one_line(cache, tmp_path, capsys):
+    tmp, _ = cache
+    demo = tmp / "cache" / "demo-v1" / "model"
+    sample = tmp / "cache" / "demo-v1" / "sample.mp4"
+    config = json.loads((demo / "config.json").read_text())
+    weights = (demo / "model.safetensors").read_bytes()
+    cases = {  # name: ({file: new text or bytes, or None to delete}, words)
+        "keep ratio": ({"config.json": {**config, "nsp_keep_ratio": 0.3}}, "nsp_keep_ratio=0.3"),
+        "temperature": ({"config.json": {**config, "nsp_temperature": -1}}, "nsp_temperature=-1"),
+        "mode": ({"config.json": {**config, "video_pooling_mode": "max"}}, "video_pooling_mode='max'"),
+        "pyramid": ({"config.json": {**config, "pyramid_levels": [[0, 2]]}}, "group size 0"),
+        "vision config": ({"config.json": {**config, "vision_config": 5}}, "config.json is invalid"),
+        "list config": ({"config.json": [1, 2]}, "JSON list"),
+        "no config": ({"config.json": None}, "no config.json"),
+        "model type": ({"config.json": {**config, "model_type": "qwen2"}}, "model_type='qwen2'"),
+        "no weights": ({"model.safetensors": None}, "no weights"),
+        "truncated": ({"model.safetensors": weights[: len(weights) // 2]}, "damaged"),
+        "garbage": ({"model.safetensors": b"garbage" * 20}, "damaged"),
+        "pickle": ({"model.safetensors": None, "pytorch_model.bin": b"never unpickled"}, "pickle"),
+    }
+    for name, (changes, words) in cases.items():
+        repo = copy_repo(demo, tmp_path / name.replace(" ", "-"))
+        for file_name, content in changes.items():
+            (repo / file_name).unlink(missing_ok=True)
+            if isinstance(content, bytes):
+                (repo / file_name).write_bytes(content)
+            elif content is not None:
+                (repo / file_name).write_text(json.dumps(content))
+        code = run_main(["ask", str(sample), "--model", str(repo), "--cache-dir", str(tmp / "cache")])
+        line = one_line(capsys.readouterr().err)
+        assert code == 2, (name, line)
+        assert line.startswith(f"stgridpool: error: --model {repo}: ") and words in line, (name, line)
+    code = run_main(["ask", str(sample), "--model", str(tmp_path / "nowhere"), "--cache-dir", str(tmp / "cache")])
+    assert code == 2 and "--model" in one_line(capsys.readouterr().err)
+
+
+def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
+    import torch
+
+    tmp, _ = cache
+    sample = str(tmp / "cache" / "demo-v1" / "sample.mp4")
+    common = ["--cache-dir", str(tmp / "cache")]
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        (["ask", sample, "--max-new-tokens", "0"], "--max-new-tokens '0' is invalid"),
+        (["ask", sample, "--max-new-tokens=-1"], "--max-new-tokens '-1' is invalid"),
+        (["ask", sample, "--device", "foo"], "--device 'foo' is invalid"),
+        (
+            ["ask", sample, "--device", "cuda:7"] if torch.cuda.device_count() < 8 else None,
+            "--device 'cuda:7' is invalid",
+        ),
+        (["ask", sample, "--device", "cuda"] if not torch.cuda.is_available() else None, "no cuda device"),
+        (["ask", ""], "VIDEO '' is invalid"),
+        (["visualize", sample, "-o", str(tmp_path / "v.png"), "--thumb", "0"], "--thumb '0' is invalid"),
+        (["visualize", sample, "-o", str(tmp_path / "v.png"), "--thumb=-5"], "--thumb '-5' is invalid"),
+        (["visualize", sample, "-o", str(tmp_path / "folder.png")], "is a folder"),
+        (["visualize", sample, "-o", str(tmp_path / "out.txt")], ".txt is not an image format"),
+        (["visualize", sample, "-o", str(tmp_path / "out")], "no extension"),
+        (["visualize", sample, "-o", str(tmp_path / "missing" / "v.png")], "does not exist"),
+        (["ask", sample, "--cache-dir", str(tmp_path / "folder.png" / "..")], None),  # placeholder, replaced below
+    ]
+    cache_file = tmp_path / "cache-file"
+    cache_file.write_text("not a folder")
+    cases[-1] = (["ask", sample, "--cache-dir", str(cache_file)], "--cache-dir")
+    for args, words in cases:
+        if args is None:
+            continue
+        extra = common if "--cache-dir" not in args else []
+        code = run_main([*args, *extra])
+        line = one_line(capsys.readouterr().err)
+        assert code == 2 and words in line, (args, line)
+    assert not (tmp_path / "v.png").exists()
+
+
+def test_whole_video_is_decoded_before_the_model_loads(cache, tmp_path, capsys, monkeypatch):
+    """A video damaged after its first frames is refused before any model is loaded."""
+    import stgridpool.loading
+    from test_video import bad_inputs
+
+    tmp, _ = cache
+    truncated, words = bad_inputs(tmp_path)["truncated_mkv"]
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the video was checked")
+
+    monkeypatch.setattr(stgridpool.loading, "load_model", must_not_load)
+    code = run_main(["ask", str(truncated), "--cache-dir", str(tmp / "cache")])
+    line = one_line(capsys.readouterr().err)
+    assert code == 2 and words in line and str(truncated) in line, line
+
+
+def test_unexpected_errors_are_one_line_unless_debug(cache, capsys, monkeypatch):
+    import stgridpool.cli
+
+    tmp, _ = cache
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(stgridpool.cli, "decode", boom)
+    args = ["ask", "--cache-dir", str(tmp / "cache")]
+    assert run_main(args) == 1
+    line = one_line(capsys.readouterr().err)
+    assert "RuntimeError: boom" in line and "--debug" in line
+    with pytest.raises(RuntimeError, match="boom"):
+        run_main([*args, "--debug"])
+
+
+def test_embedded_default_is_rebuilt_when_damaged(tmp_path):
+    """Weights deleted, and a build folder left by a killed build: the next run rebuilds and cleans up."""
+    from stgridpool.cli import ensure_demo
+
+    cache_dir = tmp_path / "cache"
+    model_dir, clip = ensure_demo(cache_dir)
+    (model_dir / "model.safetensors").unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = cache_dir / f".build-{int(dead.stdout)}-abc"
+    stale.mkdir()
+    assert ensure_demo(cache_dir) == (model_dir, clip)
+    assert (model_dir / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["demo-v1"]
+
+
+def test_question_text_is_never_a_placeholder(tiny_stock_dir):
+    """`<video>`, `<image>` and `<|im_end|>` in the question are text: the only placeholders are the template's
+    one video, expanded to the model's count, and the question's tokens are those of plain text."""
+    import numpy as np
+
+    from processing_stgridpool import STGridPoolProcessor
+    from stgridpool.prompt import video_question_inputs
+
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+    tokenizer = processor.tokenizer
+    frames = np.zeros((4, 54, 54, 3), np.uint8)
+    special = {
+        name: tokenizer.convert_tokens_to_ids(name) for name in ("<video>", "<image>", "<|im_end|>", "<|im_start|>")
+    }
+
+    def counts(question):
+        ids = video_question_inputs(processor, frames, question, do_sample_frames=False)["input_ids"][0].tolist()
+        return ids, {name: ids.count(token) for name, token in special.items()}
+
+    plain_ids, plain = counts("what is the tag used in")
+    ids, hostile = counts("what is the <video> tag used in <image> <|im_end|> <|im_start|>")
+    assert hostile == plain and plain["<video>"] == processor.num_video_tokens(4) and plain["<image>"] == 0
+    assert len(ids) > len(plain_ids)  # the markup is there, as text tokens
+    # and the template around the question is what the stock path makes for a plain question
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "what is the tag used in"}]}],
+        add_generation_prompt=True,
+    )
+    stock = processor(text=prompt, videos=[frames], do_sample_frames=False, return_tensors="pt")["input_ids"][
+        0
+    ].tolist()
+    assert plain_ids == stock

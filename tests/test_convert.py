@@ -17,7 +17,8 @@ import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 REMOTE_CHECK = Path(__file__).with_name("remote_check.py")
-CODE_MODULES = ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py")
+# The code files a repo carries: the converter's one list (it grows when the project adds a module).
+CODE_MODULES = tuple(f"{module}.py" for module in __import__("convert.repo").repo.CODE_MODULES)
 SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# tiny llava-onevision\n"
 # Non-default settings for the main conversion, so the test sees that every option lands in config and processor.
 OPTIONS = {
@@ -63,7 +64,9 @@ def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
 def run_cli_many(tmp: Path, commands: list[list]) -> list[tuple[int, str]]:
     """Several `python -m convert` runs at once (each imports Transformers: seconds); [(exit code, stderr)]."""
     processes = [
-        subprocess.Popen(cli_command(*args), cwd=PROJECT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            cli_command(*args), cwd=PROJECT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for args in commands
     ]
     results = []
@@ -108,12 +111,18 @@ def shard(src: Path, dst: Path) -> Path:
             (dst / p.name).write_bytes(p.read_bytes())
     tensors = load_file(src / "model.safetensors")
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     weight_map = {}
     for file_name, keys in halves.items():
         save_file({k: tensors[k].contiguous() for k in keys}, dst / file_name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, file_name))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return dst
 
@@ -139,7 +148,9 @@ def converted(workdir, stock) -> Path:
     before = tree_digest(stock)
     dst = workdir / "repos" / "converted"
     options = [item for pair in OPTIONS.items() for item in pair]
-    result = run_cli(workdir, stock, dst, *options, "--partial-windows", "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")
+    result = run_cli(
+        workdir, stock, dst, *options, "--partial-windows", "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+    )
     assert result.returncode == 0, result.stderr
     assert tree_digest(stock) == before, "the converter modified SRC"
     return dst
@@ -195,7 +206,7 @@ def test_model_card(converted):
     assert metadata["license"] == "apache-2.0"  # carried over from the source card
     assert "stgridpool" in metadata["tags"]
     assert "| `pyramid_levels` | `[[2, 1], [4, 2]]` |" in text
-    assert "| `video_newline_position` | `\"frame\"` |" in text
+    assert '| `video_newline_position` | `"frame"` |' in text
     assert "trust_remote_code=True" in text
     assert "arXiv" in text and "2605.22078" in text and "Training-free Spatial-Temporal Pooling and Gridding" in text
 
@@ -220,7 +231,10 @@ def test_loads_with_remote_code_only(converted, stock, workdir):
         assert out[key]["module"].endswith("." + module), key
     assert out["loading_info"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     assert out["base_loading_info"]["missing_keys"] == []
-    assert out["base_loading_info"]["unexpected_keys"] in ([], ["language_model.lm_head.weight"])  # the base has no head
+    assert out["base_loading_info"]["unexpected_keys"] in (
+        [],
+        ["language_model.lm_head.weight"],
+    )  # the base has no head
     assert out["processor_geometry"] == out["config_geometry"]
     assert out["config_geometry"]["video_newline_position"] == "frame"
     # 8 frames of 27x27 tokens, k = 3, padding 1, partial windows: 29 -> 10 a side; one newline per frame
@@ -230,7 +244,9 @@ def test_loads_with_remote_code_only(converted, stock, workdir):
     assert out["video_pipeline_answer"].strip()
     assert out["video_pipeline_frames_seen"] == [8]
     assert set(CODE_MODULES) <= set(out["resaved_files"])
-    assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith("STGridPoolLlavaOnevisionForConditionalGeneration")
+    assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith(
+        "STGridPoolLlavaOnevisionForConditionalGeneration"
+    )
     assert out["resaved_processor_geometry"] == out["processor_geometry"]
     assert out["resaved_same_inputs"] and out["resaved_logits_max_diff"] == 0.0
 
@@ -241,7 +257,11 @@ def test_bilinear_mode_equals_stock_from_sharded_source(stock, workdir):
     dst = workdir / "repos" / "bilinear"
     result = run_cli(workdir, sharded, dst, "--video-pooling-mode", "bilinear", "--copy")
     assert result.returncode == 0, result.stderr
-    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"):
+    for name in (
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ):
         assert sha256(dst / name) == sha256(sharded / name), name
         assert os.stat(dst / name).st_ino != os.stat(sharded / name).st_ino  # --copy: not a hard link
     assert not (dst / "model.safetensors").exists()
@@ -267,14 +287,51 @@ def _refusal_cases(tmp: Path, stock: Path) -> list:
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors", "processor_config.json"):
         (no_tokenizer / name).write_bytes((stock / name).read_bytes())
+
+    def variant(name: str, **changes) -> Path:
+        """A copy of the stock checkpoint with files replaced: {file name: text}."""
+        path = tmp / name
+        path.mkdir()
+        for p in stock.iterdir():
+            os.link(p, path / p.name)
+        for file_name, text in changes.items():
+            (path / file_name.replace("__", ".")).unlink(missing_ok=True)
+            (path / file_name.replace("__", ".")).write_text(text)
+        return path
+
+    config = json.loads((stock / "config.json").read_text())
+    bad_processor = variant("bad-processor", processor_config__json="{not json")
+    bad_tokenizer = variant("bad-tokenizer", tokenizer_config__json='{"a": ')
+    vision_five = variant("vision-five", config__json=json.dumps({**config, "vision_config": 5}))
+    big = variant(
+        "big", config__json=json.dumps({**config, "text_config": {**config["text_config"], "hidden_size": "big"}})
+    )
+    custom_tokenizer = variant(
+        "custom-tokenizer",
+        tokenizer_config__json=json.dumps(
+            {"tokenizer_class": "XTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}}
+        ),
+    )
     return [
         ("missing", tmp / "does-not-exist", [], ["SRC=", "does-not-exist", "no such directory", "allowed"]),
+        ("bad processor json", bad_processor, [], ["processor_config.json", "JSON", "allowed"]),
+        ("bad tokenizer json", bad_tokenizer, [], ["tokenizer_config.json", "JSON", "allowed"]),
+        ("vision config 5", vision_five, [], ["SRC config.json is invalid", "allowed"]),
+        ("hidden size big", big, [], ["SRC config.json is invalid", "allowed"]),
+        ("custom tokenizer code", custom_tokenizer, [], ["tokenizer_class='XTokenizer'", "not a Transformers class"]),
+        ("huge temperature", stock, ["--temperature", "1e400"], ["--temperature='1e400'", "too large"]),
+        ("huge keep ratio", stock, ["--keep-ratio", "1e400"], ["--keep-ratio='1e400'", "too large"]),
         ("not llava", not_llava, [], ["SRC=", "model_type='qwen2'", "llava_onevision"]),
         ("pickle only", pickles, [], ["SRC=", "pytorch_model.bin", "safetensors"]),
         ("incomplete index", incomplete, [], ["model-00002-of-00002.safetensors", "missing", "allowed"]),
         ("no tokenizer", no_tokenizer, [], ["SRC=", "tokenizer", "allowed"]),
         ("keep ratio", stock, ["--keep-ratio", "0.3"], ["nsp_keep_ratio=0.3", "allowed", "1/k^2"]),
-        ("pooling mode", stock, ["--video-pooling-mode", "max"], ["video_pooling_mode='max'", "stgridpool", "bilinear", "average"]),
+        (
+            "pooling mode",
+            stock,
+            ["--video-pooling-mode", "max"],
+            ["video_pooling_mode='max'", "stgridpool", "bilinear", "average"],
+        ),
         ("newline", stock, ["--newline-position", "top"], ["video_newline_position='top'", "one_token", "grid"]),
         ("pyramid", stock, ["--pyramid-levels", "4-2"], ["--pyramid-levels='4-2'", "GROUP:STRIDE", "none"]),
         ("pyramid zero", stock, ["--pyramid-levels", "0:2"], ["pyramid_levels=", "group size 0", "positive"]),
@@ -363,7 +420,12 @@ def test_push_to_hub(stock, tmp_path, monkeypatch, capsys):
     code = convert.main([str(stock), str(dst), "--push-to-hub", "me/tiny-stgridpool", "--private", "--revision", "dev"])
     assert code == 0, capsys.readouterr().err
     (create, repo_id, kwargs), branch, upload = FakeHfApi.calls
-    assert (create, repo_id, kwargs["private"], kwargs.get("repo_type", "model")) == ("create_repo", "me/tiny-stgridpool", True, "model")
+    assert (create, repo_id, kwargs["private"], kwargs.get("repo_type", "model")) == (
+        "create_repo",
+        "me/tiny-stgridpool",
+        True,
+        "model",
+    )
     assert branch == ("create_branch", "me/tiny-stgridpool", "dev")
     name, repo_id, folder, revision, files = upload
     assert (name, repo_id, Path(folder), revision) == ("upload_folder", "me/tiny-stgridpool", dst, "dev")
@@ -372,12 +434,133 @@ def test_push_to_hub(stock, tmp_path, monkeypatch, capsys):
     assert 'repo = "me/tiny-stgridpool"' in (dst / "README.md").read_text()
 
 
-def test_parse_pyramid_levels():
-    from convert.cli import parse_pyramid_levels
+def test_parse_settings():
+    """The one parser of setting values (the converter's options, the lmms-eval model's args)."""
+    from stgridpool.options import parse_pyramid_levels, parse_setting
 
     assert parse_pyramid_levels("4:2,4:4,4:8") == [[4, 2], [4, 4], [4, 8]]
-    assert parse_pyramid_levels("none") == []
+    assert parse_pyramid_levels("[[4,2],[4,4]]") == [[4, 2], [4, 4]]
+    assert parse_pyramid_levels("none") == parse_pyramid_levels("") == []
     assert parse_pyramid_levels(" 2:1 ") == [[2, 1]]
+    assert parse_setting("nsp_keep_ratio", "1/9") == pytest.approx(1 / 9)
+    assert parse_setting("nsp_padding", "2") == 2 and parse_setting("nsp_padding", 1.0) == 1
+    assert parse_setting("nsp_partial_windows", "true") is True
+    for field, text, words in (
+        ("nsp_temperature", "1e400", "too large"),
+        ("nsp_norm_p", "two", "not a number"),
+        ("pyramid_levels", "4-2", "GROUP:STRIDE"),
+        ("pyramid_levels", "[[4,2]", "JSON"),
+        ("nsp_padding", "1.5", "integers"),
+    ):
+        with pytest.raises(ValueError, match=words) as info:
+            parse_setting(field, text, label="--x")
+        assert str(info.value).startswith(f"--x={text!r} is invalid")
+
+
+def test_destination_inside_source_is_refused(stock, tmp_path):
+    """DST inside SRC (or SRC itself, or containing it, through a symbolic link too) is refused; SRC untouched."""
+    before = tree_digest(stock)
+    names_before = sorted(p.name for p in stock.iterdir())
+    link = tmp_path / "link-to-src"
+    link.symlink_to(stock)
+    cases = [
+        [stock, stock / "converted"],
+        [stock, stock / "a" / "b"],
+        [stock, link / "converted"],
+        [stock, stock, "--overwrite"],
+        [stock, stock.parent, "--overwrite"],
+    ]
+    for code, stderr in run_cli_many(tmp_path, cases):
+        assert code == 2, stderr
+        assert len(stderr.strip().splitlines()) == 1 and "inside SRC" in stderr, stderr
+    assert tree_digest(stock) == before and sorted(p.name for p in stock.iterdir()) == names_before
+
+
+def test_symlinked_destination(stock, tmp_path):
+    """A link to a directory is written through (the link stays); a dangling link is refused."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    (code, stderr), (dangling_code, dangling_err) = run_cli_many(tmp_path, [[stock, link], [stock, dangling]])
+    assert code == 0, stderr
+    assert link.is_symlink() and (target / "config.json").is_file()
+    assert dangling_code == 2 and "does not exist" in dangling_err and len(dangling_err.strip().splitlines()) == 1
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
+    result = run_cli(tmp_path, stock, link, "--overwrite", "--video-pooling-mode", "average")
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and json.loads((target / "config.json").read_text())["video_pooling_mode"] == "average"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "target"]  # no .old / .partial left
+
+
+def test_only_model_repo_files_and_own_code_are_carried(stock, tmp_path):
+    """Allow-list: code, binaries and other files of SRC stay behind; auto_map entries naming other code (a local
+    module, another repo) are dropped, so DST loads with this project's code alone."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for p in stock.iterdir():
+        os.link(p, src / p.name)
+    for name in ("helper.PY", "gui.pyw", "native.so", "tokenization_x.py", "notes.ipynb", "run.sh"):
+        (src / name).write_text("raise SystemExit('must not be carried')")
+    tokenizer_config = json.loads((stock / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {
+        "AutoTokenizer": ["tokenization_x.XTokenizer", None],
+        "AutoProcessor": "other-org/other-repo--p.P",
+    }
+    (src / "tokenizer_config.json").unlink()
+    (src / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    processor_config = json.loads((stock / "processor_config.json").read_text())
+    processor_config["auto_map"] = {"AutoProcessor": "other-org/other-repo--processing_x.XProcessor"}
+    (src / "processor_config.json").unlink()
+    (src / "processor_config.json").write_text(json.dumps(processor_config))
+    dst = tmp_path / "dst"
+    result = run_cli(tmp_path, src, dst)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in dst.iterdir()) == sorted([p.name for p in stock.iterdir()] + list(CODE_MODULES))
+    for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
+        auto_map = json.loads((dst / name).read_text()).get("auto_map", {})
+        modules = {
+            str(ref).rsplit(".", 1)[0]
+            for value in auto_map.values()
+            for ref in (value if isinstance(value, list) else [value])
+            if ref
+        }
+        assert modules <= {name[: -len(".py")] for name in CODE_MODULES}, (name, auto_map)
+    from stgridpool.loading import load_processor, resolve_model
+
+    source = resolve_model(str(dst))
+    assert not source.remote_code  # only this project's code, byte for byte: the installed classes load it
+    assert type(load_processor(source)).__name__ == "STGridPoolProcessor"
+
+
+def test_interrupted_conversion_leaves_nothing(stock, tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM mid-copy: one line, exit 130, no temporary folder; a folder left by a killed run (kill -9)
+    is removed by the next run."""
+    import signal
+    import time
+
+    import convert
+    import convert.repo
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".dst.{int(dead.stdout)}.abc.partial"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    for interrupt in ("ctrl-c", "sigterm"):
+
+        def broken(*args, **kwargs):
+            if interrupt == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+
+        monkeypatch.setattr(convert.repo, "transfer_weights", broken)
+        assert convert.main([str(stock), str(tmp_path / "dst"), "--copy"]) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "interrupted" in err[0], err
+        assert list(tmp_path.iterdir()) == [], interrupt  # the stale folder went too
 
 
 def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
@@ -394,7 +577,9 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    assert convert.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, capsys.readouterr().err
+    assert convert.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, (
+        capsys.readouterr().err
+    )
     ((repo_id, revision, ignore),) = fetched
     assert (repo_id, revision) == ("llava-hf/tiny-ov", "v1") and "*.bin" in ignore
     text = (tmp_path / "dst" / "README.md").read_text()
@@ -474,7 +659,19 @@ def save_original_checkpoint(path: Path, *, video: bool, vision_model_prefix: bo
     config = {
         "model_type": "llava",
         "architectures": ["LlavaQwenForCausalLM"],
-        **{k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size", "max_position_embeddings", "eos_token_id")},
+        **{
+            k: text[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "max_position_embeddings",
+                "eos_token_id",
+            )
+        },
         "rope_theta": 1000000.0,
         "rms_norm_eps": 1e-6,
         "hidden_act": "silu",
@@ -499,7 +696,10 @@ def save_original_checkpoint(path: Path, *, video: bool, vision_model_prefix: bo
 
 ORIGINAL_FLAVOURS = {
     # name: (checkpoint options, converter options)
-    "llava-video": (dict(video=True, vision_model_prefix=True, tied=False, shards=2), ["--video-pooling-mode", "average"]),
+    "llava-video": (
+        dict(video=True, vision_model_prefix=True, tied=False, shards=2),
+        ["--video-pooling-mode", "average"],
+    ),
     "onevision": (dict(video=False, vision_model_prefix=False, tied=True, shards=1), []),
 }
 
@@ -512,8 +712,10 @@ def originals(workdir) -> dict:
         src = save_original_checkpoint(workdir / f"original-{name}", **checkpoint)
         out[name] = (src, workdir / "repos" / f"from-{name}", options)
     before = {name: tree_digest(src) for name, (src, _, _) in out.items()}
-    commands = [[src, dst, "--vision-config", src / "vision_config.json", *options] for src, dst, options in out.values()]
-    for (code, stderr) in run_cli_many(workdir, commands):
+    commands = [
+        [src, dst, "--vision-config", src / "vision_config.json", *options] for src, dst, options in out.values()
+    ]
+    for code, stderr in run_cli_many(workdir, commands):
         assert code == 0, stderr
     assert {name: tree_digest(src) for name, (src, _, _) in out.items()} == before, "the converter modified SRC"
     return {name: (src, dst) for name, (src, dst, _) in out.items()}
@@ -562,12 +764,22 @@ def test_original_tensors_and_config(originals, flavour):
     assert config["model_type"] == "stgridpool_llava_onevision"
     assert config["vision_config"]["num_hidden_layers"] == 2 and config["vision_config"]["vision_use_head"] is False
     assert (config["vision_feature_layer"], config["vision_feature_select_strategy"]) == (-1, "full")
-    assert config["text_config"]["hidden_size"] == 32 and config["tie_word_embeddings"] is original["tie_word_embeddings"]
-    for key in ("mm_spatial_pool_mode", "mm_newline_position", "mm_vision_tower"):  # the source's stock pooling, recorded
+    assert (
+        config["text_config"]["hidden_size"] == 32 and config["tie_word_embeddings"] is original["tie_word_embeddings"]
+    )
+    for key in (
+        "mm_spatial_pool_mode",
+        "mm_newline_position",
+        "mm_vision_tower",
+    ):  # the source's stock pooling, recorded
         assert config[key] == original[key]
     assert config["video_newline_position"] == ("grid" if video else "one_token")
     assert config["video_pooling_mode"] == ("average" if video else "stgridpool")
-    assert config["image_grid_pinpoints"] == [[54, 54], [54, 108], [108, 54], [108, 108]] if video else [[54, 54], [54, 108]]
+    assert (
+        config["image_grid_pinpoints"] == [[54, 54], [54, 108], [108, 54], [108, 108]]
+        if video
+        else [[54, 54], [54, 108]]
+    )
     processor = json.loads((dst / "processor_config.json").read_text())
     assert processor["video_processor"]["num_frames"] == (64 if video else 32)
     assert processor["video_newline_position"] == config["video_newline_position"]
@@ -611,6 +823,10 @@ def test_original_refusals(workdir, tmp_path):
     tensors = load_file(src / "model.safetensors")
     tensors["model.vision_resampler.weight"] = tensors["model.image_newline"].clone()
     save_file(tensors, unknown_key / "model.safetensors", metadata={"format": "pt"})
+    garbage = tmp_path / "garbage-header"
+    garbage.mkdir()
+    for p in src.iterdir():
+        (garbage / p.name).write_bytes(p.read_bytes() if p.name != "model.safetensors" else b"garbage" * 20)
     vision = ["--vision-config", src / "vision_config.json"]
     wrong_vision = tmp_path / "wrong_vision.json"
     wrong_vision.write_text(json.dumps({**TINY_VISION, "hidden_size": 24}))
@@ -620,6 +836,7 @@ def test_original_refusals(workdir, tmp_path):
         (unknown_key, vision, ["model.vision_resampler.weight", "allowed"]),
         (src, ["--vision-config", src / "config.json"], ["--vision-config=", "image_size", "patch_size", "allowed"]),
         (src, ["--vision-config", wrong_vision], ["vision config", "shape", "patch_embedding"]),
+        (garbage, vision, ["model.safetensors", "not a readable safetensors file", "allowed"]),
     ]
     results = run_cli_many(tmp_path, [[s, tmp_path / "out" / str(i), *args] for i, (s, args, _) in enumerate(cases)])
     for (s, args, words), (code, stderr) in zip(cases, results):

@@ -265,8 +265,9 @@ def test_device_map_auto_loads_one_spread_copy(bench):
 
 
 def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
-    """A repo laid out like the converter's (the three modules + auto_map) loads through the Auto classes with
-    trust_remote_code, and the overrides still reach its model and processor."""
+    """A repo laid out like the converter's (the modules + auto_map) whose code differs from the installed code is
+    refused by default, and loads through the Auto classes with trust_remote_code=true; the overrides still reach
+    its model and processor."""
     import shutil
 
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
@@ -279,6 +280,8 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
     STGridPoolProcessor.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
     for module in ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py"):
         shutil.copy(Path(__file__).parents[1] / module, repo / module)
+    with open(repo / "modeling_stgridpool_llava.py", "a") as handle:
+        handle.write("\n# changed: no longer the installed copy\n")
     auto_maps = {
         "config.json": {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
                         "AutoModelForImageTextToText":
@@ -289,9 +292,10 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
         data = json.loads((repo / filename).read_text())
         (repo / filename).write_text(json.dumps({**data, "auto_map": auto_map}))
 
-    lm = STGridPoolLMM.create_from_arg_string(
-        f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid"
-    )
+    args = f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid"
+    with pytest.raises(ValueError, match="trust_remote_code=true"):
+        STGridPoolLMM.create_from_arg_string(args)
+    lm = STGridPoolLMM.create_from_arg_string(args + ",trust_remote_code=true")
     assert type(lm.model).__module__.startswith("transformers_modules")  # the repo's code, not the installed one
     assert type(lm.processor).__module__.startswith("transformers_modules")
     assert lm.model.config.video_pooling_mode == lm.processor.video_pooling_mode == "average"

@@ -1,0 +1,47 @@
+"""Model inputs for one video and one user question, where the question is only ever text.
+
+A processor expands every `<video>` / `<image>` it finds in the prompt, and a tokenizer turns `<|im_end|>` written in
+text into the special token, so a question that mentions them ("How is the <video> tag used in HTML?") would add a
+placeholder, or end the turn. Here the chat template is rendered around a marker; the processor sees only the
+template's own text (with its one `<video>`), and the question is tokenized on its own with special tokens split
+into plain text, then spliced in where the marker was.
+"""
+
+import torch
+
+MARKER = "\ue000stgridpool-question\ue000"  # private-use characters: no template or tokenizer produces them
+
+
+def video_question_inputs(processor, frames, question: str, **processor_kwargs):
+    """Processor inputs (`input_ids`, `attention_mask`, `pixel_values_videos`, ...: batch of one, PyTorch) for
+    `frames` (uint8 [T, H, W, 3], already sampled) and `question`.
+
+    The only `<video>` placeholders are those the template puts there, expanded to the model's token count; every
+    character of `question` is text."""
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": MARKER}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    if prompt.count(MARKER) != 1:
+        raise ValueError(f"the chat template renders the question {prompt.count(MARKER)} times; allowed is once")
+    before, after = prompt.split(MARKER)
+    tokenizer = processor.tokenizer
+    media_first = processor.video_token in before
+
+    def text_ids(text: str, split_special_tokens: bool = False) -> list[int]:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
+
+    inputs = processor(
+        text=before if media_first else after,
+        videos=[frames],
+        add_special_tokens=False,
+        return_tensors="pt",
+        **processor_kwargs,
+    )
+    media_ids = inputs["input_ids"][0].tolist()
+    question_ids = text_ids(question, split_special_tokens=True)
+    if media_first:
+        ids = media_ids + question_ids + text_ids(after)
+    else:
+        ids = text_ids(before) + question_ids + media_ids
+    inputs["input_ids"] = torch.tensor([ids], dtype=torch.long)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    return inputs
