@@ -11,9 +11,6 @@ documents and gathers the results; `device_map=auto` instead spreads one copy ov
 
 from __future__ import annotations
 
-import json
-from fractions import Fraction
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from configuration_stgridpool import STGRIDPOOL_FIELDS
+from stgridpool.options import parse_setting
 
 LOADER_ARGS = (
     "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
@@ -32,32 +30,6 @@ LOADER_ARGS = (
 # `uniform`: always `max_frames_num` frames, evenly spaced (lmms-eval's llava_onevision / llava_hf models).
 # `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the paper's runs).
 FRAME_SAMPLINGS = ("uniform", "authors")
-
-
-def parse_override(name: str, value: Any) -> Any:
-    """Turn one `--model_args` value (already typed by lmms-eval: str, int, float or bool) into the config's type.
-
-    `pyramid_levels` takes JSON (`[[4,2],[4,4],[4,8]]`, `[]`) or `none` for `[]`; `nsp_keep_ratio` also takes
-    fractions such as `1/9`. Validation of the values themselves is left to STGridPoolConfig, which names the
-    field, the value and what is allowed.
-    """
-    if name == "pyramid_levels" and isinstance(value, str):
-        if value.strip().lower() in ("none", ""):
-            return []
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"model_args pyramid_levels={value!r} is invalid: allowed is JSON like [[4,2],[4,4],[4,8]], [] or none"
-            ) from None
-    if name in ("nsp_keep_ratio", "nsp_temperature", "nsp_norm_p") and isinstance(value, str):
-        try:
-            return float(Fraction(value))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"model_args {name}={value!r} is invalid: allowed is a number such as 0.25 or 1/9") from None
-    if name == "nsp_padding" and isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def uniform_indices(total_num_frames: int, max_frames_num: int) -> np.ndarray:
@@ -153,7 +125,7 @@ class STGridPoolLMM(lmms):
         if frame_sampling not in FRAME_SAMPLINGS:
             allowed = ", ".join(FRAME_SAMPLINGS)
             raise ValueError(f"model_args frame_sampling={frame_sampling!r} is invalid: allowed are {allowed}")
-        overrides = {name: parse_override(name, value) for name, value in kwargs.items()}
+        overrides = {name: parse_setting(name, value, f"model_args {name}") for name, value in kwargs.items()}
 
         accelerator = Accelerator()
         if accelerator.num_processes > 1:  # data parallel: one full model per process, on that process's device
