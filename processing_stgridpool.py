@@ -12,8 +12,14 @@ applies the rotation metadata. torchcodec is used only when asked for (`video_de
 """
 
 import bisect
+import dataclasses
+import errno
+import importlib
+import itertools
 import math
 import os
+import stat
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -65,8 +71,8 @@ def sample_frame_times(
     if num_frames is not None and fps is not None:
         raise ValueError(f"num_frames={num_frames!r} and fps={fps!r} were both given: allowed is one of them, or neither")
     if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-            raise ValueError(f"fps={fps!r} is invalid: allowed values are numbers > 0")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
+            raise ValueError(f"fps={fps!r} is invalid: allowed values are finite numbers > 0")
         num_frames = max(1, int((end_time - frame_times[0]) * Fraction(fps)))
     if num_frames is None or (not isinstance(num_frames, bool) and isinstance(num_frames, int) and num_frames >= total):
         return sample_frame_indices(total, num_frames)
@@ -76,33 +82,96 @@ def sample_frame_times(
     return [max(bisect.bisect_right(frame_times, instant) - 1, 0) for instant in instants]
 
 
-def _probe_frame_times(container, stream) -> tuple[list[Fraction], Fraction]:
-    """Presentation times (seconds, exact) of every video packet, sorted, and the time the last frame ends.
+# Seeking to a keyframe pays off when it skips more frames than this: a seek costs a demuxer jump and a decoder
+# flush (with frame threads, a refill of the pipeline). Below it, decoding forward is as fast; benchmarks/bench_decode.py.
+SEEK_MIN_SKIP = 16
 
-    Demuxing only (no decoding): cheap. Packets without a timestamp are counted at the previous one's time."""
+
+@dataclasses.dataclass
+class _StreamIndex:
+    """What one demux-only pass (no decoding) tells about a video stream; frame i is the i-th a full decode shows."""
+
+    pts: list[int]  # presentation timestamps of the frames, in the stream's time base, ascending
+    times: list[Fraction]  # the same in seconds, exact
+    end_time: Fraction  # when the last frame stops being shown, seconds
+    keyframes: list[int]  # indices of the frames whose packets are keyframes (decoding can start there), ascending
+    keyframe_dts: dict[int, int | None]  # keyframe index -> its packet's decoding timestamp
+    matchable: bool  # every frame has its own timestamp: after a seek, decoded frames are matched by timestamp
+
+
+def _probe_stream(container, stream) -> _StreamIndex:
+    """Index the video stream by demuxing it (packets only, nothing decoded).
+
+    Packets the decoder drops (the discard flag, e.g. outside an mp4 edit list) are not frames. Packets without a
+    timestamp are counted at the previous one's time (and disable seeking: frames could not be told apart)."""
     time_base = stream.time_base or Fraction(1, 1)
-    times, durations = [], []
+    raw, durations, keys = [], [], []  # keys: (pts, dts) of keyframe packets
+    matchable = True
     for packet in container.demux(stream):
-        if packet.size == 0:  # the flush packet at the end
+        if packet.size == 0 or getattr(packet, "is_discard", False):  # the flush packet at the end; frames the decoder drops
             continue
         pts = packet.pts if packet.pts is not None else packet.dts
-        times.append(Fraction(pts) * time_base if pts is not None else (times[-1] if times else Fraction(0)))
-        durations.append(Fraction(packet.duration or 0) * time_base)
-    order = sorted(range(len(times)), key=times.__getitem__)
-    times = [times[i] for i in order]
-    if not times:
-        return times, Fraction(0)
-    last = durations[order[-1]]
+        if pts is None:
+            matchable = False
+            pts = raw[-1] if raw else 0
+        raw.append(pts)
+        durations.append(packet.duration or 0)
+        if packet.is_keyframe:
+            keys.append((pts, packet.dts))
+    order = sorted(range(len(raw)), key=raw.__getitem__)
+    pts = [raw[i] for i in order]
+    times = [Fraction(p) * time_base for p in pts]
+    if not pts:
+        return _StreamIndex([], [], Fraction(0), [], {}, False)
+    last = Fraction(durations[order[-1]]) * time_base
     if last <= 0:  # no packet duration: the median gap, or the average rate
         gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
         rate = stream.average_rate or stream.guessed_rate
         last = gaps[len(gaps) // 2] if gaps else (1 / Fraction(rate) if rate else Fraction(1, 30))
-    return times, times[-1] + last
+    index_of = {p: i for i, p in enumerate(pts)}
+    matchable = matchable and len(index_of) == len(pts)
+    keyframe_dts = {index_of[p]: dts for p, dts in keys}
+    return _StreamIndex(pts, times, times[-1] + last, sorted(keyframe_dts), keyframe_dts, matchable)
 
 
 def _rotate(image: np.ndarray, degrees_ccw: int) -> np.ndarray:
     """Apply a display rotation (counterclockwise degrees, multiple of 90) to an [H, W, 3] image."""
     return np.ascontiguousarray(np.rot90(image, k=round(degrees_ccw / 90) % 4)) if degrees_ccw else image
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise VideoDecodeError saying what `path` is when it is not a non-empty regular file."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise VideoDecodeError(f"{path}: is a symbolic link loop, not a video file") from None
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            raise VideoDecodeError(f"{path}: is a broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise VideoDecodeError(f"{path}: no such file") from None
+        raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
+    kind = None
+    if stat.S_ISDIR(info.st_mode):
+        kind = "a directory"
+    elif stat.S_ISFIFO(info.st_mode):
+        kind = "a named pipe (FIFO)"
+    elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        kind = "a device"
+    elif stat.S_ISSOCK(info.st_mode):
+        kind = "a socket"
+    elif not stat.S_ISREG(info.st_mode):
+        kind = "not a regular file"
+    if kind:
+        raise VideoDecodeError(f"{path}: is {kind}, not a video file: allowed are regular files")
+    if info.st_size == 0:
+        raise VideoDecodeError(f"{path}: is empty (0 bytes), not a video file")
+
+
+def _open(av, path: str):
+    """Open `path` as a local file: `file:` and an absolute path, so FFmpeg never reads a name such as
+    `concat:a.mp4|b.mp4` or `http:x` as a protocol URL."""
+    return av.open("file:" + os.path.abspath(path))
 
 
 def read_video_pyav(
@@ -119,39 +188,39 @@ def read_video_pyav(
     `frame_times` and `end_time`, exact seconds). progress: optional callable `progress(decoded_so_far, frames_to_decode)`.
     Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
     `VideoMetadata` with `frames_indices`).
+
+    Only what the sampled frames need is decoded: one demux-only pass indexes the frames and keyframes, then for each
+    sampled frame the decoder either goes on forward or, when the frame is more than `SEEK_MIN_SKIP` frames past
+    the nearest keyframe ahead of where it stands, seeks to the keyframe at or before it. The frames returned are
+    those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
+    seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
+    Decoding is multi-threaded where FFmpeg's decoder offers it. Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
-    import av  # PyAV: an install requirement of this project; imported lazily like Transformers' backends
+    try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
+        av = importlib.import_module("av")
+    except ImportError:
+        raise ImportError(f"decoding the video file {os.fspath(path)} needs PyAV: pip install av") from None
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise VideoDecodeError(f"{path}: is a directory, not a video file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(f"{path}: is empty (0 bytes), not a video file")
+    _check_regular_file(path)
     try:
-        with av.open(path) as container:
+        with _open(av, path) as container:
+            if not container.streams:
+                size = os.path.getsize(path)
+                raise VideoDecodeError(
+                    f"{path}: damaged or truncated, or not a video file: FFmpeg finds no streams in its {size} bytes"
+                )
             if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                kinds = sorted({s.type for s in container.streams})
                 raise VideoDecodeError(f"{path}: has no video stream (it has: {', '.join(kinds)})")
             stream = container.streams.video[0]
-            times, end_time = _probe_frame_times(container, stream)
-            if not times:
+            index = _probe_stream(container, stream)
+            if not index.pts:
                 raise VideoDecodeError(f"{path}: has a video stream but no video frames")
-            # A truncated file often still opens; its header's duration then outlasts its frames. The container's
-            # duration counts other streams too (audio may outlast video), so only the video stream's, or a lone one's.
-            if stream.duration and stream.time_base:
-                declared = float(stream.duration * stream.time_base)
-            elif container.duration and len(container.streams) == 1:
-                declared = container.duration / 1_000_000  # AV_TIME_BASE units
-            else:
-                declared = None
-            if declared and end_time < Fraction(declared) * Fraction(9, 10) - 1:
-                raise VideoDecodeError(
-                    f"{path}: damaged or truncated: its frames stop at {float(end_time):.1f} s of the {declared:.1f} s "
-                    f"it declares"
-                )
+            declared = _declared_duration(container, stream)
+            _check_complete(path, index.end_time, declared)
+            times, end_time = index.times, index.end_time
             duration = end_time - times[0]
             metadata = VideoMetadata(
                 total_num_frames=len(times),
@@ -161,58 +230,213 @@ def read_video_pyav(
             )
             metadata.frame_times, metadata.end_time = times, end_time  # exact (Fractions), for sampling by time
             if sample_indices_fn is not None:
-                indices = [int(i) for i in sample_indices_fn(metadata=metadata)]
+                indices = _checked_indices(sample_indices_fn(metadata=metadata), len(times))
             else:
                 indices = sample_frame_times(times, end_time, num_frames, fps)
-            if len(indices) == 0:
-                raise ValueError(f"{path}: the frame sampling picked no frames (sample_indices_fn returned none)")
-            frames = _decode_at(container, stream, indices, path, len(times), progress)
-    except VideoDecodeError:
-        raise
+            video = None
+            if index.matchable and index.keyframes:
+                video = _decode_seeking(av, path, container, stream, index, indices, progress)
     except (av.error.FFmpegError, UnicodeDecodeError, EOFError) as error:  # not a container FFmpeg can read
-        reason = str(getattr(error, "strerror", None) or error).split(":")[0].strip() or type(error).__name__
-        raise VideoDecodeError(f"{path}: not a readable video file ({reason})") from None
+        raise VideoDecodeError(f"{path}: not a readable video file ({_reason(error)})") from None
     except OSError as error:  # permissions and the like, before FFmpeg sees the file
         raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
-    video = np.stack(frames)
+    if video is None:  # no seeking possible or trusted: one forward pass from the start, counting frames
+        video = _decode_forward(av, path, indices, len(times), progress)
     metadata.frames_indices = np.array(indices)
     metadata.height, metadata.width = video.shape[1:3]
     return video, metadata
 
 
-def _decode_at(container, stream, indices: list[int], path: str, total: int, progress=None) -> list[np.ndarray]:
-    """Decode frames in presentation order and return the RGB arrays [H, W, 3] at `indices` (repeats allowed)."""
-    import av
+def _reason(error) -> str:
+    return str(getattr(error, "strerror", None) or error).split(":")[0].strip() or type(error).__name__
 
-    wanted = {}
-    for position, index in enumerate(indices):
-        wanted.setdefault(index, []).append(position)
+
+def _declared_duration(container, stream) -> float | None:
+    """Seconds the header says the video lasts. The container's duration counts other streams too (audio may
+    outlast video), so only the video stream's, or a lone stream's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1_000_000  # AV_TIME_BASE units
+    return None
+
+
+def _check_complete(path: str, end_time: Fraction, declared: float | None) -> None:
+    """A truncated file often still opens; its header's duration then outlasts its frames. Refuse a file whose frames
+    stop before 90% of what it declares less 1 s; warn when they stop short by more than 1% and 0.5 s."""
+    if not declared:
+        return
+    end = float(end_time)
+    if end < declared * 0.9 - 1:
+        raise VideoDecodeError(
+            f"{path}: damaged or truncated: its frames stop at {end:.1f} s of the {declared:.1f} s it declares"
+        )
+    if declared - end > max(0.01 * declared, 0.5):
+        warnings.warn(
+            f"{path}: its frames stop at {end:.1f} s of the {declared:.1f} s it declares (damaged or truncated?); "
+            f"sampling covers the frames it has",
+            stacklevel=3,
+        )
+
+
+def _checked_indices(indices, total: int) -> list[int]:
+    """`sample_indices_fn`'s answer as a list of ints, each a frame of the video (ValueError naming the function)."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("sample_indices_fn returned no frame indices: allowed are 1 or more indices")
+    bad = [i for i in indices if not 0 <= i < total]
+    if bad:
+        raise ValueError(
+            f"sample_indices_fn returned frame index {bad[0]}, but the video has {total} frames: "
+            f"allowed are indices 0 .. {total - 1}"
+        )
+    return indices
+
+
+class _FrameSink:
+    """The output array, filled as the sampled frames are decoded: the only RGB copies ever held."""
+
+    def __init__(self, indices: list[int], path: str):
+        self.positions: dict[int, list[int]] = {}
+        for position, index in enumerate(indices):
+            self.positions.setdefault(index, []).append(position)
+        self.count, self.path, self.video = len(indices), path, None
+
+    def put(self, index: int, frame) -> None:
+        image = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation)
+        if self.video is None:
+            self.video = np.empty((self.count, *image.shape), np.uint8)
+        elif image.shape != self.video.shape[1:]:
+            raise VideoDecodeError(
+                f"{self.path}: frame {index} is {image.shape[1]}x{image.shape[0]} where the first sampled frame is "
+                f"{self.video.shape[2]}x{self.video.shape[1]}: videos whose frame size changes are not supported"
+            )
+        for position in self.positions[index]:
+            self.video[position] = image
+
+
+def _threaded(stream) -> None:
+    """Let FFmpeg decode with frame and slice threads where the codec offers them (set before the decoder opens)."""
+    stream.thread_type = "AUTO"
+
+
+def _decode_forward(av, path: str, indices: list[int], total: int, progress=None) -> np.ndarray:
+    """One decoding pass from the start, counting frames in the order the decoder shows them."""
+    sink = _FrameSink(indices, path)
     last = max(indices)
-    out: list = [None] * len(indices)
-    container.seek(0)
     decoded = 0
     try:
-        for frame in container.decode(stream):
-            if decoded in wanted:
-                image = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation)
-                for position in wanted[decoded]:
-                    out[position] = image
-            decoded += 1
-            if progress is not None:
-                progress(decoded, last + 1)
-            if decoded > last:
-                break
+        with _open(av, path) as container:
+            stream = container.streams.video[0]
+            _threaded(stream)
+            for frame in container.decode(stream):
+                if decoded in sink.positions:
+                    sink.put(decoded, frame)
+                decoded += 1
+                if progress is not None:
+                    progress(decoded, last + 1)
+                if decoded > last:
+                    break
     except av.error.FFmpegError as error:
         if decoded == 0:
-            raise VideoDecodeError(f"{path}: no decodable video frames ({error.strerror or error})") from None
-        raise VideoDecodeError(f"{path}: damaged or truncated: decoding stopped after frame {decoded - 1} ({error.strerror or error})") from None
+            raise VideoDecodeError(f"{path}: no decodable video frames ({_reason(error)})") from None
+        raise VideoDecodeError(
+            f"{path}: damaged or truncated: decoding stopped after frame {decoded - 1} ({_reason(error)})"
+        ) from None
     if decoded == 0:
         raise VideoDecodeError(f"{path}: no decodable video frames")
     if decoded <= last:
-        raise VideoDecodeError(
-            f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode"
-        )
-    return out
+        raise VideoDecodeError(f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode")
+    return sink.video
+
+
+def _plan_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | None, list[int]]]:
+    """Group the sampled frames (ascending, distinct) into decoding runs: (keyframe to seek to, frames to keep).
+
+    A run goes on forward to the next sampled frame unless the keyframe at or before that frame lies more than
+    `SEEK_MIN_SKIP` frames past where the run stands. Keyframe None: the frame precedes every keyframe (start)."""
+    runs: list[tuple[int | None, list[int]]] = []
+    for target in targets:
+        at = bisect.bisect_right(keyframes, target) - 1
+        key = keyframes[at] if at >= 0 else None
+        if runs and (key is None or key <= runs[-1][1][-1] + SEEK_MIN_SKIP):
+            runs[-1][1].append(target)
+        else:
+            runs.append((key, [target]))
+    return runs
+
+
+def _decode_seeking(
+    av, path: str, container, stream, index: _StreamIndex, indices: list[int], progress=None
+) -> np.ndarray | None:
+    """The sampled frames, decoding only the runs they need (`_plan_runs`); None where seeking cannot be trusted
+    here (the caller then decodes forward from the start)."""
+    sink = _FrameSink(indices, path)
+    runs = _plan_runs(sorted(sink.positions), index.keyframes)
+    to_decode = sum(run[-1] - (key or 0) + 1 for key, run in runs)
+    done = 0
+    _threaded(stream)
+    index_of = {p: i for i, p in enumerate(index.pts)}
+    try:
+        for key, run in runs:
+            landed = _seek_to_keyframe(container, stream, index, key, run[0])
+            if landed is None:
+                return None
+            first_packet, packets = landed[1], container.demux(stream)
+            wanted, last = set(run), run[-1]
+            finished = False
+            for packet in itertools.chain([first_packet], packets):
+                for frame in packet.decode():
+                    if frame.pts is None:
+                        return None
+                    if frame.pts < landed[0]:  # before the keyframe it started from: may lack its references
+                        continue
+                    at = index_of.get(frame.pts)
+                    if at is None:
+                        return None
+                    done += 1
+                    if progress is not None:
+                        progress(min(done, to_decode), to_decode)
+                    if at in wanted:
+                        sink.put(at, frame)
+                        wanted.discard(at)
+                    if at >= last:
+                        finished = True
+                        break
+                if finished:
+                    break
+            if wanted:  # a sampled frame never came out of this run
+                return None
+    except av.error.FFmpegError:
+        return None  # the forward pass decides whether the file is damaged and says where
+    return sink.video
+
+
+def _seek_to_keyframe(container, stream, index: _StreamIndex, key: int | None, target: int):
+    """Seek to keyframe `key` (None: the start) -> (pts the decoding starts from, first packet), or None when no
+    seek lands on a keyframe at or before frame `target`.
+
+    Demuxers index keyframes by presentation time (mkv, webm) or decoding time (mp4): try the keyframe's pts, then
+    its dts, then the start of the file. Frames at or after the landing keyframe's pts decode exactly as in a full
+    decode; earlier ones (an open GOP's leading frames) may lack references and are skipped."""
+    attempts = [] if key is None else [index.pts[key], index.keyframe_dts.get(key)]
+    for timestamp in dict.fromkeys(t for t in attempts if t is not None):
+        container.seek(timestamp, stream=stream, backward=True)
+        packet = _first_packet(container, stream)
+        if packet is not None and packet.is_keyframe and packet.pts is not None and packet.pts <= index.pts[target]:
+            return packet.pts, packet
+    container.seek(0)  # the start: what a full decode sees, every frame exact
+    packet = _first_packet(container, stream)
+    if packet is None:
+        return None
+    return -math.inf, packet
+
+
+def _first_packet(container, stream):
+    for packet in container.demux(stream):
+        if packet.size:
+            return packet
+    return None
 
 
 class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
