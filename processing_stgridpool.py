@@ -27,9 +27,9 @@ from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
-    from .configuration_stgridpool import pooled_frame_size, validate_video_geometry, video_token_count
+    from .configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
 except ImportError:  # installed as top-level modules of this project
-    from configuration_stgridpool import pooled_frame_size, validate_video_geometry, video_token_count
+    from configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -48,8 +48,7 @@ def sample_frame_indices(total_num_frames: int, num_frames: int | None = None) -
 
     The stock Transformers formula. `num_frames=None`, or more frames than the video has, gives every frame.
     """
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0):
-        raise ValueError(f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames")
+    _check_num_frames_and_fps(num_frames, None, "sample_frame_indices")
     if num_frames is None or num_frames >= total_num_frames:
         return list(range(total_num_frames))
     return [j * total_num_frames // num_frames for j in range(num_frames)]
@@ -68,15 +67,11 @@ def sample_frame_times(
     more than once, as a viewer would see it at those instants.
     """
     total = len(frame_times)
-    if num_frames is not None and fps is not None:
-        raise ValueError(f"num_frames={num_frames!r} and fps={fps!r} were both given: allowed is one of them, or neither")
+    _check_num_frames_and_fps(num_frames, fps, "sample_frame_times")
     if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0):
-            raise ValueError(f"fps={fps!r} is invalid: allowed values are finite numbers > 0")
         num_frames = max(1, int((end_time - frame_times[0]) * Fraction(fps)))
-    if num_frames is None or (not isinstance(num_frames, bool) and isinstance(num_frames, int) and num_frames >= total):
+    if num_frames is None or num_frames >= total:
         return sample_frame_indices(total, num_frames)
-    sample_frame_indices(total, num_frames)  # validates num_frames
     start, span = frame_times[0], end_time - frame_times[0]
     instants = (start + span * Fraction(j, num_frames) for j in range(num_frames))
     return [max(bisect.bisect_right(frame_times, instant) - 1, 0) for instant in instants]
@@ -211,15 +206,22 @@ def read_video_pyav(
                 raise VideoDecodeError(
                     f"{path}: damaged or truncated, or not a video file: FFmpeg finds no streams in its {size} bytes"
                 )
+            kinds = sorted({s.type for s in container.streams})
             if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams})
+                if not {"audio", "subtitle"} & set(kinds):  # e.g. an mp4 whose header was cut off
+                    raise VideoDecodeError(
+                        f"{path}: damaged or truncated, or not a video file: FFmpeg finds no video stream in its "
+                        f"{os.path.getsize(path)} bytes (only: {', '.join(kinds)})"
+                    )
                 raise VideoDecodeError(f"{path}: has no video stream (it has: {', '.join(kinds)})")
             stream = container.streams.video[0]
             index = _probe_stream(container, stream)
             if not index.pts:
-                raise VideoDecodeError(f"{path}: has a video stream but no video frames")
-            declared = _declared_duration(container, stream)
-            _check_complete(path, index.end_time, declared)
+                raise VideoDecodeError(
+                    f"{path}: damaged or truncated: it declares a video stream but holds no video frames "
+                    f"({os.path.getsize(path)} bytes)"
+                )
+            _check_complete(path, index, _declared_duration(container, stream))
             times, end_time = index.times, index.end_time
             duration = end_time - times[0]
             metadata = VideoMetadata(
@@ -261,20 +263,21 @@ def _declared_duration(container, stream) -> float | None:
     return None
 
 
-def _check_complete(path: str, end_time: Fraction, declared: float | None) -> None:
+def _check_complete(path: str, index: _StreamIndex, declared: float | None) -> None:
     """A truncated file often still opens; its header's duration then outlasts its frames. Refuse a file whose frames
-    stop before 90% of what it declares less 1 s; warn when they stop short by more than 1% and 0.5 s."""
+    stop before 90% of the duration it declares less 1 s; warn when they stop short by more than 3 frames and 0.5%
+    of it (a cut of a few frames at the end is how muxers round, not damage)."""
     if not declared:
         return
-    end = float(end_time)
-    if end < declared * 0.9 - 1:
+    duration = float(index.end_time - index.times[0])
+    if duration < declared * 0.9 - 1:
         raise VideoDecodeError(
-            f"{path}: damaged or truncated: its frames stop at {end:.1f} s of the {declared:.1f} s it declares"
+            f"{path}: damaged or truncated: its frames stop at {duration:.1f} s of the {declared:.1f} s it declares"
         )
-    if declared - end > max(0.01 * declared, 0.5):
+    if declared - duration > max(3 * duration / len(index.times), 0.005 * declared):
         warnings.warn(
-            f"{path}: its frames stop at {end:.1f} s of the {declared:.1f} s it declares (damaged or truncated?); "
-            f"sampling covers the frames it has",
+            f"{path}: its frames stop at {duration:.2f} s of the {declared:.2f} s it declares (damaged or truncated?); "
+            f"the frames it has are used",
             stacklevel=3,
         )
 
@@ -446,11 +449,18 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     load a path) decodes with `read_video_pyav` unless `video_decoder="torchcodec"`, keeping `num_frames` frames
     (32 unless the config says otherwise; `num_frames=None` keeps every frame) evenly spaced in time, so a file is
     never decoded whole by accident; a video shorter than `num_frames` keeps all its frames instead of failing.
-    Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`).
+    Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`), or with
+    `do_sample_frames=True` the frames stock's `sample_frames` picks (by `num_frames`, or by `fps` with the video's
+    frame rate from `video_metadata`).
 
-    It saves itself as a `LlavaOnevisionVideoProcessor` (plus the keys `num_frames`, `do_sample_frames`,
-    `video_decoder`), so a repo loads with stock Transformers too; `STGridPoolProcessor` turns whatever video
-    processor it is given into this class. URLs (http/https) are left to the stock loader: this code does no network.
+    `num_frames` and `fps` given together in one call are refused; the stored `num_frames` is only a default and
+    gives way to an `fps` passed in the call (and the reverse).
+
+    Saving: `video_processor_type` stays the stock `LlavaOnevisionVideoProcessor` and `auto_map` names this class
+    for `AutoVideoProcessor`: loaded with `trust_remote_code=True` from a repo holding this file it comes back as
+    this class; without remote code, stock Transformers loads the stock class from the same file.
+    `STGridPoolProcessor` turns whatever video processor it is given into this class. URLs (http/https) are left
+    to the stock loader: this code does no network.
     """
 
     num_frames = DEFAULT_NUM_FRAMES
@@ -459,20 +469,34 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     def __init__(self, **kwargs):
         if kwargs.get("num_frames") is None:
             kwargs.pop("num_frames", None)
+        _check_num_frames_and_fps(kwargs.get("num_frames"), kwargs.get("fps"), "STGridPoolVideoProcessor")
         decoder = kwargs.setdefault("video_decoder", "pyav")
         if decoder not in ("pyav", "torchcodec"):
             raise ValueError(f"video_decoder={decoder!r} is invalid: allowed values are 'pyav', 'torchcodec'")
+        kwargs.pop("auto_map", None)  # written back by to_dict
         super().__init__(**kwargs)
 
     def to_dict(self):
         output = super().to_dict()
         output["video_processor_type"] = "LlavaOnevisionVideoProcessor"  # loadable without remote code
+        output["auto_map"] = {"AutoVideoProcessor": f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
         return output
+
+    def preprocess(self, videos, **kwargs):
+        # Stock fills in every default before sampling, so a stored num_frames would collide with an fps passed
+        # here: of the two, only what this call asks for counts, and the stored values only when it asks for neither.
+        num_frames, fps = kwargs.get("num_frames"), kwargs.get("fps")
+        _check_num_frames_and_fps(num_frames, fps, "the call")
+        if fps is not None:
+            kwargs["num_frames"] = None
+        elif num_frames is not None or self.num_frames is not None:
+            kwargs["fps"] = None
+        return super().preprocess(videos, **kwargs)
 
     def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
         """Indices of the frames to keep: evenly spaced in time over the duration (`sample_frame_times`) when the
-        metadata carries frame times (videos decoded from files), else evenly spaced indices; never more frames than
-        the video has. `num_frames` / `fps` default to this processor's."""
+        metadata carries frame times (videos decoded from files), else stock's indices (`fps` needs the frame rate
+        in the metadata); never more frames than the video has. `num_frames` / `fps` default to this processor's."""
         if num_frames is None and fps is None:
             num_frames, fps = self.num_frames, self.fps
             if num_frames is not None and fps is not None:
@@ -480,10 +504,14 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         frame_times = getattr(metadata, "frame_times", None)  # set by read_video_pyav: exact Fractions
         if frame_times:
             return np.array(sample_frame_times(frame_times, metadata.end_time, num_frames, fps))
-        if fps is not None and num_frames is None:
+        _check_num_frames_and_fps(num_frames, fps, "sample_frames")
+        if fps is not None:
             if not metadata.fps:
-                raise ValueError("fps sampling needs the video's frame rate: pass video_metadata, or num_frames instead")
-            num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))
+                raise ValueError(
+                    f"fps={fps!r} sampling needs the video's frame rate: pass video_metadata with its fps "
+                    f"(e.g. video_metadata={{'fps': 30}}), or num_frames instead"
+                )
+            num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))  # stock's formula
         return np.array(sample_frame_indices(metadata.total_num_frames, num_frames))
 
     def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
@@ -501,11 +529,32 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         return read_video_pyav(source, sample_indices_fn=sample_indices_fn)
 
 
+def _check_num_frames_and_fps(num_frames, fps, where: str) -> None:
+    """ValueError naming the value and what is allowed, for a bad `num_frames` or `fps`, or both given."""
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0)):
+        raise ValueError(f"fps={fps!r} is invalid: allowed values are finite numbers > 0, or None")
+    if num_frames is not None and fps is not None:
+        raise ValueError(f"num_frames={num_frames!r} and fps={fps!r} were both given in {where}: allowed is one of them")
+
+
+def _frame_side(num_image_tokens) -> int:
+    """Tokens per frame side as the vision tower emits them (27 for SigLIP-384/14's 729)."""
+    side = math.isqrt(num_image_tokens) if isinstance(num_image_tokens, int) and num_image_tokens > 0 else 0
+    if side * side != num_image_tokens or side == 0:
+        raise ValueError(
+            f"num_image_tokens={num_image_tokens!r} is invalid: allowed are square numbers of tokens of one frame "
+            f"(729 = 27 x 27 for SigLIP-384/14)"
+        )
+    return side
+
+
 def as_stgridpool_video_processor(video_processor):
     """`video_processor` as an `STGridPoolVideoProcessor` with the same settings (None stays None)."""
     if video_processor is None or isinstance(video_processor, STGridPoolVideoProcessor):
         return video_processor
-    skip = ("video_processor_type", "processor_class", "_processor_class")
+    skip = ("video_processor_type", "processor_class", "_processor_class", "auto_map")
     settings = {k: v for k, v in video_processor.to_dict().items() if k not in skip}
     return STGridPoolVideoProcessor(**settings)
 
@@ -516,6 +565,8 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
     Takes the stock arguments plus the geometry fields of `STGridPoolConfig`, under the same names
     (`video_pooling_mode`, `nsp_keep_ratio`, `nsp_padding`, `nsp_partial_windows`, `video_newline_position`);
     they are saved in `processor_config.json`. Keep them equal to the model's config: the converter does.
+    `video_pooling` gives them as a `VideoPoolingSettings`, which validates them (the window-fits check included,
+    against the frame size `num_image_tokens` implies) and counts the tokens.
     """
 
     def __init__(
@@ -537,18 +588,17 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         **kwargs,
     ):
         # Every stock argument stays explicit: Transformers rebuilds processors from this signature.
-        validate_video_geometry(
+        settings = VideoPoolingSettings(
             video_pooling_mode=video_pooling_mode,
             nsp_keep_ratio=nsp_keep_ratio,
             nsp_padding=nsp_padding,
             nsp_partial_windows=nsp_partial_windows,
             video_newline_position=video_newline_position,
         )
-        self.video_pooling_mode = video_pooling_mode
-        self.nsp_keep_ratio = nsp_keep_ratio
-        self.nsp_padding = nsp_padding
-        self.nsp_partial_windows = nsp_partial_windows
-        self.video_newline_position = video_newline_position
+        if num_image_tokens is not None:  # the window-fits check, as the config does it
+            settings.check_frame_size(_frame_side(num_image_tokens))
+        for name, value in settings.geometry().items():  # saved under these names in processor_config.json
+            setattr(self, name, value)
         video_processor = as_stgridpool_video_processor(video_processor)  # PyAV decoding of paths
         super().__init__(
             image_processor=image_processor,
@@ -563,18 +613,16 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
             **kwargs,
         )
 
+    @property
+    def video_pooling(self) -> VideoPoolingSettings:
+        """The ST-GridPool geometry settings (the other fields at their defaults: they do not change token counts)."""
+        return VideoPoolingSettings.from_config({name: getattr(self, name) for name in GEOMETRY_FIELDS})
+
     def num_video_tokens(self, num_frames: int) -> int:
         """<video> placeholders for one video of `num_frames` frames under this processor's settings."""
-        side = int(math.sqrt(self.num_image_tokens))  # tokens per frame side as the vision tower emits them
-        rows, cols = pooled_frame_size(
-            side,
-            side,
-            video_pooling_mode=self.video_pooling_mode,
-            nsp_keep_ratio=self.nsp_keep_ratio,
-            nsp_padding=self.nsp_padding,
-            nsp_partial_windows=self.nsp_partial_windows,
-        )
-        return video_token_count(num_frames, rows, cols, self.video_newline_position)
+        settings, side = self.video_pooling, _frame_side(self.num_image_tokens)
+        settings.check_frame_size(side)
+        return settings.num_tokens(num_frames, side, side)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         video = video_inputs["pixel_values_videos"][video_idx]
