@@ -373,33 +373,38 @@ def _decode_seeking(
     av, path: str, container, stream, index: _StreamIndex, indices: list[int], progress=None
 ) -> np.ndarray | None:
     """The sampled frames, decoding only the runs they need (`_plan_runs`); None where seeking cannot be trusted
-    here (the caller then decodes forward from the start)."""
+    here (the caller then decodes forward from the start).
+
+    Within a run, frames no other frame references (non-reference B-frames) are skipped unless sampled: the decoder
+    is told per packet (`skip_frame`), which changes no other frame."""
     sink = _FrameSink(indices, path)
     runs = _plan_runs(sorted(sink.positions), index.keyframes)
     to_decode = sum(run[-1] - (key or 0) + 1 for key, run in runs)
     done = 0
     _threaded(stream)
+    codec = stream.codec_context
     index_of = {p: i for i, p in enumerate(index.pts)}
     try:
         for key, run in runs:
             landed = _seek_to_keyframe(container, stream, index, key, run[0])
             if landed is None:
                 return None
-            first_packet, packets = landed[1], container.demux(stream)
+            start_pts, first_packet = landed
             wanted, last = set(run), run[-1]
-            finished = False
-            for packet in itertools.chain([first_packet], packets):
+            wanted_pts = {index.pts[i] for i in run}
+            passed, finished = 0, False
+            for packet in itertools.chain([first_packet], container.demux(stream)):
+                skip = "NONREF" if packet.pts is not None and packet.pts not in wanted_pts else "DEFAULT"
+                if codec.skip_frame != skip:
+                    codec.skip_frame = skip
                 for frame in packet.decode():
                     if frame.pts is None:
                         return None
-                    if frame.pts < landed[0]:  # before the keyframe it started from: may lack its references
+                    if frame.pts < start_pts:  # before the keyframe it started from: may lack its references
                         continue
                     at = index_of.get(frame.pts)
                     if at is None:
                         return None
-                    done += 1
-                    if progress is not None:
-                        progress(min(done, to_decode), to_decode)
                     if at in wanted:
                         sink.put(at, frame)
                         wanted.discard(at)
@@ -408,10 +413,19 @@ def _decode_seeking(
                         break
                 if finished:
                     break
+                passed += 1
+                if progress is not None:
+                    progress(done + min(passed, last - (key or 0)), to_decode)
             if wanted:  # a sampled frame never came out of this run
                 return None
+            done += last - (key or 0) + 1
+            if progress is not None:
+                progress(done, to_decode)
     except av.error.FFmpegError:
         return None  # the forward pass decides whether the file is damaged and says where
+    finally:
+        if codec.skip_frame != "DEFAULT":
+            codec.skip_frame = "DEFAULT"
     return sink.video
 
 

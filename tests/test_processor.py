@@ -10,7 +10,6 @@ import textwrap
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from configuration_stgridpool import VideoPoolingSettings
@@ -70,10 +69,12 @@ def test_fps_sampling_matches_stock_for_files_and_arrays(processor, clip, fps):
     frames = gray_frames(LEVELS)
     ours = video_processor(videos=[frames], video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
                            do_sample_frames=True, fps=fps, return_tensors="pt")
-    theirs = stock(videos=[frames], video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
-                   do_sample_frames=True, fps=fps, return_tensors="pt")
     assert ours["pixel_values_videos"].shape[1] == len(expected)
-    assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
+    assert gray_indices(ours["pixel_values_videos"][0]) == expected
+    if len(expected) > 1:  # stock 5.17 cannot process a one-frame sample of an array (it drops the frame axis)
+        theirs = stock(videos=[frames], video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
+                       do_sample_frames=True, fps=fps, return_tensors="pt")
+        assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
 
 
 def test_num_frames_sampling_of_arrays_matches_stock(processor):
@@ -149,7 +150,6 @@ if sys.argv[3] == "no-av":
 sys.path.insert(0, sys.argv[1] + "/tests")
 from remote_check import isolate  # the project's own modules cannot be imported: only the repo's code runs
 isolate(__import__("pathlib").Path(sys.argv[1]))
-import numpy as np
 from transformers import AutoProcessor, AutoVideoProcessor
 
 repo, out = sys.argv[2], {}
@@ -183,7 +183,7 @@ def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(ROOT), str(repo), av, str(tmp_path / "resaved")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT ", 1)[1])
@@ -250,8 +250,7 @@ def test_file_names_are_files_not_protocol_urls(tmp_path, monkeypatch):
     with pytest.raises(VideoDecodeError, match=r"^concat:a.mp4\|b.mp4: no such file$"):
         read_video_pyav("concat:a.mp4|b.mp4")
     write_clip("seven.mp4", gray_frames(LEVELS[:7])).rename("concat:a.mp4|b.mp4")  # (FFmpeg cannot write it)
-    video, metadata = read_video_pyav("concat:a.mp4|b.mp4")
-    assert metadata.total_num_frames == 7
+    assert read_video_pyav("concat:a.mp4|b.mp4")[1].total_num_frames == 7
     with pytest.raises(VideoDecodeError, match=r"^http:x.mp4: no such file$"):
         read_video_pyav("http:x.mp4")
 
