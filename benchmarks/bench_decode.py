@@ -11,8 +11,9 @@ constant-frame-rate clips):
 - `decord` / `torchcodec` (exact seek mode), when they import in the running Python.
 - `probe`: only our demux-only index pass (`_probe_stream`), to show it is not the bottleneck.
 
-Each (reader, clip) runs in a fresh Python process (`--worker`) that reports wall seconds and its peak RSS
-(`ru_maxrss`) and the RSS before reading (imports), so memory is per reader. Clips are generated once into
+Each (reader, clip) runs in a fresh Python process (`--worker`, `--repeat` reads, median reported) that reports
+wall seconds, CPU seconds (all threads) and its peak RSS (`ru_maxrss`) and the RSS before reading (imports), so
+memory is per reader. Clips are generated once into
 `--clips-dir` (default: a temporary folder) and reused when present: never in the repository.
 
     python -m benchmarks.bench_decode --clips-dir /tmp/decode-clips --json benchmarks/results/cpu_decode.json
@@ -246,8 +247,19 @@ def run_reader(reader: str, path: Path, num_frames: int) -> dict:
             "shape": list(video.shape) if video is not None else None}
 
 
-def run_in_subprocess(reader: str, path: Path, num_frames: int) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_decode", "--worker", reader, str(path), str(num_frames)]
+def run_repeated(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict]:
+    """`repeat` reads in this process (fewer after one that takes over 20 s)."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(run_reader(reader, path, num_frames))
+        if runs[-1]["seconds"] > 20:
+            break
+    return runs
+
+
+def run_in_subprocess(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict] | dict:
+    command = [sys.executable, "-m", "benchmarks.bench_decode", "--worker", reader, str(path), str(num_frames),
+               str(repeat)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
@@ -290,14 +302,14 @@ def main(argv=None) -> int:
     parser.add_argument("--clips-dir", type=Path, default=None, help="where clips are generated/reused (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny clips, in-process: seconds (CI)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per (reader, clip) when a run takes < 20 s")
+    parser.add_argument("--repeat", type=int, default=3, help="reads per (reader, clip), in one process; 1 after a read over 20 s")
     parser.add_argument("--readers", default=",".join(READERS + ("probe",)))
     parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
-    parser.add_argument("--worker", nargs=3, metavar=("READER", "PATH", "NUM_FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("READER", "PATH", "NUM_FRAMES", "REPEAT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        reader, path, num_frames = args.worker
-        print(json.dumps(run_reader(reader, Path(path), int(num_frames))))
+        reader, path, num_frames, repeat = args.worker
+        print(json.dumps(run_repeated(reader, Path(path), int(num_frames), int(repeat))))
         return 0
 
     clips = SMOKE_CLIPS if args.smoke else FULL_CLIPS
@@ -317,18 +329,15 @@ def main(argv=None) -> int:
         for reader in readers:
             if reader in skipped:
                 continue
-            runs = []
-            for _ in range(repeat):
-                run = (run_reader(reader, path, spec["num_frames"]) if args.smoke
-                       else run_in_subprocess(reader, path, spec["num_frames"]))
-                if "error" in run:
-                    results["errors"].append(f"{name} {reader}: {run['error']}")
-                    if reader in ("decord", "torchcodec"):  # it does not work here: not tried on other clips
-                        skipped[reader] = run["error"]
-                    break
-                runs.append(run)
-                if run["seconds"] > 20:
-                    break
+            if args.smoke:
+                runs = run_repeated(reader, path, spec["num_frames"], repeat)
+            else:
+                runs = run_in_subprocess(reader, path, spec["num_frames"], repeat)
+            if isinstance(runs, dict):  # the worker failed
+                results["errors"].append(f"{name} {reader}: {runs['error']}")
+                if reader in ("decord", "torchcodec"):  # it does not work here: not tried on other clips
+                    skipped[reader] = runs["error"]
+                continue
             if not runs:
                 continue
             entry = dict(runs[0])
