@@ -42,13 +42,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# name -> clip spec. h264: B-frames (3), keyframes every 250 frames, crf 23; rate 25 fps.
+# name -> clip spec. h264: B-frames (3), keyframes every 250 frames (`gop`), closed GOPs unless `open_gop`, crf 23;
+# rate 25 fps.
 FULL_CLIPS = {
     "h264_10s_320x180": {"suffix": ".mp4", "seconds": 10, "size": (180, 320), "num_frames": 32},
     "h264_20min_128x72": {"suffix": ".mp4", "seconds": 1200, "size": (72, 128), "num_frames": 64},
     "h264_60min_128x72": {"suffix": ".mp4", "seconds": 3600, "size": (72, 128), "num_frames": 64},
     "h264_3min_1920x1080": {"suffix": ".mp4", "seconds": 180, "size": (1080, 1920), "num_frames": 64},
     "vp9_10min_256x144": {"suffix": ".webm", "seconds": 600, "size": (144, 256), "num_frames": 64},
+    # open GOPs: the frames shown just before a keyframe are decoded after it and reference the previous GOP
+    "h264_opengop_5min_320x180": {"suffix": ".mp4", "seconds": 300, "size": (180, 320), "num_frames": 64,
+                                  "gop": 48, "open_gop": True},
 }
 SMOKE_CLIPS = {
     "h264_4s_64x48": {"suffix": ".mp4", "seconds": 4, "size": (48, 64), "num_frames": 8, "gop": 25},
@@ -82,12 +86,13 @@ def clip_path(folder: Path, name: str, spec: dict) -> Path:
     height, width = spec["size"]
     gop = spec.get("gop", 250)
     bframes = 3 if spec["suffix"] == ".mp4" else 0  # h264's; VP9 has none (libvpx's alt-ref frames instead)
-    path = folder / f"{name}_gop{gop}_bf{bframes}_crf23{spec['suffix']}"
+    open_gop = spec.get("open_gop", False)
+    path = folder / f"{name}_gop{gop}{'open' if open_gop else ''}_bf{bframes}_crf23{spec['suffix']}"
     if not path.exists():
         partial = path.with_name(path.stem + ".partial" + path.suffix)
         start = time.perf_counter()
         frames = clip_frames(spec["seconds"] * RATE, height, width)
-        write_clip(partial, frames, rate=RATE, bframes=bframes, gop=gop, crf=23)
+        write_clip(partial, frames, rate=RATE, bframes=bframes, gop=gop, open_gop=open_gop, crf=23)
         partial.rename(path)
         print(f"  generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
               file=sys.stderr)
