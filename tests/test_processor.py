@@ -150,6 +150,7 @@ if sys.argv[3] == "no-av":
 sys.path.insert(0, sys.argv[1] + "/tests")
 from remote_check import isolate  # the project's own modules cannot be imported: only the repo's code runs
 isolate(__import__("pathlib").Path(sys.argv[1]))
+import numpy as np
 from transformers import AutoProcessor, AutoVideoProcessor
 
 repo, out = sys.argv[2], {}
