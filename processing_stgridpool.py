@@ -81,7 +81,7 @@ def sample_frame_times(
 
 
 # Seeking to a keyframe pays off when it skips more frames than this: a seek costs a demuxer jump and a decoder
-# flush (with frame threads, a refill of the pipeline). Below it, decoding forward is as fast; benchmarks/bench_decode.py.
+# flush (with frame threads, a refill of the pipeline). Below it, decoding forward costs no more.
 SEEK_MIN_SKIP = 16
 
 
@@ -150,7 +150,9 @@ def _check_regular_file(path: str) -> None:
         if error.errno == errno.ELOOP:
             raise VideoDecodeError(f"{path}: is a symbolic link loop, not a video file") from None
         if error.errno == errno.ENOENT and os.path.islink(path):
-            raise VideoDecodeError(f"{path}: is a broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
+            raise VideoDecodeError(
+                f"{path}: is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+            ) from None
         if error.errno in (errno.ENOENT, errno.ENOTDIR):
             raise VideoDecodeError(f"{path}: no such file") from None
         raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
@@ -188,7 +190,9 @@ def read_video_pyav(
 
     path: a local file. num_frames / fps: how many frames to keep (one of them; neither keeps all).
     sample_indices_fn: instead of those, `f(metadata=VideoMetadata) -> indices` (the stock hook; `metadata` carries
-    `frame_times` and `end_time`, exact seconds). progress: optional callable `progress(decoded_so_far, frames_to_decode)`.
+    `frame_times` and `end_time`, exact seconds). progress: optional callable
+    `progress(frames_passed_so_far, frames_to_pass)` (frames between the keyframes decoding starts from and the
+    sampled frames).
     Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
     `VideoMetadata` with `frames_indices`).
 
@@ -357,7 +361,9 @@ def _decode_forward(av, path: str, indices: list[int], total: int, progress=None
     if decoded == 0:
         raise VideoDecodeError(f"{path}: no decodable video frames")
     if decoded <= last:
-        raise VideoDecodeError(f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode")
+        raise VideoDecodeError(
+            f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode"
+        )
     return sink.video
 
 
@@ -541,7 +547,9 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         if isinstance(video_url_or_urls, (list, tuple)):
             return list(zip(*[self.fetch_videos(x, sample_indices_fn=sample_indices_fn) for x in video_url_or_urls]))
         source = os.fspath(video_url_or_urls) if isinstance(video_url_or_urls, os.PathLike) else video_url_or_urls
-        if self.video_decoder == "torchcodec" or (isinstance(source, str) and source.startswith(("http://", "https://"))):
+        if self.video_decoder == "torchcodec" or (
+            isinstance(source, str) and source.startswith(("http://", "https://"))
+        ):
             return super().fetch_videos(source, sample_indices_fn=sample_indices_fn)
         if isinstance(source, str) and source.startswith("file://"):
             source = source[len("file://") :]
@@ -554,11 +562,17 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
 def _check_num_frames_and_fps(num_frames, fps, where: str) -> None:
     """ValueError naming the value and what is allowed, for a bad `num_frames` or `fps`, or both given."""
     if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
-        raise ValueError(f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames")
-    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0)):
+        raise ValueError(
+            f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames"
+        )
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0)
+    ):
         raise ValueError(f"fps={fps!r} is invalid: allowed values are finite numbers > 0, or None")
     if num_frames is not None and fps is not None:
-        raise ValueError(f"num_frames={num_frames!r} and fps={fps!r} were both given in {where}: allowed is one of them")
+        raise ValueError(
+            f"num_frames={num_frames!r} and fps={fps!r} were both given in {where}: allowed is one of them"
+        )
 
 
 def _frame_side(num_image_tokens) -> int:
@@ -658,4 +672,10 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         return data
 
 
-__all__ = ["STGridPoolProcessor", "STGridPoolVideoProcessor", "read_video_pyav", "sample_frame_indices", "sample_frame_times"]
+__all__ = [
+    "STGridPoolProcessor",
+    "STGridPoolVideoProcessor",
+    "read_video_pyav",
+    "sample_frame_indices",
+    "sample_frame_times",
+]

@@ -51,8 +51,14 @@ FULL_CLIPS = {
     "h264_3min_1920x1080": {"suffix": ".mp4", "seconds": 180, "size": (1080, 1920), "num_frames": 64},
     "vp9_10min_256x144": {"suffix": ".webm", "seconds": 600, "size": (144, 256), "num_frames": 64},
     # open GOPs: the frames shown just before a keyframe are decoded after it and reference the previous GOP
-    "h264_opengop_5min_320x180": {"suffix": ".mp4", "seconds": 300, "size": (180, 320), "num_frames": 64,
-                                  "gop": 48, "open_gop": True},
+    "h264_opengop_5min_320x180": {
+        "suffix": ".mp4",
+        "seconds": 300,
+        "size": (180, 320),
+        "num_frames": 64,
+        "gop": 48,
+        "open_gop": True,
+    },
 }
 SMOKE_CLIPS = {
     "h264_4s_64x48": {"suffix": ".mp4", "seconds": 4, "size": (48, 64), "num_frames": 8, "gop": 25},
@@ -94,8 +100,10 @@ def clip_path(folder: Path, name: str, spec: dict) -> Path:
         frames = clip_frames(spec["seconds"] * RATE, height, width)
         write_clip(partial, frames, rate=RATE, bframes=bframes, gop=gop, open_gop=open_gop, crf=23)
         partial.rename(path)
-        print(f"  generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr)
+        print(
+            f"  generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
     return path
 
 
@@ -244,12 +252,20 @@ def run_reader(reader: str, path: Path, num_frames: int) -> dict:
     video, indices = function(path, num_frames)
     seconds = time.perf_counter() - start
     cpu = cpu_seconds() - cpu_before
-    hashes = [hashlib.sha1(np.ascontiguousarray(frame).tobytes()).hexdigest()[:16] for frame in video] if (
-        video is not None
-    ) else []
-    return {"seconds": seconds, "cpu_seconds": cpu, "indices": indices if reader != "probe" else len(indices), "hashes": hashes,
-            "rss_before_mb": rss_before, "peak_rss_mb": max_rss_mb(),
-            "shape": list(video.shape) if video is not None else None}
+    hashes = (
+        [hashlib.sha1(np.ascontiguousarray(frame).tobytes()).hexdigest()[:16] for frame in video]
+        if (video is not None)
+        else []
+    )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "indices": indices if reader != "probe" else len(indices),
+        "hashes": hashes,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": max_rss_mb(),
+        "shape": list(video.shape) if video is not None else None,
+    }
 
 
 def run_repeated(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict]:
@@ -263,8 +279,16 @@ def run_repeated(reader: str, path: Path, num_frames: int, repeat: int) -> list[
 
 
 def run_in_subprocess(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict] | dict:
-    command = [sys.executable, "-m", "benchmarks.bench_decode", "--worker", reader, str(path), str(num_frames),
-               str(repeat)]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_decode",
+        "--worker",
+        reader,
+        str(path),
+        str(num_frames),
+        str(repeat),
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
@@ -285,15 +309,23 @@ def neighbours_exactness(path: Path, indices: list[int], hashes: list[str], tota
     for index, digest in zip(indices, hashes):
         match = [j - index for j in range(index - reach, index + reach + 1) if truth.get(j) == digest]
         offsets.append(min(match, key=abs) if match else None)
-    return {"exact": sum(o == 0 for o in offsets), "off_by_frames": sum(o not in (0, None) for o in offsets),
-            "no_bit_identical_frame_nearby": sum(o is None for o in offsets), "offsets": offsets}
+    return {
+        "exact": sum(o == 0 for o in offsets),
+        "off_by_frames": sum(o not in (0, None) for o in offsets),
+        "no_bit_identical_frame_nearby": sum(o is None for o in offsets),
+        "offsets": offsets,
+    }
 
 
 def versions() -> dict:
     import av
 
-    out = {"python": platform.python_version(), "av": av.__version__, "ffmpeg_libavcodec": ".".join(
-        map(str, av.library_versions["libavcodec"])), "numpy": np.__version__}
+    out = {
+        "python": platform.python_version(),
+        "av": av.__version__,
+        "ffmpeg_libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+        "numpy": np.__version__,
+    }
     for name in ("decord", "torchcodec"):
         try:
             out[name] = __import__(name).__version__
@@ -307,7 +339,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clips-dir", type=Path, default=None, help="where clips are generated/reused (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--smoke", action="store_true", help="tiny clips, in-process: seconds (CI)")
-    parser.add_argument("--repeat", type=int, default=3, help="reads per (reader, clip), in one process; 1 after a read over 20 s")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="reads per (reader, clip), in one process; 1 after a read over 20 s"
+    )
     parser.add_argument("--readers", default=",".join(READERS + ("probe",)))
     parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     parser.add_argument("--worker", nargs=4, metavar=("READER", "PATH", "NUM_FRAMES", "REPEAT"), help=argparse.SUPPRESS)
@@ -324,8 +358,13 @@ def main(argv=None) -> int:
     repeat = 1 if args.smoke else args.repeat
     folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
-               "versions": versions(), "smoke": args.smoke, "clips": {}, "errors": []}
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "versions": versions(),
+        "smoke": args.smoke,
+        "clips": {},
+        "errors": [],
+    }
     skipped = {reader: why for reader in readers if (why := available(reader))}
     results["skipped_readers"] = skipped
     for name, spec in clips.items():
@@ -351,8 +390,11 @@ def main(argv=None) -> int:
             entry["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in runs)
             entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
             row["readers"][reader] = entry
-            print(f"  {name:22s} {reader:20s} {entry['seconds']:8.2f} s  cpu {entry['cpu_seconds']:8.2f} s  "
-                  f"peak RSS {entry['peak_rss_mb']:7.0f} MB", file=sys.stderr)
+            print(
+                f"  {name:22s} {reader:20s} {entry['seconds']:8.2f} s  cpu {entry['cpu_seconds']:8.2f} s  "
+                f"peak RSS {entry['peak_rss_mb']:7.0f} MB",
+                file=sys.stderr,
+            )
         truth = row["readers"].get("old_forward_only")
         for reader, entry in row["readers"].items():
             if truth is None or reader in ("old_forward_only", "probe"):
@@ -388,7 +430,9 @@ def print_table(results: dict) -> None:
                 continue
             exact = entry.get("bit_identical_to_sequential_decode")
             mark = "" if exact in (None, True) else " (not exact)"
-            cells.append(f"{entry['seconds']:.2f} s ({entry['cpu_seconds']:.2f} cpu), {entry['peak_rss_mb']:.0f} MB{mark}")
+            cells.append(
+                f"{entry['seconds']:.2f} s ({entry['cpu_seconds']:.2f} cpu), {entry['peak_rss_mb']:.0f} MB{mark}"
+            )
         print(f"| {name} | {row['spec']['num_frames']} | " + " | ".join(cells) + " |")
 
 

@@ -67,13 +67,23 @@ def test_fps_sampling_matches_stock_for_files_and_arrays(processor, clip, fps):
     assert gray_indices(inputs["pixel_values_videos"][0]) == expected
     # arrays with their frame rate: stock's indices, and stock's own pixels
     frames = gray_frames(LEVELS)
-    ours = video_processor(videos=[frames], video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
-                           do_sample_frames=True, fps=fps, return_tensors="pt")
+    ours = video_processor(
+        videos=[frames],
+        video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
+        do_sample_frames=True,
+        fps=fps,
+        return_tensors="pt",
+    )
     assert ours["pixel_values_videos"].shape[1] == len(expected)
     assert gray_indices(ours["pixel_values_videos"][0]) == expected
     if len(expected) > 1:  # stock 5.17 cannot process a one-frame sample of an array (it drops the frame axis)
-        theirs = stock(videos=[frames], video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
-                       do_sample_frames=True, fps=fps, return_tensors="pt")
+        theirs = stock(
+            videos=[frames],
+            video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
+            do_sample_frames=True,
+            fps=fps,
+            return_tensors="pt",
+        )
         assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
 
 
@@ -83,7 +93,9 @@ def test_num_frames_sampling_of_arrays_matches_stock(processor):
     stock = LlavaOnevisionVideoProcessor(size={"height": 54, "width": 54})
     frames = gray_frames(LEVELS)
     for num_frames in (None, 3, 7):  # None: the stored 8 (stock has no default: given explicitly)
-        ours = processor.video_processor(videos=[frames], do_sample_frames=True, num_frames=num_frames, return_tensors="pt")
+        ours = processor.video_processor(
+            videos=[frames], do_sample_frames=True, num_frames=num_frames, return_tensors="pt"
+        )
         theirs = stock(videos=[frames], do_sample_frames=True, num_frames=num_frames or 8, return_tensors="pt")
         assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
 
@@ -102,13 +114,16 @@ def test_num_frames_and_fps_refused_only_when_both_passed(processor, clip):
     assert gray_indices(out["pixel_values_videos"][0]) == [0, 5, 10, 15, 20, 25]  # the stored fps
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"num_frames": 0}, "num_frames=0 is invalid"),
-    ({"num_frames": -3}, "num_frames=-3 is invalid"),
-    ({"num_frames": 2.5}, "num_frames=2.5 is invalid"),
-    ({"num_frames": None, "fps": float("inf")}, "fps=inf is invalid"),
-    ({"num_frames": None, "fps": 0}, "fps=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_frames": 0}, "num_frames=0 is invalid"),
+        ({"num_frames": -3}, "num_frames=-3 is invalid"),
+        ({"num_frames": 2.5}, "num_frames=2.5 is invalid"),
+        ({"num_frames": None, "fps": float("inf")}, "fps=inf is invalid"),
+        ({"num_frames": None, "fps": 0}, "fps=0 is invalid"),
+    ],
+)
 def test_bad_num_frames_or_fps_fail_at_construction(kwargs, words):
     with pytest.raises(ValueError, match=words):
         STGridPoolVideoProcessor(**kwargs)
@@ -184,7 +199,12 @@ def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(ROOT), str(repo), av, str(tmp_path / "resaved")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.split("RESULT ", 1)[1])
@@ -195,7 +215,9 @@ def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp
     assert out["round_trip_same"]
     assert out["pixels"] == [1, 6, 3, 54, 54] and out["placeholders"] == out["expected"] == 6 * 13 * 13 + 1
     if av == "no-av":
-        assert out["file_error"] == f"ImportError: decoding the video file {repo}/missing.mp4 needs PyAV: pip install av"
+        assert (
+            out["file_error"] == f"ImportError: decoding the video file {repo}/missing.mp4 needs PyAV: pip install av"
+        )
     else:
         assert out["file_error"] == f"VideoDecodeError: {repo}/missing.mp4: no such file"
 
@@ -209,7 +231,9 @@ def test_processor_geometry_is_validated_like_the_config(tiny_stock_dir):
     from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
-    with pytest.raises(ValueError, match=r"nsp_keep_ratio=0.0011.*larger than the padded frame \(27 \+ 2\*nsp_padding=0"):
+    with pytest.raises(
+        ValueError, match=r"nsp_keep_ratio=0.0011.*larger than the padded frame \(27 \+ 2\*nsp_padding=0"
+    ):
         build_tiny_processor(tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=1 / 900)
     with pytest.raises(ValueError, match=r"nsp_keep_ratio=0.3 is invalid"):
         build_tiny_processor(tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=0.3)
@@ -218,16 +242,25 @@ def test_processor_geometry_is_validated_like_the_config(tiny_stock_dir):
     with pytest.raises(ValueError, match=r"nsp_keep_ratio=0.0011"):  # no frame size yet: checked once there is one
         STGridPoolProcessor(nsp_keep_ratio=1 / 900, num_image_tokens=729)
     # padding makes the window fit: 27 + 2 * 2 = 31 >= 30
-    processor = build_tiny_processor(tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=1 / 900, nsp_padding=2)
-    assert processor.num_video_tokens(4) == VideoPoolingSettings(nsp_keep_ratio=1 / 900, nsp_padding=2).num_tokens(4, 27, 27)
+    processor = build_tiny_processor(
+        tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=1 / 900, nsp_padding=2
+    )
+    assert processor.num_video_tokens(4) == VideoPoolingSettings(nsp_keep_ratio=1 / 900, nsp_padding=2).num_tokens(
+        4, 27, 27
+    )
     assert processor.num_video_tokens(4) == 4 * 1 + 1
 
 
 def test_processor_counts_and_saved_keys_through_settings(tiny_stock_dir, tmp_path):
     from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
 
-    geometry = {"video_pooling_mode": "stgridpool", "nsp_keep_ratio": 1 / 9, "nsp_padding": 1,
-                "nsp_partial_windows": True, "video_newline_position": "frame"}
+    geometry = {
+        "video_pooling_mode": "stgridpool",
+        "nsp_keep_ratio": 1 / 9,
+        "nsp_padding": 1,
+        "nsp_partial_windows": True,
+        "video_newline_position": "frame",
+    }
     processor = build_tiny_processor(build_tiny_tokenizer(), processor_class=STGridPoolProcessor, **geometry)
     settings = VideoPoolingSettings(**geometry)
     assert processor.video_pooling == settings
