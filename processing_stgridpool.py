@@ -8,12 +8,21 @@ torchcodec only (it needs system FFmpeg libraries and fails on a plain pip insta
 overrides that one method, in both versions, to decode with PyAV (its wheels bundle FFmpeg): `read_video_pyav` below,
 a pure function that samples frames uniformly over the video's *duration* by presentation timestamps (exactly the
 stock `arange(n) * total // n` indices for constant frame rate; evenly spaced in time for variable frame rate) and
-applies the rotation metadata. torchcodec is used only when asked for (`video_decoder="torchcodec"`).
+applies the rotation metadata. It indexes the file by demuxing only, then seeks to the keyframe before a sampled frame
+when that skips work, so sampling a long video costs about one GOP of decoding per sampled frame, not the whole video;
+the frames are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
+(`video_decoder="torchcodec"`). PyAV is imported when a file is decoded, so a repo's remote code loads without it.
 """
 
 import bisect
+import dataclasses
+import errno
+import importlib
+import itertools
 import math
 import os
+import stat
+import warnings
 from fractions import Fraction
 
 import numpy as np
@@ -21,9 +30,9 @@ from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
-    from .configuration_stgridpool import pooled_frame_size, validate_video_geometry, video_token_count
+    from .configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
 except ImportError:  # installed as top-level modules of this project
-    from configuration_stgridpool import pooled_frame_size, validate_video_geometry, video_token_count
+    from configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -42,8 +51,7 @@ def sample_frame_indices(total_num_frames: int, num_frames: int | None = None) -
 
     The stock Transformers formula. `num_frames=None`, or more frames than the video has, gives every frame.
     """
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0):
-        raise ValueError(f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames")
+    _check_num_frames_and_fps(num_frames, None, "sample_frame_indices")
     if num_frames is None or num_frames >= total_num_frames:
         return list(range(total_num_frames))
     return [j * total_num_frames // num_frames for j in range(num_frames)]
@@ -62,47 +70,113 @@ def sample_frame_times(
     more than once, as a viewer would see it at those instants.
     """
     total = len(frame_times)
-    if num_frames is not None and fps is not None:
-        raise ValueError(f"num_frames={num_frames!r} and fps={fps!r} were both given: allowed is one of them, or neither")
+    _check_num_frames_and_fps(num_frames, fps, "sample_frame_times")
     if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-            raise ValueError(f"fps={fps!r} is invalid: allowed values are numbers > 0")
         num_frames = max(1, int((end_time - frame_times[0]) * Fraction(fps)))
-    if num_frames is None or (not isinstance(num_frames, bool) and isinstance(num_frames, int) and num_frames >= total):
+    if num_frames is None or num_frames >= total:
         return sample_frame_indices(total, num_frames)
-    sample_frame_indices(total, num_frames)  # validates num_frames
     start, span = frame_times[0], end_time - frame_times[0]
     instants = (start + span * Fraction(j, num_frames) for j in range(num_frames))
     return [max(bisect.bisect_right(frame_times, instant) - 1, 0) for instant in instants]
 
 
-def _probe_frame_times(container, stream) -> tuple[list[Fraction], Fraction]:
-    """Presentation times (seconds, exact) of every video packet, sorted, and the time the last frame ends.
+# Seeking to a keyframe pays off when it skips more frames than this: a seek costs a demuxer jump and a decoder
+# flush (with frame threads, a refill of the pipeline). Below it, decoding forward costs no more.
+SEEK_MIN_SKIP = 16
 
-    Demuxing only (no decoding): cheap. Packets without a timestamp are counted at the previous one's time."""
+
+@dataclasses.dataclass
+class _StreamIndex:
+    """What one demux-only pass (no decoding) tells about a video stream; frame i is the i-th a full decode shows."""
+
+    pts: list[int]  # presentation timestamps of the frames, in the stream's time base, ascending
+    times: list[Fraction]  # the same in seconds, exact
+    end_time: Fraction  # when the last frame stops being shown, seconds
+    keyframes: list[int]  # indices of the frames whose packets are keyframes (decoding can start there), ascending
+    keyframe_dts: dict[int, int | None]  # keyframe index -> its packet's decoding timestamp
+    index_of: dict[int, int]  # pts -> frame index
+    matchable: bool  # every frame has its own timestamp: after a seek, decoded frames are matched by timestamp
+
+
+def _probe_stream(container, stream) -> _StreamIndex:
+    """Index the video stream by demuxing it (packets only, nothing decoded).
+
+    Packets the decoder drops (the discard flag, e.g. outside an mp4 edit list) are not frames. Packets without a
+    timestamp are counted at the previous one's time (and disable seeking: frames could not be told apart)."""
     time_base = stream.time_base or Fraction(1, 1)
-    times, durations = [], []
+    num, den = time_base.numerator, time_base.denominator
+    raw, keys = [], []  # keys: (pts, dts) of keyframe packets
+    last_pts, last_duration = None, 0  # the frame shown last, and for how long
+    matchable = True
     for packet in container.demux(stream):
-        if packet.size == 0:  # the flush packet at the end
+        if packet.size == 0 or getattr(packet, "is_discard", False):  # the flush packet at the end; frames dropped
             continue
-        pts = packet.pts if packet.pts is not None else packet.dts
-        times.append(Fraction(pts) * time_base if pts is not None else (times[-1] if times else Fraction(0)))
-        durations.append(Fraction(packet.duration or 0) * time_base)
-    order = sorted(range(len(times)), key=times.__getitem__)
-    times = [times[i] for i in order]
-    if not times:
-        return times, Fraction(0)
-    last = durations[order[-1]]
+        pts = packet.pts
+        if pts is None:
+            pts = packet.dts
+            if pts is None:
+                matchable = False
+                pts = raw[-1] if raw else 0
+        raw.append(pts)
+        if last_pts is None or pts >= last_pts:
+            last_pts, last_duration = pts, packet.duration or 0
+        if packet.is_keyframe:
+            keys.append((pts, packet.dts))
+    if not raw:
+        return _StreamIndex([], [], Fraction(0), [], {}, {}, False)
+    pts = sorted(raw)
+    times = [Fraction(p * num, den) for p in pts]  # (one Fraction each: 90,000 for an hour at 25 fps)
+    last = Fraction(last_duration * num, den)
     if last <= 0:  # no packet duration: the median gap, or the average rate
         gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
         rate = stream.average_rate or stream.guessed_rate
         last = gaps[len(gaps) // 2] if gaps else (1 / Fraction(rate) if rate else Fraction(1, 30))
-    return times, times[-1] + last
+    index_of = {p: i for i, p in enumerate(pts)}
+    matchable = matchable and len(index_of) == len(pts)
+    keyframe_dts = {index_of[p]: dts for p, dts in keys}
+    return _StreamIndex(pts, times, times[-1] + last, sorted(keyframe_dts), keyframe_dts, index_of, matchable)
 
 
 def _rotate(image: np.ndarray, degrees_ccw: int) -> np.ndarray:
     """Apply a display rotation (counterclockwise degrees, multiple of 90) to an [H, W, 3] image."""
     return np.ascontiguousarray(np.rot90(image, k=round(degrees_ccw / 90) % 4)) if degrees_ccw else image
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise VideoDecodeError saying what `path` is when it is not a non-empty regular file."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise VideoDecodeError(f"{path}: is a symbolic link loop, not a video file") from None
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            raise VideoDecodeError(
+                f"{path}: is a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+            ) from None
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise VideoDecodeError(f"{path}: no such file") from None
+        raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
+    kind = None
+    if stat.S_ISDIR(info.st_mode):
+        kind = "a directory"
+    elif stat.S_ISFIFO(info.st_mode):
+        kind = "a named pipe (FIFO)"
+    elif stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        kind = "a device"
+    elif stat.S_ISSOCK(info.st_mode):
+        kind = "a socket"
+    elif not stat.S_ISREG(info.st_mode):
+        kind = "not a regular file"
+    if kind:
+        raise VideoDecodeError(f"{path}: is {kind}, not a video file: allowed are regular files")
+    if info.st_size == 0:
+        raise VideoDecodeError(f"{path}: is empty (0 bytes), not a video file")
+
+
+def _open(av, path: str):
+    """Open `path` as a local file: `file:` and an absolute path, so FFmpeg never reads a name such as
+    `concat:a.mp4|b.mp4` or `http:x` as a protocol URL."""
+    return av.open("file:" + os.path.abspath(path))
 
 
 def read_video_pyav(
@@ -116,42 +190,51 @@ def read_video_pyav(
 
     path: a local file. num_frames / fps: how many frames to keep (one of them; neither keeps all).
     sample_indices_fn: instead of those, `f(metadata=VideoMetadata) -> indices` (the stock hook; `metadata` carries
-    `frame_times` and `end_time`, exact seconds). progress: optional callable `progress(decoded_so_far, frames_to_decode)`.
+    `frame_times` and `end_time`, exact seconds). progress: optional callable
+    `progress(frames_passed_so_far, frames_to_pass)` (frames between the keyframes decoding starts from and the
+    sampled frames).
     Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
     `VideoMetadata` with `frames_indices`).
+
+    Only what the sampled frames need is decoded: one demux-only pass indexes the frames and keyframes, then for each
+    sampled frame the decoder either goes on forward or, when the frame is more than `SEEK_MIN_SKIP` frames past
+    the nearest keyframe ahead of where it stands, seeks to the keyframe at or before it. The frames returned are
+    those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
+    seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
+    Decoding is multi-threaded where FFmpeg's decoder offers it. Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
-    import av  # PyAV: an install requirement of this project; imported lazily like Transformers' backends
+    try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
+        av = importlib.import_module("av")
+    except ImportError:
+        raise ImportError(f"decoding the video file {os.fspath(path)} needs PyAV: pip install av") from None
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise VideoDecodeError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise VideoDecodeError(f"{path}: is a directory, not a video file")
-    if os.path.getsize(path) == 0:
-        raise VideoDecodeError(f"{path}: is empty (0 bytes), not a video file")
+    _check_regular_file(path)
     try:
-        with av.open(path) as container:
+        with _open(av, path) as container:
+            if not container.streams:
+                size = os.path.getsize(path)
+                raise VideoDecodeError(
+                    f"{path}: damaged or truncated, or not a video file: FFmpeg finds no streams in its {size} bytes"
+                )
+            kinds = sorted({s.type for s in container.streams})
             if not container.streams.video:
-                kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+                if not {"audio", "subtitle"} & set(kinds):  # e.g. an mp4 whose header was cut off
+                    raise VideoDecodeError(
+                        f"{path}: damaged or truncated, or not a video file: FFmpeg finds no video stream in its "
+                        f"{os.path.getsize(path)} bytes (only: {', '.join(kinds)})"
+                    )
                 raise VideoDecodeError(f"{path}: has no video stream (it has: {', '.join(kinds)})")
             stream = container.streams.video[0]
-            times, end_time = _probe_frame_times(container, stream)
-            if not times:
-                raise VideoDecodeError(f"{path}: has a video stream but no video frames")
-            # A truncated file often still opens; its header's duration then outlasts its frames. The container's
-            # duration counts other streams too (audio may outlast video), so only the video stream's, or a lone one's.
-            if stream.duration and stream.time_base:
-                declared = float(stream.duration * stream.time_base)
-            elif container.duration and len(container.streams) == 1:
-                declared = container.duration / 1_000_000  # AV_TIME_BASE units
-            else:
-                declared = None
-            if declared and end_time < Fraction(declared) * Fraction(9, 10) - 1:
+            index = _probe_stream(container, stream)
+            if not index.pts:
                 raise VideoDecodeError(
-                    f"{path}: damaged or truncated: its frames stop at {float(end_time):.1f} s of the {declared:.1f} s "
-                    f"it declares"
+                    f"{path}: damaged or truncated: it declares a video stream but holds no video frames "
+                    f"({os.path.getsize(path)} bytes)"
                 )
+            _check_complete(path, index, _declared_duration(container, stream))
+            times, end_time = index.times, index.end_time
             duration = end_time - times[0]
             metadata = VideoMetadata(
                 total_num_frames=len(times),
@@ -161,58 +244,230 @@ def read_video_pyav(
             )
             metadata.frame_times, metadata.end_time = times, end_time  # exact (Fractions), for sampling by time
             if sample_indices_fn is not None:
-                indices = [int(i) for i in sample_indices_fn(metadata=metadata)]
+                indices = _checked_indices(sample_indices_fn(metadata=metadata), len(times))
             else:
                 indices = sample_frame_times(times, end_time, num_frames, fps)
-            if len(indices) == 0:
-                raise ValueError(f"{path}: the frame sampling picked no frames (sample_indices_fn returned none)")
-            frames = _decode_at(container, stream, indices, path, len(times), progress)
-    except VideoDecodeError:
-        raise
+            video = None
+            if index.matchable and index.keyframes:
+                video = _decode_seeking(av, path, container, stream, index, indices, progress)
     except (av.error.FFmpegError, UnicodeDecodeError, EOFError) as error:  # not a container FFmpeg can read
-        reason = str(getattr(error, "strerror", None) or error).split(":")[0].strip() or type(error).__name__
-        raise VideoDecodeError(f"{path}: not a readable video file ({reason})") from None
+        raise VideoDecodeError(f"{path}: not a readable video file ({_reason(error)})") from None
     except OSError as error:  # permissions and the like, before FFmpeg sees the file
         raise VideoDecodeError(f"{path}: cannot be opened ({error.strerror or error})") from None
-    video = np.stack(frames)
+    if video is None:  # no seeking possible or trusted: one forward pass from the start, counting frames
+        video = _decode_forward(av, path, indices, len(times), progress)
     metadata.frames_indices = np.array(indices)
     metadata.height, metadata.width = video.shape[1:3]
     return video, metadata
 
 
-def _decode_at(container, stream, indices: list[int], path: str, total: int, progress=None) -> list[np.ndarray]:
-    """Decode frames in presentation order and return the RGB arrays [H, W, 3] at `indices` (repeats allowed)."""
-    import av
+def _reason(error) -> str:
+    return str(getattr(error, "strerror", None) or error).split(":")[0].strip() or type(error).__name__
 
-    wanted = {}
-    for position, index in enumerate(indices):
-        wanted.setdefault(index, []).append(position)
+
+def _declared_duration(container, stream) -> float | None:
+    """Seconds the header says the video lasts. The container's duration counts other streams too (audio may
+    outlast video), so only the video stream's, or a lone stream's."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1_000_000  # AV_TIME_BASE units
+    return None
+
+
+def _check_complete(path: str, index: _StreamIndex, declared: float | None) -> None:
+    """A truncated file often still opens; its header's duration then outlasts its frames. Refuse a file whose frames
+    stop before 90% of the duration it declares less 1 s; warn when they stop short by more than 3 frames and 0.5%
+    of it (a cut of a few frames at the end is how muxers round, not damage)."""
+    if not declared:
+        return
+    duration = float(index.end_time - index.times[0])
+    if duration < declared * 0.9 - 1:
+        raise VideoDecodeError(
+            f"{path}: damaged or truncated: its frames stop at {duration:.1f} s of the {declared:.1f} s it declares"
+        )
+    if declared - duration > max(3 * duration / len(index.times), 0.005 * declared):
+        warnings.warn(
+            f"{path}: its frames stop at {duration:.2f} s of the {declared:.2f} s it declares (damaged or truncated?); "
+            f"the frames it has are used",
+            stacklevel=3,
+        )
+
+
+def _checked_indices(indices, total: int) -> list[int]:
+    """`sample_indices_fn`'s answer as a list of ints, each a frame of the video (ValueError naming the function)."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("sample_indices_fn returned no frame indices: allowed are 1 or more indices")
+    bad = [i for i in indices if not 0 <= i < total]
+    if bad:
+        raise ValueError(
+            f"sample_indices_fn returned frame index {bad[0]}, but the video has {total} frames: "
+            f"allowed are indices 0 .. {total - 1}"
+        )
+    return indices
+
+
+class _FrameSink:
+    """The output array, filled as the sampled frames are decoded: the only RGB copies ever held."""
+
+    def __init__(self, indices: list[int], path: str):
+        self.positions: dict[int, list[int]] = {}
+        for position, index in enumerate(indices):
+            self.positions.setdefault(index, []).append(position)
+        self.count, self.path, self.video = len(indices), path, None
+
+    def put(self, index: int, frame) -> None:
+        image = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation)
+        if self.video is None:
+            self.video = np.empty((self.count, *image.shape), np.uint8)
+        elif image.shape != self.video.shape[1:]:
+            raise VideoDecodeError(
+                f"{self.path}: frame {index} is {image.shape[1]}x{image.shape[0]} where the first sampled frame is "
+                f"{self.video.shape[2]}x{self.video.shape[1]}: videos whose frame size changes are not supported"
+            )
+        for position in self.positions[index]:
+            self.video[position] = image
+
+
+def _threaded(stream) -> None:
+    """Let FFmpeg decode with frame and slice threads where the codec offers them (set before the decoder opens)."""
+    stream.thread_type = "AUTO"
+
+
+def _decode_forward(av, path: str, indices: list[int], total: int, progress=None) -> np.ndarray:
+    """One decoding pass from the start, counting frames in the order the decoder shows them."""
+    sink = _FrameSink(indices, path)
     last = max(indices)
-    out: list = [None] * len(indices)
-    container.seek(0)
     decoded = 0
     try:
-        for frame in container.decode(stream):
-            if decoded in wanted:
-                image = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation)
-                for position in wanted[decoded]:
-                    out[position] = image
-            decoded += 1
-            if progress is not None:
-                progress(decoded, last + 1)
-            if decoded > last:
-                break
+        with _open(av, path) as container:
+            stream = container.streams.video[0]
+            _threaded(stream)
+            for frame in container.decode(stream):
+                if decoded in sink.positions:
+                    sink.put(decoded, frame)
+                decoded += 1
+                if progress is not None:
+                    progress(decoded, last + 1)
+                if decoded > last:
+                    break
     except av.error.FFmpegError as error:
         if decoded == 0:
-            raise VideoDecodeError(f"{path}: no decodable video frames ({error.strerror or error})") from None
-        raise VideoDecodeError(f"{path}: damaged or truncated: decoding stopped after frame {decoded - 1} ({error.strerror or error})") from None
+            raise VideoDecodeError(f"{path}: no decodable video frames ({_reason(error)})") from None
+        raise VideoDecodeError(
+            f"{path}: damaged or truncated: decoding stopped after frame {decoded - 1} ({_reason(error)})"
+        ) from None
     if decoded == 0:
         raise VideoDecodeError(f"{path}: no decodable video frames")
     if decoded <= last:
         raise VideoDecodeError(
             f"{path}: damaged or truncated: the container lists {total} frames but only {decoded} decode"
         )
-    return out
+    return sink.video
+
+
+def _plan_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | None, list[int]]]:
+    """Group the sampled frames (ascending, distinct) into decoding runs: (keyframe to seek to, frames to keep).
+
+    A run goes on forward to the next sampled frame unless the keyframe at or before that frame lies more than
+    `SEEK_MIN_SKIP` frames past where the run stands. Keyframe None: the frame precedes every keyframe (start)."""
+    runs: list[tuple[int | None, list[int]]] = []
+    for target in targets:
+        at = bisect.bisect_right(keyframes, target) - 1
+        key = keyframes[at] if at >= 0 else None
+        if runs and (key is None or key <= runs[-1][1][-1] + SEEK_MIN_SKIP):
+            runs[-1][1].append(target)
+        else:
+            runs.append((key, [target]))
+    return runs
+
+
+def _decode_seeking(
+    av, path: str, container, stream, index: _StreamIndex, indices: list[int], progress=None
+) -> np.ndarray | None:
+    """The sampled frames, decoding only the runs they need (`_plan_runs`); None where seeking cannot be trusted
+    here (the caller then decodes forward from the start).
+
+    Within a run, frames no other frame references (non-reference B-frames) are skipped unless sampled: the decoder
+    is told per packet (`skip_frame`), which changes no other frame."""
+    sink = _FrameSink(indices, path)
+    runs = _plan_runs(sorted(sink.positions), index.keyframes)
+    to_decode = sum(run[-1] - (key or 0) + 1 for key, run in runs)
+    done = 0
+    _threaded(stream)
+    codec = stream.codec_context
+    index_of = index.index_of
+    try:
+        for key, run in runs:
+            landed = _seek_to_keyframe(container, stream, index, key, run[0])
+            if landed is None:
+                return None
+            start_pts, first_packet = landed
+            wanted, last = set(run), run[-1]
+            wanted_pts = {index.pts[i] for i in run}
+            passed, finished = 0, False
+            for packet in itertools.chain([first_packet], container.demux(stream)):
+                skip = "NONREF" if packet.pts is not None and packet.pts not in wanted_pts else "DEFAULT"
+                if codec.skip_frame != skip:
+                    codec.skip_frame = skip
+                for frame in packet.decode():
+                    if frame.pts is None:
+                        return None
+                    if frame.pts < start_pts:  # before the keyframe it started from: may lack its references
+                        continue
+                    at = index_of.get(frame.pts)
+                    if at is None:
+                        return None
+                    if at in wanted:
+                        sink.put(at, frame)
+                        wanted.discard(at)
+                    if at >= last:
+                        finished = True
+                        break
+                if finished:
+                    break
+                passed += 1
+                if progress is not None:
+                    progress(done + min(passed, last - (key or 0)), to_decode)
+            if wanted:  # a sampled frame never came out of this run
+                return None
+            done += last - (key or 0) + 1
+            if progress is not None:
+                progress(done, to_decode)
+    except av.error.FFmpegError:
+        return None  # the forward pass decides whether the file is damaged and says where
+    finally:
+        if codec.skip_frame != "DEFAULT":
+            codec.skip_frame = "DEFAULT"
+    return sink.video
+
+
+def _seek_to_keyframe(container, stream, index: _StreamIndex, key: int | None, target: int):
+    """Seek to keyframe `key` (None: the start) -> (pts the decoding starts from, first packet), or None when no
+    seek lands on a keyframe at or before frame `target`.
+
+    Demuxers index keyframes by presentation time (mkv, webm) or decoding time (mp4): try the keyframe's pts, then
+    its dts, then the start of the file. Frames at or after the landing keyframe's pts decode exactly as in a full
+    decode; earlier ones (an open GOP's leading frames) may lack references and are skipped."""
+    attempts = [] if key is None else [index.pts[key], index.keyframe_dts.get(key)]
+    for timestamp in dict.fromkeys(t for t in attempts if t is not None):
+        container.seek(timestamp, stream=stream, backward=True)
+        packet = _first_packet(container, stream)
+        if packet is not None and packet.is_keyframe and packet.pts is not None and packet.pts <= index.pts[target]:
+            return packet.pts, packet
+    container.seek(0)  # the start: what a full decode sees, every frame exact
+    packet = _first_packet(container, stream)
+    if packet is None:
+        return None
+    return -math.inf, packet
+
+
+def _first_packet(container, stream):
+    for packet in container.demux(stream):
+        if packet.size:
+            return packet
+    return None
 
 
 class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
@@ -222,11 +477,18 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     load a path) decodes with `read_video_pyav` unless `video_decoder="torchcodec"`, keeping `num_frames` frames
     (32 unless the config says otherwise; `num_frames=None` keeps every frame) evenly spaced in time, so a file is
     never decoded whole by accident; a video shorter than `num_frames` keeps all its frames instead of failing.
-    Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`).
+    Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`), or with
+    `do_sample_frames=True` the frames stock's `sample_frames` picks (by `num_frames`, or by `fps` with the video's
+    frame rate from `video_metadata`).
 
-    It saves itself as a `LlavaOnevisionVideoProcessor` (plus the keys `num_frames`, `do_sample_frames`,
-    `video_decoder`), so a repo loads with stock Transformers too; `STGridPoolProcessor` turns whatever video
-    processor it is given into this class. URLs (http/https) are left to the stock loader: this code does no network.
+    `num_frames` and `fps` given together in one call are refused; the stored `num_frames` is only a default and
+    gives way to an `fps` passed in the call (and the reverse).
+
+    Saving: `video_processor_type` stays the stock `LlavaOnevisionVideoProcessor` and `auto_map` names this class
+    for `AutoVideoProcessor`: loaded with `trust_remote_code=True` from a repo holding this file it comes back as
+    this class; without remote code, stock Transformers loads the stock class from the same file.
+    `STGridPoolProcessor` turns whatever video processor it is given into this class. URLs (http/https) are left
+    to the stock loader: this code does no network.
     """
 
     num_frames = DEFAULT_NUM_FRAMES
@@ -235,20 +497,34 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     def __init__(self, **kwargs):
         if kwargs.get("num_frames") is None:
             kwargs.pop("num_frames", None)
+        _check_num_frames_and_fps(kwargs.get("num_frames"), kwargs.get("fps"), "STGridPoolVideoProcessor")
         decoder = kwargs.setdefault("video_decoder", "pyav")
         if decoder not in ("pyav", "torchcodec"):
             raise ValueError(f"video_decoder={decoder!r} is invalid: allowed values are 'pyav', 'torchcodec'")
+        kwargs.pop("auto_map", None)  # written back by to_dict
         super().__init__(**kwargs)
 
     def to_dict(self):
         output = super().to_dict()
         output["video_processor_type"] = "LlavaOnevisionVideoProcessor"  # loadable without remote code
+        output["auto_map"] = {"AutoVideoProcessor": f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"}
         return output
+
+    def preprocess(self, videos, **kwargs):
+        # Stock fills in every default before sampling, so a stored num_frames would collide with an fps passed
+        # here: of the two, only what this call asks for counts, and the stored values only when it asks for neither.
+        num_frames, fps = kwargs.get("num_frames"), kwargs.get("fps")
+        _check_num_frames_and_fps(num_frames, fps, "the call")
+        if fps is not None:
+            kwargs["num_frames"] = None
+        elif num_frames is not None or self.num_frames is not None:
+            kwargs["fps"] = None
+        return super().preprocess(videos, **kwargs)
 
     def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
         """Indices of the frames to keep: evenly spaced in time over the duration (`sample_frame_times`) when the
-        metadata carries frame times (videos decoded from files), else evenly spaced indices; never more frames than
-        the video has. `num_frames` / `fps` default to this processor's."""
+        metadata carries frame times (videos decoded from files), else stock's indices (`fps` needs the frame rate
+        in the metadata); never more frames than the video has. `num_frames` / `fps` default to this processor's."""
         if num_frames is None and fps is None:
             num_frames, fps = self.num_frames, self.fps
             if num_frames is not None and fps is not None:
@@ -256,10 +532,14 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         frame_times = getattr(metadata, "frame_times", None)  # set by read_video_pyav: exact Fractions
         if frame_times:
             return np.array(sample_frame_times(frame_times, metadata.end_time, num_frames, fps))
-        if fps is not None and num_frames is None:
+        _check_num_frames_and_fps(num_frames, fps, "sample_frames")
+        if fps is not None:
             if not metadata.fps:
-                raise ValueError("fps sampling needs the video's frame rate: pass video_metadata, or num_frames instead")
-            num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))
+                raise ValueError(
+                    f"fps={fps!r} sampling needs the video's frame rate: pass video_metadata with its fps "
+                    f"(e.g. video_metadata={{'fps': 30}}), or num_frames instead"
+                )
+            num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))  # stock's formula
         return np.array(sample_frame_indices(metadata.total_num_frames, num_frames))
 
     def fetch_videos(self, video_url_or_urls, sample_indices_fn=None):
@@ -267,7 +547,9 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         if isinstance(video_url_or_urls, (list, tuple)):
             return list(zip(*[self.fetch_videos(x, sample_indices_fn=sample_indices_fn) for x in video_url_or_urls]))
         source = os.fspath(video_url_or_urls) if isinstance(video_url_or_urls, os.PathLike) else video_url_or_urls
-        if self.video_decoder == "torchcodec" or (isinstance(source, str) and source.startswith(("http://", "https://"))):
+        if self.video_decoder == "torchcodec" or (
+            isinstance(source, str) and source.startswith(("http://", "https://"))
+        ):
             return super().fetch_videos(source, sample_indices_fn=sample_indices_fn)
         if isinstance(source, str) and source.startswith("file://"):
             source = source[len("file://") :]
@@ -277,11 +559,38 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         return read_video_pyav(source, sample_indices_fn=sample_indices_fn)
 
 
+def _check_num_frames_and_fps(num_frames, fps, where: str) -> None:
+    """ValueError naming the value and what is allowed, for a bad `num_frames` or `fps`, or both given."""
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+        raise ValueError(
+            f"num_frames={num_frames!r} is invalid: allowed values are integers >= 1, or None for all frames"
+        )
+    if fps is not None and (
+        isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (math.isfinite(fps) and fps > 0)
+    ):
+        raise ValueError(f"fps={fps!r} is invalid: allowed values are finite numbers > 0, or None")
+    if num_frames is not None and fps is not None:
+        raise ValueError(
+            f"num_frames={num_frames!r} and fps={fps!r} were both given in {where}: allowed is one of them"
+        )
+
+
+def _frame_side(num_image_tokens) -> int:
+    """Tokens per frame side as the vision tower emits them (27 for SigLIP-384/14's 729)."""
+    side = math.isqrt(num_image_tokens) if isinstance(num_image_tokens, int) and num_image_tokens > 0 else 0
+    if side * side != num_image_tokens or side == 0:
+        raise ValueError(
+            f"num_image_tokens={num_image_tokens!r} is invalid: allowed are square numbers of tokens of one frame "
+            f"(729 = 27 x 27 for SigLIP-384/14)"
+        )
+    return side
+
+
 def as_stgridpool_video_processor(video_processor):
     """`video_processor` as an `STGridPoolVideoProcessor` with the same settings (None stays None)."""
     if video_processor is None or isinstance(video_processor, STGridPoolVideoProcessor):
         return video_processor
-    skip = ("video_processor_type", "processor_class", "_processor_class")
+    skip = ("video_processor_type", "processor_class", "_processor_class", "auto_map")
     settings = {k: v for k, v in video_processor.to_dict().items() if k not in skip}
     return STGridPoolVideoProcessor(**settings)
 
@@ -292,6 +601,8 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
     Takes the stock arguments plus the geometry fields of `STGridPoolConfig`, under the same names
     (`video_pooling_mode`, `nsp_keep_ratio`, `nsp_padding`, `nsp_partial_windows`, `video_newline_position`);
     they are saved in `processor_config.json`. Keep them equal to the model's config: the converter does.
+    `video_pooling` gives them as a `VideoPoolingSettings`, which validates them (the window-fits check included,
+    against the frame size `num_image_tokens` implies) and counts the tokens.
     """
 
     def __init__(
@@ -313,18 +624,17 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         **kwargs,
     ):
         # Every stock argument stays explicit: Transformers rebuilds processors from this signature.
-        validate_video_geometry(
+        settings = VideoPoolingSettings(
             video_pooling_mode=video_pooling_mode,
             nsp_keep_ratio=nsp_keep_ratio,
             nsp_padding=nsp_padding,
             nsp_partial_windows=nsp_partial_windows,
             video_newline_position=video_newline_position,
         )
-        self.video_pooling_mode = video_pooling_mode
-        self.nsp_keep_ratio = nsp_keep_ratio
-        self.nsp_padding = nsp_padding
-        self.nsp_partial_windows = nsp_partial_windows
-        self.video_newline_position = video_newline_position
+        if num_image_tokens is not None:  # the window-fits check, as the config does it
+            settings.check_frame_size(_frame_side(num_image_tokens))
+        for name, value in settings.geometry().items():  # saved under these names in processor_config.json
+            setattr(self, name, value)
         video_processor = as_stgridpool_video_processor(video_processor)  # PyAV decoding of paths
         super().__init__(
             image_processor=image_processor,
@@ -339,18 +649,16 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
             **kwargs,
         )
 
+    @property
+    def video_pooling(self) -> VideoPoolingSettings:
+        """The ST-GridPool geometry settings (the other fields at their defaults: they do not change token counts)."""
+        return VideoPoolingSettings.from_config({name: getattr(self, name) for name in GEOMETRY_FIELDS})
+
     def num_video_tokens(self, num_frames: int) -> int:
         """<video> placeholders for one video of `num_frames` frames under this processor's settings."""
-        side = int(math.sqrt(self.num_image_tokens))  # tokens per frame side as the vision tower emits them
-        rows, cols = pooled_frame_size(
-            side,
-            side,
-            video_pooling_mode=self.video_pooling_mode,
-            nsp_keep_ratio=self.nsp_keep_ratio,
-            nsp_padding=self.nsp_padding,
-            nsp_partial_windows=self.nsp_partial_windows,
-        )
-        return video_token_count(num_frames, rows, cols, self.video_newline_position)
+        settings, side = self.video_pooling, _frame_side(self.num_image_tokens)
+        settings.check_frame_size(side)
+        return settings.num_tokens(num_frames, side, side)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         video = video_inputs["pixel_values_videos"][video_idx]
@@ -364,4 +672,10 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         return data
 
 
-__all__ = ["STGridPoolProcessor", "STGridPoolVideoProcessor", "read_video_pyav", "sample_frame_indices", "sample_frame_times"]
+__all__ = [
+    "STGridPoolProcessor",
+    "STGridPoolVideoProcessor",
+    "read_video_pyav",
+    "sample_frame_indices",
+    "sample_frame_times",
+]

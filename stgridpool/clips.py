@@ -1,5 +1,6 @@
 """Small synthetic video clips written with PyAV: the CLI's sample clip and the tests' fixtures."""
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,30 +18,52 @@ def write_clip(
     pts: list[int] | None = None,
     time_base: Fraction | None = None,
     rotation: int = 0,
+    bframes: int = 0,
+    gop: int | None = None,
+    open_gop: bool = False,
+    faststart: bool = False,
+    crf: int = 10,
 ) -> Path:
-    """Encode RGB frames (uint8 [T, H, W, 3], H and W even) to `path`; the container follows the suffix.
+    """Encode RGB frames (uint8 [T, H, W, 3], H and W even; or an iterable of them) to `path`; the container follows
+    the suffix.
 
     codec: defaults by suffix (h264 for .mp4/.mkv, vp9 for .webm). pts: explicit presentation timestamps in
-    `time_base` units (default 1/rate), e.g. irregular gaps for a variable-frame-rate clip. rotation: display
-    rotation metadata, counterclockwise degrees (a player shows the frames rotated by it).
+    `time_base` units (default 1/rate), e.g. irregular gaps for a variable-frame-rate clip, or a first one that is
+    not 0. rotation: display rotation metadata, counterclockwise degrees (a player shows the frames rotated by it).
+    bframes: B-frames between references (h264). gop: frames between keyframes (encoder default 250 when None).
+    open_gop: h264 open GOPs (keyframes that are not IDR; the frames shown before them may reference the previous
+    GOP). faststart: mp4 with its index (moov) before the frames. crf: quality (10: near-lossless, gray levels survive).
     """
     import av
 
     path = Path(path)
     codec = codec or CODECS.get(path.suffix, "libx264")
-    with av.open(str(path), "w") as container:
+    frames = iter(frames)
+    first = next(frames)
+    muxer_options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), "w", options=muxer_options) as container:
         stream = container.add_stream(codec, rate=rate)
-        stream.height, stream.width = frames[0].shape[:2]
+        stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "10", "preset": "ultrafast", "bf": "0"}  # near-lossless: gray levels survive
+            options = {"crf": str(crf), "preset": "ultrafast", "bf": str(bframes)}
+            params = [f"bframes={bframes}", "b-adapt=0"] if bframes else []  # ultrafast alone turns B-frames off
+            params += ["open-gop=1"] if open_gop else []
+            params += [f"keyint={gop}", f"min-keyint={gop}", "scenecut=0"] if gop else []  # keyframes every `gop`
+            if params:
+                options["x264-params"] = ":".join(params)
         elif codec == "libvpx-vp9":
-            stream.options = {"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8"}
+            options = {"crf": str(crf), "b": "0", "deadline": "realtime", "cpu-used": "8"}
+        else:
+            options = {}
+        if gop:
+            options["g"] = str(gop)
+        stream.options = options
         time_base = time_base or Fraction(1, rate)
         stream.codec_context.time_base = time_base  # the muxer picks the container's own (mkv: 1/1000)
         if rotation:
             stream.set_display_rotation(rotation)
-        for i, image in enumerate(frames):
+        for i, image in enumerate(itertools.chain([first], frames)):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             if pts is not None:
                 frame.pts, frame.time_base = pts[i], time_base

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import processing_stgridpool
 from modeling_stgridpool_llava import norm_spatial_pool
 from processing_stgridpool import (
     STGridPoolProcessor,
@@ -78,7 +79,9 @@ def test_sample_frame_times_matches_indices_for_constant_rate():
             assert sample_frame_times(times, Fraction(total, 30), n) == sample_frame_indices(total, n)
 
 
-@pytest.mark.parametrize("rotation, shape, corner", [(90, (48, 32), (1, 0)), (-90, (48, 32), (0, 1)), (180, (32, 48), (1, 1))])
+@pytest.mark.parametrize(
+    "rotation, shape, corner", [(90, (48, 32), (1, 0)), (-90, (48, 32), (0, 1)), (180, (32, 48), (1, 1))]
+)
 def test_rotation_metadata_is_applied(tmp_path, rotation, shape, corner):
     image = np.zeros((32, 48, 3), np.uint8)
     image[:8, :8] = 255  # a white block at the top-left of the stored frame
@@ -144,8 +147,12 @@ def test_processor_decodes_paths_in_chat_template_and_call(tmp_path, tiny_dir):
     assert isinstance(processor.video_processor, STGridPoolVideoProcessor)
     video_id = processor.tokenizer.convert_tokens_to_ids("<video>")
     for key in ("path", "url"):
-        conversation = [{"role": "user", "content": [{"type": "video", key: str(clip)},
-                                                     {"type": "text", "text": "what is happening?"}]}]
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "video", key: str(clip)}, {"type": "text", "text": "what is happening?"}],
+            }
+        ]
         inputs = processor.apply_chat_template(
             conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", num_frames=4
         )
@@ -155,7 +162,9 @@ def test_processor_decodes_paths_in_chat_template_and_call(tmp_path, tiny_dir):
     inputs = processor(text="<video>\nwhat", videos=[str(clip)], return_tensors="pt")
     assert inputs["pixel_values_videos"].shape[1] == 8
     # same frames as read_video_pyav: the first sampled frame is frame 0's gray level
-    expected = processor.video_processor(videos=[read_video_pyav(clip, num_frames=8)[0]], do_sample_frames=False, return_tensors="pt")
+    expected = processor.video_processor(
+        videos=[read_video_pyav(clip, num_frames=8)[0]], do_sample_frames=False, return_tensors="pt"
+    )
     torch.testing.assert_close(inputs["pixel_values_videos"], expected["pixel_values_videos"])
     # saved and reloaded: still PyAV decoding, same num_frames; the file loads with stock classes too
     processor.video_processor.num_frames = 5
@@ -209,4 +218,132 @@ def test_ptg_images_tile_the_source_frames():
     assert [np.asarray(o).tolist() == np.asarray(i).tolist() for o, i in zip(out[:7], images[:7])] == [True] * 7
     mosaic = np.asarray(out[7])
     assert mosaic.shape == (10, 10, 3)
-    assert [tuple(mosaic[r, c]) for r, c in ((0, 0), (0, 9), (9, 0), (9, 9))] == [colors[1], colors[3], colors[5], colors[7]]
+    assert [tuple(mosaic[r, c]) for r, c in ((0, 0), (0, 9), (9, 0), (9, 9))] == [
+        colors[1],
+        colors[3],
+        colors[5],
+        colors[7],
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Seeking reader (issue 15): the frames equal a full sequential decode at the same indices, bit for bit
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def textured_frames(num_frames: int, height: int = 48, width: int = 64, seed: int = 0):
+    """Noise scrolling diagonally: every frame differs from its neighbours, so a frame decoded from the wrong
+    references differs from the true one. uint8 [num_frames, height, width, 3]."""
+    base = np.random.default_rng(seed).integers(0, 256, (2 * height, 2 * width, 3), dtype=np.uint8)
+    return np.stack([np.roll(base, (3 * t, 5 * t), (0, 1))[:height, :width] for t in range(num_frames)])
+
+
+def full_decode(path) -> list[np.ndarray]:
+    """Every frame of the first video stream, decoded in one pass, single-threaded, rotation applied as a player
+    does: the oracle the seeking reader is compared to."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        frames = []
+        for frame in container.decode(stream):
+            frames.append(np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90) % 4))
+        return frames
+
+
+SEEK_CLIPS = {  # name -> (suffix, write_clip keyword arguments); 150 frames
+    "h264_bframes_open_gop": (".mp4", {"bframes": 3, "gop": 24, "open_gop": True}),
+    "h264_bframes_closed_gop_mkv": (".mkv", {"bframes": 2, "gop": 20}),
+    "h264_faststart": (".mp4", {"bframes": 3, "gop": 32, "open_gop": True, "faststart": True}),
+    "vp9_webm": (".webm", {"gop": 30}),
+    "vfr": (
+        ".mkv",
+        {
+            "bframes": 2,
+            "gop": 16,
+            "time_base": Fraction(1, 50),
+            "pts": sorted({int(1.7 * t + (t % 7) ** 2) for t in range(300)})[:150],
+        },
+    ),
+    "nonzero_start": (".mp4", {"bframes": 3, "gop": 24, "open_gop": True, "pts": [1000 + t for t in range(150)]}),
+    "rotated": (".mp4", {"bframes": 2, "gop": 24, "rotation": 90}),
+}
+
+
+@pytest.fixture(scope="module")
+def seek_clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("seek")
+    return {
+        name: write_clip(folder / (name + suffix), textured_frames(150), **kwargs)
+        for name, (suffix, kwargs) in SEEK_CLIPS.items()
+    }
+
+
+@pytest.mark.parametrize("name", sorted(SEEK_CLIPS))
+def test_seeking_reader_equals_full_decode(seek_clips, name):
+    path = seek_clips[name]
+    reference = full_decode(path)
+    total = len(reference)
+    assert total == 150
+    rng = np.random.default_rng(1)
+    index_sets = [
+        [0],
+        [total - 1],
+        list(range(total)),  # every frame: one forward pass
+        *[sample_frame_indices(total, n) for n in (2, 5, 8, 32)],
+        sorted(rng.choice(total, 12, replace=False).tolist()),
+        rng.integers(0, total, 20).tolist(),  # any order, repeats
+        [149, 0, 75, 75, 23, 24, 25, 47, 48, 49],  # around keyframes
+    ]
+    for indices in index_sets:
+        video, metadata = read_video_pyav(path, sample_indices_fn=lambda metadata, indices=indices: indices)
+        assert list(metadata.frames_indices) == indices
+        for j, index in enumerate(indices):
+            assert np.array_equal(video[j], reference[index]), (name, indices, j, index)
+    for n in (1, 8, 32):
+        video, metadata = read_video_pyav(path, num_frames=n)
+        assert np.array_equal(video, np.stack([reference[i] for i in metadata.frames_indices]))
+
+
+def test_sparse_sampling_decodes_only_what_it_needs(seek_clips):
+    """Sparse frames of a long-GOP clip: only the GOP runs up to each sampled frame decode (progress counts them);
+    dense sampling of the same clip is one forward pass up to the last frame."""
+    path = seek_clips["h264_bframes_open_gop"]  # keyframes every 24 frames
+    # frames 69..71 are shown before keyframe 72 but decoded after it (open GOP): they start from keyframe 48
+    for indices, most in (([10, 100], 40), ([149], 30), ([71], 24), ([69, 70, 71, 72], 25)):
+        seen = []
+        read_video_pyav(
+            path,
+            sample_indices_fn=lambda metadata, indices=indices: indices,
+            progress=lambda d, t, seen=seen: seen.append((d, t)),
+        )
+        done, todo = seen[-1]
+        assert done == todo <= most, (indices, seen[-1])
+        assert processing_stgridpool.SEEK_MIN_SKIP < 24  # else these would rightly decode forward
+    seen = []
+    read_video_pyav(
+        path, sample_indices_fn=lambda metadata: list(range(0, 150, 3)), progress=lambda d, t: seen.append(t)
+    )
+    assert seen[-1] == 148  # frames 0 .. 147, no seek: each gap is shorter than a GOP
+
+
+def test_raw_stream_without_timestamps_decodes_forward(tmp_path):
+    """An elementary h264 stream has no timestamps to seek by: the reader decodes forward and stays exact."""
+    import av
+
+    frames = textured_frames(60)
+    path = tmp_path / "raw.h264"
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.options = {"preset": "ultrafast", "x264-params": "keyint=10:bframes=2:b-adapt=0"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    reference = full_decode(path)
+    video, metadata = read_video_pyav(path, sample_indices_fn=lambda metadata: [5, 41, 59, 0])
+    assert metadata.total_num_frames == len(reference) == 60
+    assert all(np.array_equal(v, reference[i]) for v, i in zip(video, [5, 41, 59, 0]))

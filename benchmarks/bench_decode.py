@@ -1,0 +1,440 @@
+"""Video decoding benchmark (issue 15): seconds and peak RSS to sample frames from long videos, CPU only.
+
+Readers, each given the same frame indices (uniform `j * total // n`; equal to time-based sampling on these
+constant-frame-rate clips):
+- `ours`: `processing_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact).
+- `old_forward_only`: the reader this project shipped before (a copy below, `old_forward_only_read_video_pyav`):
+  decodes every frame from the start up to the last sampled one. It is the baseline, and its frames are the truth
+  (a sequential decode) that every other reader's frames are compared to.
+- `plain_keyframe_seek`: for each sampled frame, seek to the keyframe before it and decode up to it (the simplest
+  seeking reader; not frame-exact in general, e.g. open GOPs).
+- `decord` / `torchcodec` (exact seek mode), when they import in the running Python.
+- `probe`: only our demux-only index pass (`_probe_stream`), to show it is not the bottleneck.
+
+Each (reader, clip) runs in a fresh Python process (`--worker`, `--repeat` reads, median reported) that reports
+wall seconds, CPU seconds (all threads) and its peak RSS (`ru_maxrss`) and the RSS before reading (imports), so
+memory is per reader. Clips are generated once into
+`--clips-dir` (default: a temporary folder) and reused when present: never in the repository.
+
+    python -m benchmarks.bench_decode --clips-dir /tmp/decode-clips --json benchmarks/results/cpu_decode.json
+    python -m benchmarks.bench_decode --smoke   # seconds, in-process (no RSS); what CI runs
+
+No timing is asserted anywhere; targets are read off the table.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# name -> clip spec. h264: B-frames (3), keyframes every 250 frames (`gop`), closed GOPs unless `open_gop`, crf 23;
+# rate 25 fps.
+FULL_CLIPS = {
+    "h264_10s_320x180": {"suffix": ".mp4", "seconds": 10, "size": (180, 320), "num_frames": 32},
+    "h264_20min_128x72": {"suffix": ".mp4", "seconds": 1200, "size": (72, 128), "num_frames": 64},
+    "h264_60min_128x72": {"suffix": ".mp4", "seconds": 3600, "size": (72, 128), "num_frames": 64},
+    "h264_3min_1920x1080": {"suffix": ".mp4", "seconds": 180, "size": (1080, 1920), "num_frames": 64},
+    "vp9_10min_256x144": {"suffix": ".webm", "seconds": 600, "size": (144, 256), "num_frames": 64},
+    # open GOPs: the frames shown just before a keyframe are decoded after it and reference the previous GOP
+    "h264_opengop_5min_320x180": {
+        "suffix": ".mp4",
+        "seconds": 300,
+        "size": (180, 320),
+        "num_frames": 64,
+        "gop": 48,
+        "open_gop": True,
+    },
+}
+SMOKE_CLIPS = {
+    "h264_4s_64x48": {"suffix": ".mp4", "seconds": 4, "size": (48, 64), "num_frames": 8, "gop": 25},
+    "vp9_2s_64x48": {"suffix": ".webm", "seconds": 2, "size": (48, 64), "num_frames": 8, "gop": 25},
+}
+RATE = 25
+READERS = ("ours", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Clips
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_frames(num_frames: int, height: int, width: int, seed: int = 0):
+    """A blocky random texture scrolling diagonally (3 and 5 pixels a frame): neighbouring frames differ, and it
+    compresses like ordinary video rather than noise. Yields uint8 [height, width, 3]."""
+    rng = np.random.default_rng(seed)
+    block = 8
+    small = rng.integers(0, 256, (2 * height // block + 1, 2 * width // block + 1, 3), dtype=np.uint8)
+    base = np.repeat(np.repeat(small, block, 0), block, 1)
+    for t in range(num_frames):
+        y, x = (3 * t) % height, (5 * t) % width
+        yield np.ascontiguousarray(base[y : y + height, x : x + width])
+
+
+def clip_path(folder: Path, name: str, spec: dict) -> Path:
+    """The clip, generated into `folder` unless already there (the name records what it holds)."""
+    from stgridpool.clips import write_clip
+
+    height, width = spec["size"]
+    gop = spec.get("gop", 250)
+    bframes = 3 if spec["suffix"] == ".mp4" else 0  # h264's; VP9 has none (libvpx's alt-ref frames instead)
+    open_gop = spec.get("open_gop", False)
+    path = folder / f"{name}_gop{gop}{'open' if open_gop else ''}_bf{bframes}_crf23{spec['suffix']}"
+    if not path.exists():
+        partial = path.with_name(path.stem + ".partial" + path.suffix)
+        start = time.perf_counter()
+        frames = clip_frames(spec["seconds"] * RATE, height, width)
+        write_clip(partial, frames, rate=RATE, bframes=bframes, gop=gop, open_gop=open_gop, crf=23)
+        partial.rename(path)
+        print(
+            f"  generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def old_forward_only_read_video_pyav(path, num_frames):
+    """The reader this project shipped before issue 15, kept as the baseline: a demux pass for the frame times,
+    then one decode from the start up to the last sampled frame (no seeking, PyAV's default threading)."""
+    import av
+
+    from processing_stgridpool import sample_frame_indices
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        times = []
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            pts = packet.pts if packet.pts is not None else packet.dts
+            times.append(Fraction(pts) * stream.time_base)
+        times.sort()
+        indices = sample_frame_indices(len(times), num_frames)
+        wanted = {}
+        for position, index in enumerate(indices):
+            wanted.setdefault(index, []).append(position)
+        out = [None] * len(indices)
+        container.seek(0)
+        decoded = 0
+        for frame in container.decode(stream):
+            if decoded in wanted:
+                image = frame.to_ndarray(format="rgb24")
+                for position in wanted[decoded]:
+                    out[position] = image
+            decoded += 1
+            if decoded > indices[-1]:
+                break
+    return np.stack(out), indices
+
+
+def plain_keyframe_seek_reader(path, num_frames):
+    """For each sampled frame: seek to the keyframe at or before its timestamp, decode until it (threads on)."""
+    import av
+
+    from processing_stgridpool import sample_frame_indices
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        pts = sorted(p.pts for p in container.demux(stream) if p.size)
+        indices = sample_frame_indices(len(pts), num_frames)
+        out = []
+        for index in indices:
+            container.seek(pts[index], stream=stream, backward=True)
+            for frame in container.decode(stream):
+                if frame.pts >= pts[index]:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                    break
+    return np.stack(out), indices
+
+
+def ours_reader(path, num_frames):
+    from processing_stgridpool import read_video_pyav
+
+    video, metadata = read_video_pyav(path, num_frames=num_frames)
+    return video, [int(i) for i in metadata.frames_indices]
+
+
+def probe_reader(path, num_frames):
+    import av
+
+    from processing_stgridpool import _probe_stream
+
+    with av.open(str(path)) as container:
+        index = _probe_stream(container, container.streams.video[0])
+    return None, list(range(len(index.pts)))
+
+
+def decord_reader(path, num_frames):
+    from decord import VideoReader, cpu
+
+    from processing_stgridpool import sample_frame_indices
+
+    reader = VideoReader(str(path), ctx=cpu(0))
+    indices = sample_frame_indices(len(reader), num_frames)
+    return reader.get_batch(indices).asnumpy(), indices
+
+
+def torchcodec_reader(path, num_frames):
+    from torchcodec.decoders import VideoDecoder
+
+    from processing_stgridpool import sample_frame_indices
+
+    decoder = VideoDecoder(str(path), seek_mode="exact", dimension_order="NHWC")
+    indices = sample_frame_indices(decoder.metadata.num_frames, num_frames)
+    return decoder.get_frames_at(indices).data.numpy(), indices
+
+
+READER_FUNCTIONS = {
+    "ours": ours_reader,
+    "plain_keyframe_seek": plain_keyframe_seek_reader,
+    "old_forward_only": old_forward_only_read_video_pyav,
+    "decord": decord_reader,
+    "torchcodec": torchcodec_reader,
+    "probe": probe_reader,
+}
+
+
+def available(reader: str) -> str | None:
+    """None if `reader` can run here, else why not."""
+    module = {"decord": "decord", "torchcodec": "torchcodec.decoders"}.get(reader)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except Exception as error:  # noqa: BLE001  (torchcodec raises RuntimeError/OSError without FFmpeg's libraries)
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return None
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads: the work done, less sensitive than wall time to other
+    processes on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def run_reader(reader: str, path: Path, num_frames: int) -> dict:
+    """Time one read (imports done first) -> seconds, indices, per-frame hashes, RSS."""
+    function = READER_FUNCTIONS[reader]
+    import av  # noqa: F401  (imports outside the timed region)
+
+    import processing_stgridpool  # noqa: F401
+
+    if reader in ("decord", "torchcodec"):
+        available(reader)
+    rss_before = max_rss_mb()
+    cpu_before = cpu_seconds()
+    start = time.perf_counter()
+    video, indices = function(path, num_frames)
+    seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu_before
+    hashes = (
+        [hashlib.sha1(np.ascontiguousarray(frame).tobytes()).hexdigest()[:16] for frame in video]
+        if (video is not None)
+        else []
+    )
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "indices": indices if reader != "probe" else len(indices),
+        "hashes": hashes,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": max_rss_mb(),
+        "shape": list(video.shape) if video is not None else None,
+    }
+
+
+def run_repeated(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict]:
+    """`repeat` reads in this process (fewer after one that takes over 20 s)."""
+    runs = []
+    for _ in range(repeat):
+        runs.append(run_reader(reader, path, num_frames))
+        if runs[-1]["seconds"] > 20:
+            break
+    return runs
+
+
+def run_in_subprocess(reader: str, path: Path, num_frames: int, repeat: int) -> list[dict] | dict:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_decode",
+        "--worker",
+        reader,
+        str(path),
+        str(num_frames),
+        str(repeat),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or [f"exit {result.returncode}"]
+        errors = [line for line in lines if "Error: " in line and not line.startswith(" ")]
+        return {"error": (errors or lines)[-1][:300]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def neighbours_exactness(path: Path, indices: list[int], hashes: list[str], total: int, reach: int = 3) -> dict:
+    """For frames another reader returned at `indices`: which frame of a full sequential decode each one is
+    (offset from the index asked for, within +-reach; None if none is bit-identical)."""
+    from processing_stgridpool import read_video_pyav
+
+    window = sorted({j for i in indices for j in range(max(0, i - reach), min(total, i + reach + 1))})
+    video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata: window)
+    truth = {j: hashlib.sha1(frame.tobytes()).hexdigest()[:16] for j, frame in zip(window, video)}
+    offsets = []
+    for index, digest in zip(indices, hashes):
+        match = [j - index for j in range(index - reach, index + reach + 1) if truth.get(j) == digest]
+        offsets.append(min(match, key=abs) if match else None)
+    return {
+        "exact": sum(o == 0 for o in offsets),
+        "off_by_frames": sum(o not in (0, None) for o in offsets),
+        "no_bit_identical_frame_nearby": sum(o is None for o in offsets),
+        "offsets": offsets,
+    }
+
+
+def versions() -> dict:
+    import av
+
+    out = {
+        "python": platform.python_version(),
+        "av": av.__version__,
+        "ffmpeg_libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
+        "numpy": np.__version__,
+    }
+    for name in ("decord", "torchcodec"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001  (any failure: not usable here)
+            out[name] = None
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clips-dir", type=Path, default=None, help="where clips are generated/reused (default: temp)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help="tiny clips, in-process: seconds (CI)")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="reads per (reader, clip), in one process; 1 after a read over 20 s"
+    )
+    parser.add_argument("--readers", default=",".join(READERS + ("probe",)))
+    parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
+    parser.add_argument("--worker", nargs=4, metavar=("READER", "PATH", "NUM_FRAMES", "REPEAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        reader, path, num_frames, repeat = args.worker
+        print(json.dumps(run_repeated(reader, Path(path), int(num_frames), int(repeat))))
+        return 0
+
+    clips = SMOKE_CLIPS if args.smoke else FULL_CLIPS
+    if args.clips:
+        clips = {name: clips[name] for name in args.clips.split(",")}
+    readers = args.readers.split(",")
+    repeat = 1 if args.smoke else args.repeat
+    folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "versions": versions(),
+        "smoke": args.smoke,
+        "clips": {},
+        "errors": [],
+    }
+    skipped = {reader: why for reader in readers if (why := available(reader))}
+    results["skipped_readers"] = skipped
+    for name, spec in clips.items():
+        path = clip_path(folder, name, spec)
+        row = {"spec": {**spec, "size": list(spec["size"])}, "bytes": path.stat().st_size, "readers": {}}
+        for reader in readers:
+            if reader in skipped:
+                continue
+            if args.smoke:
+                runs = run_repeated(reader, path, spec["num_frames"], repeat)
+            else:
+                runs = run_in_subprocess(reader, path, spec["num_frames"], repeat)
+            if isinstance(runs, dict):  # the worker failed
+                results["errors"].append(f"{name} {reader}: {runs['error']}")
+                if reader in ("decord", "torchcodec"):  # it does not work here: not tried on other clips
+                    skipped[reader] = runs["error"]
+                continue
+            if not runs:
+                continue
+            entry = dict(runs[0])
+            entry["seconds_all"] = [r["seconds"] for r in runs]
+            entry["seconds"] = statistics.median(entry["seconds_all"])
+            entry["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in runs)
+            entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            row["readers"][reader] = entry
+            print(
+                f"  {name:22s} {reader:20s} {entry['seconds']:8.2f} s  cpu {entry['cpu_seconds']:8.2f} s  "
+                f"peak RSS {entry['peak_rss_mb']:7.0f} MB",
+                file=sys.stderr,
+            )
+        truth = row["readers"].get("old_forward_only")
+        for reader, entry in row["readers"].items():
+            if truth is None or reader in ("old_forward_only", "probe"):
+                continue
+            entry["same_indices_as_old"] = entry["indices"] == truth["indices"]
+            entry["bit_identical_to_sequential_decode"] = entry["hashes"] == truth["hashes"]
+            if not entry["bit_identical_to_sequential_decode"] and entry["same_indices_as_old"]:
+                total = row["readers"]["probe"]["indices"] if "probe" in row["readers"] else None
+                if total:
+                    entry["frame_identity"] = neighbours_exactness(path, entry["indices"], entry["hashes"], total)
+        for entry in row["readers"].values():
+            entry.pop("hashes", None)
+            if isinstance(entry.get("indices"), list) and len(entry["indices"]) > 8:
+                entry["indices"] = entry["indices"][:4] + ["..."] + entry["indices"][-2:]
+        results["clips"][name] = row
+    print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    readers = [r for r in READERS + ("probe",) if any(r in row["readers"] for row in results["clips"].values())]
+    print("| clip | frames | " + " | ".join(readers) + " |")
+    print("|---|---:|" + "---:|" * len(readers))
+    for name, row in results["clips"].items():
+        cells = []
+        for reader in readers:
+            entry = row["readers"].get(reader)
+            if entry is None:
+                cells.append("n/a")
+                continue
+            exact = entry.get("bit_identical_to_sequential_decode")
+            mark = "" if exact in (None, True) else " (not exact)"
+            cells.append(
+                f"{entry['seconds']:.2f} s ({entry['cpu_seconds']:.2f} cpu), {entry['peak_rss_mb']:.0f} MB{mark}"
+            )
+        print(f"| {name} | {row['spec']['num_frames']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""The processor side of the newest-Transformers issue (11), the hardening items of the video reader and processor
+(12: 10, 12, 13, 25, 26) and the settings object in the processor (17). Clips are encoded here with PyAV."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+
+from configuration_stgridpool import VideoPoolingSettings
+from processing_stgridpool import (
+    STGridPoolProcessor,
+    STGridPoolVideoProcessor,
+    VideoDecodeError,
+    read_video_pyav,
+)
+from stgridpool.clips import gray_frames, index_gray_level, write_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS = [index_gray_level(i) for i in range(30)]
+CODE_MODULES = ("configuration_stgridpool.py", "processing_stgridpool.py")
+
+
+def gray_indices(pixel_values) -> list[int]:
+    """Frame indices encoded in the gray levels of processed frames [T, 3, H, W] (normalised by CLIP mean/std)."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    red = pixel_values[:, 0].float().mean((1, 2)).numpy() * OPENAI_CLIP_STD[0] + OPENAI_CLIP_MEAN[0]
+    return [round((float(level) * 255 - 4) / 8) for level in red]
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_stock_dir):
+    return STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", gray_frames(LEVELS), rate=25)  # 1.2 s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 11: frame sampling by fps, num_frames and fps together, save/load of the video processor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fps", [1, 4, 5, 12.5])
+def test_fps_sampling_matches_stock_for_files_and_arrays(processor, clip, fps):
+    from transformers import LlavaOnevisionVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    stock = LlavaOnevisionVideoProcessor(size={"height": 54, "width": 54})
+    metadata = VideoMetadata(total_num_frames=30, fps=25.0, duration=1.2)
+    expected = [int(i) for i in stock.sample_frames(metadata, fps=fps)]
+    video_processor = processor.video_processor
+    assert video_processor.num_frames == 8  # stored in the tiny checkpoint: must not collide with fps
+    # a file, through the video processor and through the processor's __call__
+    out = video_processor(videos=[str(clip)], do_sample_frames=True, fps=fps, return_tensors="pt", return_metadata=True)
+    assert list(out["video_metadata"][0].frames_indices) == expected
+    assert gray_indices(out["pixel_values_videos"][0]) == expected
+    inputs = processor(text="<video>", videos=[str(clip)], do_sample_frames=True, fps=fps, return_tensors="pt")
+    assert gray_indices(inputs["pixel_values_videos"][0]) == expected
+    # arrays with their frame rate: stock's indices, and stock's own pixels
+    frames = gray_frames(LEVELS)
+    ours = video_processor(
+        videos=[frames],
+        video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
+        do_sample_frames=True,
+        fps=fps,
+        return_tensors="pt",
+    )
+    assert ours["pixel_values_videos"].shape[1] == len(expected)
+    assert gray_indices(ours["pixel_values_videos"][0]) == expected
+    if len(expected) > 1:  # stock 5.17 cannot process a one-frame sample of an array (it drops the frame axis)
+        theirs = stock(
+            videos=[frames],
+            video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
+            do_sample_frames=True,
+            fps=fps,
+            return_tensors="pt",
+        )
+        assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
+
+
+def test_num_frames_sampling_of_arrays_matches_stock(processor):
+    from transformers import LlavaOnevisionVideoProcessor
+
+    stock = LlavaOnevisionVideoProcessor(size={"height": 54, "width": 54})
+    frames = gray_frames(LEVELS)
+    for num_frames in (None, 3, 7):  # None: the stored 8 (stock has no default: given explicitly)
+        ours = processor.video_processor(
+            videos=[frames], do_sample_frames=True, num_frames=num_frames, return_tensors="pt"
+        )
+        theirs = stock(videos=[frames], do_sample_frames=True, num_frames=num_frames or 8, return_tensors="pt")
+        assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
+
+
+def test_num_frames_and_fps_refused_only_when_both_passed(processor, clip):
+    with pytest.raises(ValueError, match=r"num_frames=4 and fps=2 were both given"):
+        processor.video_processor(videos=[str(clip)], do_sample_frames=True, num_frames=4, fps=2)
+    with pytest.raises(ValueError, match=r"num_frames=4 and fps=2 were both given"):
+        processor(text="<video>", videos=[gray_frames(LEVELS)], do_sample_frames=True, num_frames=4, fps=2)
+    # a stored fps gives way to a num_frames passed in the call, as a stored num_frames does to fps
+    video_processor = STGridPoolVideoProcessor(size={"height": 54, "width": 54}, fps=5)
+    video_processor.num_frames = None  # (None at construction means the default, 32; stored both, num_frames wins)
+    out = video_processor(videos=[str(clip)], do_sample_frames=True, num_frames=3, return_tensors="pt")
+    assert gray_indices(out["pixel_values_videos"][0]) == [0, 10, 20]
+    out = video_processor(videos=[str(clip)], do_sample_frames=True, return_tensors="pt")
+    assert gray_indices(out["pixel_values_videos"][0]) == [0, 5, 10, 15, 20, 25]  # the stored fps
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"num_frames": 0}, "num_frames=0 is invalid"),
+        ({"num_frames": -3}, "num_frames=-3 is invalid"),
+        ({"num_frames": 2.5}, "num_frames=2.5 is invalid"),
+        ({"num_frames": None, "fps": float("inf")}, "fps=inf is invalid"),
+        ({"num_frames": None, "fps": 0}, "fps=0 is invalid"),
+    ],
+)
+def test_bad_num_frames_or_fps_fail_at_construction(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        STGridPoolVideoProcessor(**kwargs)
+
+
+def test_save_load_keeps_the_class_and_stock_still_loads(processor, tmp_path):
+    from transformers import AutoVideoProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())["video_processor"]
+    assert saved["video_processor_type"] == "LlavaOnevisionVideoProcessor"
+    assert saved["auto_map"] == {"AutoVideoProcessor": "processing_stgridpool.STGridPoolVideoProcessor"}
+    # without remote code: the stock classes, from the same files
+    assert type(AutoVideoProcessor.from_pretrained(tmp_path)) is LlavaOnevisionVideoProcessor
+    assert type(LlavaOnevisionProcessor.from_pretrained(tmp_path).video_processor) is LlavaOnevisionVideoProcessor
+    again = STGridPoolProcessor.from_pretrained(tmp_path)
+    assert type(again.video_processor) is STGridPoolVideoProcessor
+    assert again.video_processor.to_dict() == processor.video_processor.to_dict()
+
+
+def make_remote_repo(tiny_stock_dir, folder: Path) -> Path:
+    """A repo as the converter writes it, as far as the processor goes: our processor's files, the code modules,
+    and `auto_map` for AutoProcessor."""
+    STGridPoolProcessor.from_pretrained(tiny_stock_dir).save_pretrained(folder)
+    shutil.copy(tiny_stock_dir / "config.json", folder / "config.json")
+    for name in CODE_MODULES:
+        shutil.copy(ROOT / name, folder / name)
+    path = folder / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["auto_map"] = {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
+    path.write_text(json.dumps(data, indent=2))
+    return folder
+
+
+REMOTE_SCRIPT = """
+import json, sys
+if sys.argv[3] == "no-av":
+    sys.modules["av"] = None  # `import av` raises ImportError, as where PyAV is not installed
+sys.path.insert(0, sys.argv[1] + "/tests")
+from remote_check import isolate  # the project's own modules cannot be imported: only the repo's code runs
+isolate(__import__("pathlib").Path(sys.argv[1]))
+import numpy as np
+from transformers import AutoProcessor, AutoVideoProcessor
+
+repo, out = sys.argv[2], {}
+def origin(obj):
+    return type(obj).__module__.split(".")[0] + ":" + type(obj).__name__
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+out["processor"], out["video_processor"] = origin(processor), origin(processor.video_processor)
+frames = np.random.default_rng(0).integers(0, 256, (6, 54, 54, 3), dtype=np.uint8)
+inputs = processor(text="<video>", videos=[frames], return_tensors="pt")
+out["pixels"] = list(inputs["pixel_values_videos"].shape)
+out["placeholders"] = int((inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<video>")).sum())
+out["expected"] = processor.num_video_tokens(6)
+video_processor = AutoVideoProcessor.from_pretrained(repo, trust_remote_code=True)
+out["auto_video_processor"] = origin(video_processor)
+video_processor.save_pretrained(sys.argv[4])
+out["round_trip"] = origin(AutoVideoProcessor.from_pretrained(sys.argv[4], trust_remote_code=True))
+out["round_trip_same"] = AutoVideoProcessor.from_pretrained(sys.argv[4], trust_remote_code=True).to_dict() == \\
+    video_processor.to_dict()
+try:
+    processor(text="<video>", videos=[repo + "/missing.mp4"])
+    out["file_error"] = None
+except Exception as error:
+    out["file_error"] = type(error).__name__ + ": " + str(error)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("av", ["no-av", "with-av"])
+def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp_path, av):
+    repo = make_remote_repo(tiny_stock_dir, tmp_path / "repo")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(ROOT), str(repo), av, str(tmp_path / "resaved")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.split("RESULT ", 1)[1])
+    remote = "transformers_modules"
+    assert out["processor"] == f"{remote}:STGridPoolProcessor"
+    assert out["video_processor"] == f"{remote}:STGridPoolVideoProcessor"
+    assert out["auto_video_processor"] == out["round_trip"] == f"{remote}:STGridPoolVideoProcessor"
+    assert out["round_trip_same"]
+    assert out["pixels"] == [1, 6, 3, 54, 54] and out["placeholders"] == out["expected"] == 6 * 13 * 13 + 1
+    if av == "no-av":
+        assert (
+            out["file_error"] == f"ImportError: decoding the video file {repo}/missing.mp4 needs PyAV: pip install av"
+        )
+    else:
+        assert out["file_error"] == f"VideoDecodeError: {repo}/missing.mp4: no such file"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 17 and 12.25: the processor's geometry through VideoPoolingSettings
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_geometry_is_validated_like_the_config(tiny_stock_dir):
+    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(
+        ValueError, match=r"nsp_keep_ratio=0.0011.*larger than the padded frame \(27 \+ 2\*nsp_padding=0"
+    ):
+        build_tiny_processor(tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=1 / 900)
+    with pytest.raises(ValueError, match=r"nsp_keep_ratio=0.3 is invalid"):
+        build_tiny_processor(tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=0.3)
+    with pytest.raises(ValueError, match=r"video_pooling_mode='max' is invalid"):
+        STGridPoolProcessor(video_pooling_mode="max")
+    with pytest.raises(ValueError, match=r"nsp_keep_ratio=0.0011"):  # no frame size yet: checked once there is one
+        STGridPoolProcessor(nsp_keep_ratio=1 / 900, num_image_tokens=729)
+    # padding makes the window fit: 27 + 2 * 2 = 31 >= 30
+    processor = build_tiny_processor(
+        tokenizer, processor_class=STGridPoolProcessor, nsp_keep_ratio=1 / 900, nsp_padding=2
+    )
+    assert processor.num_video_tokens(4) == VideoPoolingSettings(nsp_keep_ratio=1 / 900, nsp_padding=2).num_tokens(
+        4, 27, 27
+    )
+    assert processor.num_video_tokens(4) == 4 * 1 + 1
+
+
+def test_processor_counts_and_saved_keys_through_settings(tiny_stock_dir, tmp_path):
+    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
+
+    geometry = {
+        "video_pooling_mode": "stgridpool",
+        "nsp_keep_ratio": 1 / 9,
+        "nsp_padding": 1,
+        "nsp_partial_windows": True,
+        "video_newline_position": "frame",
+    }
+    processor = build_tiny_processor(build_tiny_tokenizer(), processor_class=STGridPoolProcessor, **geometry)
+    settings = VideoPoolingSettings(**geometry)
+    assert processor.video_pooling == settings
+    assert processor.num_video_tokens(8) == settings.num_tokens(8, 27, 27) == 8 * (10 * 10 + 1)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert {name: saved[name] for name in geometry} == geometry  # the keys existing repos carry
+    assert STGridPoolProcessor.from_pretrained(tmp_path).video_pooling == settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 12: items 10, 12, 13, 26
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_file_names_are_files_not_protocol_urls(tmp_path, monkeypatch):
+    """12.10: `concat:a.mp4|b.mp4` is a file name: FFmpeg's concat protocol must not join a.mp4 and b.mp4."""
+    monkeypatch.chdir(tmp_path)
+    write_clip("a.mp4", gray_frames(LEVELS[:10]))
+    write_clip("b.mp4", gray_frames(LEVELS[10:20]))
+    with pytest.raises(VideoDecodeError, match=r"^concat:a.mp4\|b.mp4: no such file$"):
+        read_video_pyav("concat:a.mp4|b.mp4")
+    write_clip("seven.mp4", gray_frames(LEVELS[:7])).rename("concat:a.mp4|b.mp4")  # (FFmpeg cannot write it)
+    assert read_video_pyav("concat:a.mp4|b.mp4")[1].total_num_frames == 7
+    with pytest.raises(VideoDecodeError, match=r"^http:x.mp4: no such file$"):
+        read_video_pyav("http:x.mp4")
+
+
+def test_wrong_reasons_are_now_right(tmp_path):
+    """12.12: a FIFO, /dev/zero, a symlink loop and an mp4 cut inside its header each get their own reason."""
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "loop1.mp4").symlink_to(tmp_path / "loop2.mp4")
+    (tmp_path / "loop2.mp4").symlink_to(tmp_path / "loop1.mp4")
+    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
+    clip = write_clip(tmp_path / "faststart.mp4", gray_frames(LEVELS), faststart=True).read_bytes()
+    assert clip.find(b"moov") < clip.find(b"mdat")  # the header first: the cut leaves part of it
+    (tmp_path / "cut64.mp4").write_bytes(clip[:64])
+    (tmp_path / "cut400.mp4").write_bytes(clip[:400])
+    cases = {
+        tmp_path / "fifo.mp4": "is a named pipe (FIFO), not a video file",
+        Path("/dev/zero"): "is a device, not a video file",
+        tmp_path / "loop1.mp4": "is a symbolic link loop",
+        tmp_path / "dangling.mp4": f"is a broken symbolic link (to {tmp_path / 'gone.mp4'}, which does not exist)",
+        tmp_path / "cut64.mp4": "damaged or truncated, or not a video file: FFmpeg finds no streams in its 64 bytes",
+        tmp_path / "cut400.mp4": "damaged or truncated",
+    }
+    for path, words in cases.items():
+        with pytest.raises(VideoDecodeError) as info:
+            read_video_pyav(path, num_frames=4)
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
+        for wrong in ("empty (0 bytes)", "no such file", "has no video stream"):
+            assert wrong not in message, message
+
+
+def test_file_cut_short_warns(tmp_path):
+    """12.13: a file cut at 95% decodes what it has, with a warning naming the file; an intact one does not warn."""
+    from stgridpool.clips import moving_shapes_frames
+
+    data = write_clip(tmp_path / "whole.mp4", moving_shapes_frames(100, 64), faststart=True).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 95 // 100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_video_pyav(tmp_path / "whole.mp4", num_frames=8)
+    with pytest.warns(UserWarning, match=r"cut.mp4: its frames stop at 3\.\d\d s of the 4\.00 s it declares"):
+        video, metadata = read_video_pyav(tmp_path / "cut.mp4", num_frames=8)
+    assert 90 <= metadata.total_num_frames < 100 and len(video) == 8
+
+
+def test_bad_sampling_arguments_blame_the_argument(clip):
+    """12.26: fps=inf is a ValueError naming fps; an index past the end is blamed on sample_indices_fn."""
+    for fps in (float("inf"), float("nan"), -1):
+        with pytest.raises(ValueError, match=rf"fps={fps!r} is invalid: allowed values are finite numbers > 0"):
+            read_video_pyav(clip, fps=fps)
+    for bad in ([0, 30], [-1, 3]):
+        with pytest.raises(ValueError) as info:
+            read_video_pyav(clip, sample_indices_fn=lambda metadata, bad=bad: bad)
+        assert not isinstance(info.value, VideoDecodeError)
+        message = str(info.value)
+        assert f"sample_indices_fn returned frame index {bad[-1] if bad[-1] >= 30 else bad[0]}" in message
+        assert "has 30 frames: allowed are indices 0 .. 29" in message and "truncated" not in message
