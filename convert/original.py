@@ -259,9 +259,9 @@ def build_source_config(config: dict, info: WeightInfo, tokenizer, vision_config
 def build_processor(config: dict, tokenizer, settings):
     """An STGridPoolProcessor for the converted model (`settings`: its VideoPoolingSettings): SigLIP-normalised
     image and video processors."""
-    from processing_stgridpool import STGridPoolProcessor
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionVideoProcessor
 
+    from processing_stgridpool import STGridPoolProcessor
     from stgridpool.chat_template import CHAT_TEMPLATE
 
     vision = config["vision_config"]

@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 from configuration_stgridpool import VideoPoolingSettings
-
 from stgridpool.options import parse_setting
 
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "stgridpool_llava_onevision")

@@ -11,7 +11,6 @@ documents and gathers the results; `device_map=auto` instead spreads one copy ov
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -115,7 +114,8 @@ class STGridPoolLMM(lmms):
         unknown = sorted(set(kwargs) - set(STGRIDPOOL_FIELDS))
         if unknown:
             raise ValueError(
-                f"model_args {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)} not understood by the stgridpool model: "
+                f"model_args {', '.join(f'{k}={kwargs[k]!r}' for k in unknown)} not understood by the stgridpool "
+                "model: "
                 f"allowed are {', '.join(LOADER_ARGS + STGRIDPOOL_FIELDS)}"
             )
         if str(batch_size) != "1":
@@ -131,7 +131,8 @@ class STGridPoolLMM(lmms):
         if accelerator.num_processes > 1:  # data parallel: one full model per process, on that process's device
             if device_map not in ("", None):
                 raise ValueError(
-                    f"model_args device_map={device_map!r} is invalid under a {accelerator.num_processes}-process launch: "
+                    f"model_args device_map={device_map!r} is invalid under a {accelerator.num_processes}-process "
+                    "launch: "
                     "allowed is '' (each process uses its own device); use device_map=auto with one process"
                 )
             self._device = accelerator.device
@@ -150,7 +151,9 @@ class STGridPoolLMM(lmms):
             model_kwargs["attn_implementation"] = attn_implementation
         if load_device_map is not None:
             model_kwargs["device_map"] = load_device_map
-        self._model, self.processor = load_model_and_processor(pretrained, overrides, revision, trust_remote_code, **model_kwargs)
+        self._model, self.processor = load_model_and_processor(
+            pretrained, overrides, revision, trust_remote_code, **model_kwargs
+        )
         self._model.eval()
         if self._device is None:
             self._device = self._model.device  # first device of a spread model: where inputs go

@@ -326,8 +326,9 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
 
 def test_whole_video_is_decoded_before_the_model_loads(cache, tmp_path, capsys, monkeypatch):
     """A video damaged after its first frames is refused before any model is loaded."""
-    import stgridpool.loading
     from test_video import bad_inputs
+
+    import stgridpool.loading
 
     tmp, _ = cache
     truncated, words = bad_inputs(tmp_path)["truncated_mkv"]

@@ -272,7 +272,6 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
 
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from processing_stgridpool import STGridPoolProcessor
-
     from stgridpool_eval.lmms_model import STGridPoolLMM
 
     repo = tmp_path / "repo"
@@ -567,7 +566,6 @@ def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_
     """frame_sampling=authors at max_frames_num=4 on 8 fps clips: 2.5 s -> frames 0, 8, 16 (one a second: fewer
     than 4, kept); 6 s -> one a second gives 6 > 4, so linspace(0, 47, 4) as ints. uniform always takes 4."""
     from processing_stgridpool import read_video_pyav
-
     from stgridpool_eval.lmms_model import load_video
 
     path = tmp_path / "clip.mp4"

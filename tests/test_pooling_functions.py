@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import GOLDEN
 from safetensors import safe_open
 
-from conftest import GOLDEN
 from modeling_stgridpool_llava import (
     norm_spatial_pool,
     pyramid_temporal_grid,

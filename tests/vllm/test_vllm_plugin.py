@@ -187,7 +187,8 @@ def free_port() -> int:
 
 
 def test_openai_server_answers_a_video(repos, tmp_path):
-    """The OpenAI server (`vllm serve REPO`) on 127.0.0.1 answers a chat request with a video file as our Transformers model does."""
+    """The OpenAI server (`vllm serve REPO`) on 127.0.0.1 answers a chat request with a video file as our
+    Transformers model does."""
     from stgridpool.clips import moving_shapes_frames, write_clip
 
     clip = write_clip(tmp_path / "clip.mp4", moving_shapes_frames(40, 64), rate=20)
