@@ -1,4 +1,5 @@
-"""Benchmark ST-GridPool's video pooling against stock LLaVA-OneVision pooling, a loop rewrite of ours (benchmarks/loop_impl.py, the "reference" column; not the authors' code), the
+"""Benchmark ST-GridPool's video pooling against stock LLaVA-OneVision pooling, a loop rewrite of ours
+(benchmarks/loop_impl.py, the "reference" column; not the authors' code: benchmarks/bench_authors.py runs theirs), the
 plain vectorized reading of SPEC.md and a device copy of the same bytes; optionally end to end on a 7B-shaped
 random-weight model (GPU). Prints a table, writes JSON. Timings are never asserted anywhere.
 
@@ -98,7 +99,9 @@ def bench_case(num_frames, dim, side, device, dtype, with_reference=True, with_c
     copies = max(1, min(4, math.ceil(256e6 / bytes_in))) if device.type == "cuda" else 1
     inputs = []
     for _ in range(copies):
-        x = torch.randn(num_frames, side, side, dim, generator=gen) * (0.5 + torch.rand(num_frames, side, side, 1, generator=gen))
+        x = torch.randn(num_frames, side, side, dim, generator=gen) * (
+            0.5 + torch.rand(num_frames, side, side, 1, generator=gen)
+        )
         inputs.append(x.to(device, dtype))
     flat = [x.reshape(num_frames, side * side, dim) for x in inputs]
     row = dict(T=num_frames, D=dim, side=side, bytes_in=bytes_in, dtype=str(dtype).replace("torch.", ""))
@@ -130,8 +133,12 @@ def bench_case(num_frames, dim, side, device, dtype, with_reference=True, with_c
     out_copy = torch.empty_like(x0)
     t = {}
     t["copy"] = time_fn(lambda x: out_copy.copy_(x), inputs, device)
-    t["stock_apply_pooling"] = time_fn(lambda x: stock_apply_pooling(x.view(num_frames, -1, dim), side), inputs, device, budget_s=0.3)
-    t["stock_average_layout"] = time_fn(lambda x: stock_average_pooling(x.view(num_frames, -1, dim), side), inputs, device, budget_s=0.3)
+    t["stock_apply_pooling"] = time_fn(
+        lambda x: stock_apply_pooling(x.view(num_frames, -1, dim), side), inputs, device, budget_s=0.3
+    )
+    t["stock_average_layout"] = time_fn(
+        lambda x: stock_average_pooling(x.view(num_frames, -1, dim), side), inputs, device, budget_s=0.3
+    )
     t["ours_bilinear"] = time_fn(ours.bilinear_pool, inputs, device)
     t["ours_average"] = time_fn(ours.average_pool, inputs, device)
     t["ours_stgridpool"] = time_fn(lambda x: ours.st_grid_pool(x, **kw), inputs, device)
@@ -165,34 +172,110 @@ def config_checks(device, dtype) -> list:
     against the float64 plain implementation, fresh random inputs each."""
     gen = torch.Generator(device="cpu").manual_seed(1234)
     configs = [
-        dict(T=13, H=27, W=27, D=896, levels=((4, 2), (4, 4), (4, 8)), keep_ratio=0.25, temperature=1.0, norm_p=2.0, padding=0, partial_windows=True),
-        dict(T=17, H=13, W=11, D=1000, levels=((3, 2), (2, 3), (1, 1)), keep_ratio=1 / 9, temperature=0.5, norm_p=1.0, padding=1, partial_windows=True),
-        dict(T=9, H=27, W=27, D=3584, levels=((6, 1),), keep_ratio=0.25, temperature=2.0, norm_p=3.0, padding=0, partial_windows=False),
-        dict(T=32, H=27, W=27, D=3584, levels=((4, 2), (4, 4)), keep_ratio=1 / 16, temperature=1.0, norm_p=2.0, padding=2, partial_windows=False),
-        dict(T=8, H=6, W=6, D=64, levels=((4, 2),), keep_ratio=1.0, temperature=1.0, norm_p=2.0, padding=0, partial_windows=False),
+        dict(
+            T=13,
+            H=27,
+            W=27,
+            D=896,
+            levels=((4, 2), (4, 4), (4, 8)),
+            keep_ratio=0.25,
+            temperature=1.0,
+            norm_p=2.0,
+            padding=0,
+            partial_windows=True,
+        ),
+        dict(
+            T=17,
+            H=13,
+            W=11,
+            D=1000,
+            levels=((3, 2), (2, 3), (1, 1)),
+            keep_ratio=1 / 9,
+            temperature=0.5,
+            norm_p=1.0,
+            padding=1,
+            partial_windows=True,
+        ),
+        dict(
+            T=9,
+            H=27,
+            W=27,
+            D=3584,
+            levels=((6, 1),),
+            keep_ratio=0.25,
+            temperature=2.0,
+            norm_p=3.0,
+            padding=0,
+            partial_windows=False,
+        ),
+        dict(
+            T=32,
+            H=27,
+            W=27,
+            D=3584,
+            levels=((4, 2), (4, 4)),
+            keep_ratio=1 / 16,
+            temperature=1.0,
+            norm_p=2.0,
+            padding=2,
+            partial_windows=False,
+        ),
+        dict(
+            T=8,
+            H=6,
+            W=6,
+            D=64,
+            levels=((4, 2),),
+            keep_ratio=1.0,
+            temperature=1.0,
+            norm_p=2.0,
+            padding=0,
+            partial_windows=False,
+        ),
     ]
     out = []
     for c in configs:
-        x = torch.randn(c["T"], c["H"], c["W"], c["D"], generator=gen) * (0.5 + torch.rand(c["T"], c["H"], c["W"], 1, generator=gen))
+        x = torch.randn(c["T"], c["H"], c["W"], c["D"], generator=gen) * (
+            0.5 + torch.rand(c["T"], c["H"], c["W"], 1, generator=gen)
+        )
         x = x.to(device, dtype)
-        kw = dict(pyramid_levels=c["levels"], keep_ratio=c["keep_ratio"], temperature=c["temperature"], norm_p=c["norm_p"],
-                  padding=c["padding"], partial_windows=c["partial_windows"])
+        kw = dict(
+            pyramid_levels=c["levels"],
+            keep_ratio=c["keep_ratio"],
+            temperature=c["temperature"],
+            norm_p=c["norm_p"],
+            padding=c["padding"],
+            partial_windows=c["partial_windows"],
+        )
         ref = plain_impl.st_grid_pool(x.double(), **kw)
         got = ours.st_grid_pool(x, **kw)
-        ptg = rel_err(ours.pyramid_temporal_grid(x, c["levels"]), plain_impl.pyramid_temporal_grid(x.double(), c["levels"]))
-        out.append(dict(config={k: v for k, v in c.items()}, backend=ours.nsp_backend(x, c["norm_p"]), err_vs_f64=rel_err(got, ref), ptg_err_vs_f64=ptg,
-                        finite=bool(torch.isfinite(got).all())))
+        ptg = rel_err(
+            ours.pyramid_temporal_grid(x, c["levels"]), plain_impl.pyramid_temporal_grid(x.double(), c["levels"])
+        )
+        out.append(
+            dict(
+                config={k: v for k, v in c.items()},
+                backend=ours.nsp_backend(x, c["norm_p"]),
+                err_vs_f64=rel_err(got, ref),
+                ptg_err_vs_f64=ptg,
+                finite=bool(torch.isfinite(got).all()),
+            )
+        )
     return out
 
 
 def nsp_variants(device, dtype, num_frames=64, dim=3584, side=27) -> dict:
     """Milliseconds of the fused NSP kernel alone, one-pass (window in registers) vs two-pass, and of PTG alone."""
     x = torch.randn(num_frames, side, side, dim, device=device).to(dtype)
-    entries = torch.stack([torch.zeros(num_frames, dtype=torch.long, device=device)] + [torch.arange(num_frames, device=device)] * 2, 1)
+    entries = torch.stack(
+        [torch.zeros(num_frames, dtype=torch.long, device=device)] + [torch.arange(num_frames, device=device)] * 2, 1
+    )
     out = torch.empty(num_frames, 13, 13, dim, device=device, dtype=dtype)
     res = {}
     for one_pass in (True, False):
-        res[f"nsp_one_pass={one_pass}"] = time_fn(lambda v: kernels._nsp_triton(v, v, entries, out, 2, 1.0, 2.0, 0, one_pass=one_pass), [x], device)
+        res[f"nsp_one_pass={one_pass}"] = time_fn(
+            lambda v: kernels._nsp_triton(v, v, entries, out, 2, 1.0, 2.0, 0, one_pass=one_pass), [x], device
+        )
     plan, maps = ours._plan_and_maps(x, LEVELS)
     res["ptg_bank_triton"] = time_fn(lambda v: kernels.ptg_bank(v, plan, LEVELS), [x], device)
     res["ptg_bank_torch"] = time_fn(lambda v: ours._ptg_bank_torch(v, plan, maps), [x], device)
@@ -212,8 +295,8 @@ def build_7b_config(ours_mode="stgridpool"):
             model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
             num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
         ),
-        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=151646, video_token_index=151647,
-        video_pooling_mode=ours_mode,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", image_token_index=151646,
+        video_token_index=151647, video_pooling_mode=ours_mode,
     )  # fmt: skip
 
 
@@ -227,7 +310,9 @@ def end_to_end(num_frames: int, device: torch.device, reps: int, generate: bool,
     torch.manual_seed(0)
     t0 = time.perf_counter()
     with torch.device(device):
-        model = ours.STGridPoolLlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = ours.STGridPoolLlavaOnevisionForConditionalGeneration._from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     model.eval()
     sync(device)
     result = dict(build_s=time.perf_counter() - t0, params_b=sum(p.numel() for p in model.parameters()) / 1e9)
@@ -249,7 +334,13 @@ def end_to_end(num_frames: int, device: torch.device, reps: int, generate: bool,
         model.__class__, model.model.__class__ = classes[name]
 
     def ttft(name):
-        out = model(input_ids=ids[name], pixel_values_videos=pixels, attention_mask=torch.ones_like(ids[name]), logits_to_keep=1, use_cache=True)
+        out = model(
+            input_ids=ids[name],
+            pixel_values_videos=pixels,
+            attention_mask=torch.ones_like(ids[name]),
+            logits_to_keep=1,
+            use_cache=True,
+        )
         return out.logits[:, -1].argmax(-1)
 
     def features(name):
@@ -268,7 +359,10 @@ def end_to_end(num_frames: int, device: torch.device, reps: int, generate: bool,
             base = torch.cuda.memory_allocated(device)
             ttft(name)
             sync(device)
-            peaks[name] = dict(peak_gib=torch.cuda.max_memory_allocated(device) / 2**30, above_weights_gib=(torch.cuda.max_memory_allocated(device) - base) / 2**30)
+            peaks[name] = dict(
+                peak_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                above_weights_gib=(torch.cuda.max_memory_allocated(device) - base) / 2**30,
+            )
         for _ in range(reps):  # interleaved so drift hits both alike
             for name in ("ours", "stock"):
                 use(name)
@@ -287,8 +381,15 @@ def end_to_end(num_frames: int, device: torch.device, reps: int, generate: bool,
             gen = {}
             for name in ("ours", "stock"):
                 use(name)
-                kwargs = dict(input_ids=ids[name], pixel_values_videos=pixels, attention_mask=torch.ones_like(ids[name]),
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                kwargs = dict(
+                    input_ids=ids[name],
+                    pixel_values_videos=pixels,
+                    attention_mask=torch.ones_like(ids[name]),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
                 model.generate(**kwargs)  # warm-up
                 runs = []
                 for _ in range(3):
@@ -297,10 +398,12 @@ def end_to_end(num_frames: int, device: torch.device, reps: int, generate: bool,
                     out = model.generate(**kwargs)
                     sync(device)
                     runs.append((time.perf_counter() - t0) * 1e3)
-                gen[name] = dict(ms=statistics.median(runs), runs_ms=runs, new_tokens=int(out.shape[1] - ids[name].shape[1]))
+                gen[name] = dict(
+                    ms=statistics.median(runs), runs_ms=runs, new_tokens=int(out.shape[1] - ids[name].shape[1])
+                )
             result["generate"] = gen
     use("ours")
-    del model
+    model = None  # frees the weights before the caller goes on (the closures above hold the name)
     torch.cuda.empty_cache()
     return result
 
@@ -320,16 +423,39 @@ def compile_check(device, dtype, num_frames, dim, side) -> dict:
 
 
 def print_table(rows, e2e, comp) -> None:
-    cols = ["copy", "stock_apply_pooling", "ours_bilinear", "ours_average", "reference", "plain", "ours_stgridpool_torch_path", "ours_stgridpool"]
-    print("\n| T | D | " + " | ".join(cols) + " | st/copy | ref/st | stock/bilin | stock/avg | err st vs f64 | bilinear bit-identical |")
+    cols = [
+        "copy",
+        "stock_apply_pooling",
+        "ours_bilinear",
+        "ours_average",
+        "reference",
+        "plain",
+        "ours_stgridpool_torch_path",
+        "ours_stgridpool",
+    ]
+    print(
+        "\n| T | D | "
+        + " | ".join(cols)
+        + " | st/copy | ref/st | stock/bilin | stock/avg | err st vs f64 | bilinear bit-identical |"
+    )
     print("|" + "---|" * (len(cols) + 8))
     for r in rows:
         ms = r["ms"]
         cells = [f"{ms[c]:.3f}" if c in ms else "-" for c in cols]
         st = ms["ours_stgridpool"]
-        ratios = [st / ms["copy"], ms.get("reference", float("nan")) / st, ms["stock_apply_pooling"] / ms["ours_bilinear"], ms["stock_apply_pooling"] / ms["ours_average"]]
-        print(f"| {r['T']} | {r['D']} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.1f}" for v in ratios)
-              + f" | {r['err_stgridpool_vs_f64']:.1e} | {r['bilinear_bit_identical']} |")
+        ratios = [
+            st / ms["copy"],
+            ms.get("reference", float("nan")) / st,
+            ms["stock_apply_pooling"] / ms["ours_bilinear"],
+            ms["stock_apply_pooling"] / ms["ours_average"],
+        ]
+        print(
+            f"| {r['T']} | {r['D']} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(f"{v:.1f}" for v in ratios)
+            + f" | {r['err_stgridpool_vs_f64']:.1e} | {r['bilinear_bit_identical']} |"
+        )
     if comp:
         print("\ncompile:", json.dumps(comp))
     if e2e:
@@ -345,7 +471,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=[896, 3584])
     parser.add_argument("--side", type=int, default=27)
     parser.add_argument("--no-reference", action="store_true")
-    parser.add_argument("--cpu-check", action="store_true", help="also compare with the CPU float32 path (T*D <= 64*3584)")
+    parser.add_argument(
+        "--cpu-check", action="store_true", help="also compare with the CPU float32 path (T*D <= 64*3584)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) check and timing")
     parser.add_argument("--e2e", action="store_true", help="7B-shaped model, time to first token (GPU)")
     parser.add_argument("--generate", action="store_true", help="with --e2e: also time greedy generate")
@@ -358,8 +486,12 @@ def main(argv=None) -> int:
         args.device, args.frames, args.dims, args.side = "cpu", [5, 16], [8], 7
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    env = dict(torch=torch.__version__, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               argv=sys.argv, dtype=str(dtype))
+    env = dict(
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        argv=sys.argv,
+        dtype=str(dtype),
+    )
     try:
         import transformers
 
@@ -387,7 +519,10 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if device.type == "cuda" and kernels.triton is not None:
-        for name, fn in (("config_checks", lambda: config_checks(device, dtype)), ("nsp_variants", lambda: nsp_variants(device, dtype))):
+        for name, fn in (
+            ("config_checks", lambda: config_checks(device, dtype)),
+            ("nsp_variants", lambda: nsp_variants(device, dtype)),
+        ):
             try:
                 results[name] = fn()
                 print(name, json.dumps(results[name]), flush=True)
