@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import processing_stgridpool
 from modeling_stgridpool_llava import norm_spatial_pool
 from processing_stgridpool import (
     STGridPoolProcessor,
@@ -320,12 +319,13 @@ def test_sparse_sampling_decodes_only_what_it_needs(seek_clips):
         )
         done, todo = seen[-1]
         assert done == todo <= most, (indices, seen[-1])
-        assert processing_stgridpool.SEEK_MIN_SKIP < 24  # else these would rightly decode forward
     seen = []
     read_video_pyav(
         path, sample_indices_fn=lambda metadata: list(range(0, 150, 3)), progress=lambda d, t: seen.append(t)
     )
-    assert seen[-1] == 148  # frames 0 .. 147, no seek: each gap is shorter than a GOP
+    # dense sampling never goes back: forward through each GOP, from its keyframe (every 24 frames) to its last
+    # sampled frame (21 past it), skipping only the two frames before the next keyframe
+    assert seen[-1] == 6 * 22 + (147 - 144 + 1)
 
 
 def test_raw_stream_without_timestamps_decodes_forward(tmp_path):
