@@ -69,6 +69,13 @@ def test_variable_frame_rate_is_sampled_by_time(tmp_path, suffix):
     assert [float(t) for t in metadata.frame_times] == pytest.approx([p / 10 for p in pts])
     # uniform by index would have been [0, 2, 4, 6, 8]
     assert sample_frame_indices(10, 5) == [0, 2, 4, 6, 8]
+    # the frame times are exact Fractions, made from the integer timestamps when read (a sequence, not a list)
+    times = metadata.frame_times
+    assert len(times) == 10 and list(times) == [Fraction(p, 10) for p in pts] and times[2:4] == [Fraction(2, 10), 1]
+    assert metadata.end_time == Fraction(52, 10)
+    for n in (1, 3, 5, 9):
+        assert sample_frame_times(times, metadata.end_time, n) == sample_frame_times(list(times), Fraction(52, 10), n)
+    assert decoded_indices(read_video_pyav(path, fps=2)[0]) == sample_frame_times(list(times), Fraction(52, 10), fps=2)
 
 
 def test_sample_frame_times_matches_indices_for_constant_rate():
