@@ -347,8 +347,8 @@ class _FrameSink:
 def _threaded(stream, seeking: bool = False) -> None:
     """Let FFmpeg decode with threads where the codec offers them (set before the decoder opens): frame and slice
     threads for a forward pass; slice threads only when seeking, as each seek flushes the frame-thread pipeline and
-    it must fill again (with frame threads, sampling 64 frames took 1.2 to 1.4 times as long, at 128x72 and at 1080p,
-    on a 2-core CPU)."""
+    it must fill again (with frame threads, sampling 64 frames took 1.2 to 1.7 times as long, at 128x72 and at 1080p,
+    on a 2-core CPU: benchmarks/RESULTS.md)."""
     stream.thread_type = "SLICE" if seeking else "AUTO"
 
 
