@@ -23,6 +23,7 @@ import math
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from fractions import Fraction
 
 import numpy as np
@@ -80,9 +81,20 @@ def sample_frame_times(
     return [max(bisect.bisect_right(frame_times, instant) - 1, 0) for instant in instants]
 
 
-# Seeking to a keyframe pays off when it skips more frames than this: a seek costs a demuxer jump and a decoder
-# flush (with frame threads, a refill of the pipeline). Below it, decoding forward costs no more.
-SEEK_MIN_SKIP = 16
+class _FrameTimes(Sequence):
+    """Presentation times of the frames in seconds (exact Fractions), made from the integer timestamps when read:
+    an hour of video has 90,000 frames, and sampling reads a few hundred of them (bisection)."""
+
+    def __init__(self, pts: list[int], time_base: Fraction):
+        self.pts, self.time_base = pts, time_base
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [p * self.time_base for p in self.pts[i]]
+        return self.pts[i] * self.time_base
 
 
 @dataclasses.dataclass
@@ -90,7 +102,7 @@ class _StreamIndex:
     """What one demux-only pass (no decoding) tells about a video stream; frame i is the i-th a full decode shows."""
 
     pts: list[int]  # presentation timestamps of the frames, in the stream's time base, ascending
-    times: list[Fraction]  # the same in seconds, exact
+    times: _FrameTimes  # the same in seconds, exact
     end_time: Fraction  # when the last frame stops being shown, seconds
     keyframes: list[int]  # indices of the frames whose packets are keyframes (decoding can start there), ascending
     keyframe_dts: dict[int, int | None]  # keyframe index -> its packet's decoding timestamp
@@ -104,12 +116,12 @@ def _probe_stream(container, stream) -> _StreamIndex:
     Packets the decoder drops (the discard flag, e.g. outside an mp4 edit list) are not frames. Packets without a
     timestamp are counted at the previous one's time (and disable seeking: frames could not be told apart)."""
     time_base = stream.time_base or Fraction(1, 1)
-    num, den = time_base.numerator, time_base.denominator
     raw, keys = [], []  # keys: (pts, dts) of keyframe packets
     last_pts, last_duration = None, 0  # the frame shown last, and for how long
     matchable = True
+    # One pass over up to ~100,000 packets (an hour at 25 fps): integers only, nothing per packet it can do without.
     for packet in container.demux(stream):
-        if packet.size == 0 or getattr(packet, "is_discard", False):  # the flush packet at the end; frames dropped
+        if not packet.size or getattr(packet, "is_discard", False):  # the flush packet at the end; frames dropped
             continue
         pts = packet.pts
         if pts is None:
@@ -119,22 +131,24 @@ def _probe_stream(container, stream) -> _StreamIndex:
                 pts = raw[-1] if raw else 0
         raw.append(pts)
         if last_pts is None or pts >= last_pts:
-            last_pts, last_duration = pts, packet.duration or 0
+            last_pts, last_duration = pts, packet.duration
         if packet.is_keyframe:
             keys.append((pts, packet.dts))
     if not raw:
-        return _StreamIndex([], [], Fraction(0), [], {}, {}, False)
+        return _StreamIndex([], _FrameTimes([], time_base), Fraction(0), [], {}, {}, False)
     pts = sorted(raw)
-    times = [Fraction(p * num, den) for p in pts]  # (one Fraction each: 90,000 for an hour at 25 fps)
-    last = Fraction(last_duration * num, den)
+    last = last_duration or 0
     if last <= 0:  # no packet duration: the median gap, or the average rate
-        gaps = sorted(b - a for a, b in zip(times, times[1:]) if b > a)
+        gaps = sorted(b - a for a, b in itertools.pairwise(pts) if b > a)
         rate = stream.average_rate or stream.guessed_rate
-        last = gaps[len(gaps) // 2] if gaps else (1 / Fraction(rate) if rate else Fraction(1, 30))
+        last = gaps[len(gaps) // 2] if gaps else 1 / ((Fraction(rate) if rate else 30) * time_base)
     index_of = {p: i for i, p in enumerate(pts)}
     matchable = matchable and len(index_of) == len(pts)
     keyframe_dts = {index_of[p]: dts for p, dts in keys}
-    return _StreamIndex(pts, times, times[-1] + last, sorted(keyframe_dts), keyframe_dts, index_of, matchable)
+    end_time = (pts[-1] + last) * time_base
+    return _StreamIndex(
+        pts, _FrameTimes(pts, time_base), end_time, sorted(keyframe_dts), keyframe_dts, index_of, matchable
+    )
 
 
 def _rotate(image: np.ndarray, degrees_ccw: int) -> np.ndarray:
@@ -197,11 +211,11 @@ def read_video_pyav(
     `VideoMetadata` with `frames_indices`).
 
     Only what the sampled frames need is decoded: one demux-only pass indexes the frames and keyframes, then for each
-    sampled frame the decoder either goes on forward or, when the frame is more than `SEEK_MIN_SKIP` frames past
-    the nearest keyframe ahead of where it stands, seeks to the keyframe at or before it. The frames returned are
+    sampled frame the decoder either goes on forward or, when the keyframe at or before the frame lies ahead of
+    where it stands, seeks to that keyframe. The frames returned are
     those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
     seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
-    Decoding is multi-threaded where FFmpeg's decoder offers it. Only the sampled frames are converted to RGB.
+    Decoding is multi-threaded where FFmpeg's decoder offers it (slice threads only, when seeking). Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
@@ -330,9 +344,12 @@ class _FrameSink:
             self.video[position] = image
 
 
-def _threaded(stream) -> None:
-    """Let FFmpeg decode with frame and slice threads where the codec offers them (set before the decoder opens)."""
-    stream.thread_type = "AUTO"
+def _threaded(stream, seeking: bool = False) -> None:
+    """Let FFmpeg decode with threads where the codec offers them (set before the decoder opens): frame and slice
+    threads for a forward pass; slice threads only when seeking, as each seek flushes the frame-thread pipeline and
+    it must fill again (with frame threads, sampling 64 frames took 1.2 to 1.7 times as long, at 128x72 and at 1080p,
+    on a 2-core CPU: benchmarks/RESULTS.md)."""
+    stream.thread_type = "SLICE" if seeking else "AUTO"
 
 
 def _decode_forward(av, path: str, indices: list[int], total: int, progress=None) -> np.ndarray:
@@ -370,13 +387,14 @@ def _decode_forward(av, path: str, indices: list[int], total: int, progress=None
 def _plan_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | None, list[int]]]:
     """Group the sampled frames (ascending, distinct) into decoding runs: (keyframe to seek to, frames to keep).
 
-    A run goes on forward to the next sampled frame unless the keyframe at or before that frame lies more than
-    `SEEK_MIN_SKIP` frames past where the run stands. Keyframe None: the frame precedes every keyframe (start)."""
+    A run goes on forward to the next sampled frame unless the keyframe at or before that frame lies past where the
+    run stands: decoding from there costs fewer frames than going on. Keyframe None: the frame precedes every
+    keyframe (start)."""
     runs: list[tuple[int | None, list[int]]] = []
     for target in targets:
         at = bisect.bisect_right(keyframes, target) - 1
         key = keyframes[at] if at >= 0 else None
-        if runs and (key is None or key <= runs[-1][1][-1] + SEEK_MIN_SKIP):
+        if runs and (key is None or key <= runs[-1][1][-1]):
             runs[-1][1].append(target)
         else:
             runs.append((key, [target]))
@@ -395,7 +413,7 @@ def _decode_seeking(
     runs = _plan_runs(sorted(sink.positions), index.keyframes)
     to_decode = sum(run[-1] - (key or 0) + 1 for key, run in runs)
     done = 0
-    _threaded(stream)
+    _threaded(stream, seeking=True)
     codec = stream.codec_context
     index_of = index.index_of
     try:

@@ -42,14 +42,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# name -> clip spec. h264: B-frames (3), keyframes every 250 frames (`gop`), closed GOPs unless `open_gop`, crf 23;
-# rate 25 fps.
+# name -> clip spec. h264: B-frames (3), keyframes every 250 frames (`gop`), closed GOPs unless `open_gop`, crf 23,
+# x264 preset veryfast (CABAC, deblocking, 8x8 transforms, B-pyramid: the features real encodes have and that set the
+# cost of decoding; ultrafast has none of them); rate 25 fps. Content: `camera_frames`. `tile_seconds`: the clip is
+# that many seconds encoded once, then repeated (packets copied, timestamps shifted) to the full length, for clips
+# too slow to encode whole on a 2-core machine.
 FULL_CLIPS = {
     "h264_10s_320x180": {"suffix": ".mp4", "seconds": 10, "size": (180, 320), "num_frames": 32},
     "h264_20min_128x72": {"suffix": ".mp4", "seconds": 1200, "size": (72, 128), "num_frames": 64},
     "h264_60min_128x72": {"suffix": ".mp4", "seconds": 3600, "size": (72, 128), "num_frames": 64},
-    "h264_3min_1920x1080": {"suffix": ".mp4", "seconds": 180, "size": (1080, 1920), "num_frames": 64},
-    "vp9_10min_256x144": {"suffix": ".webm", "seconds": 600, "size": (144, 256), "num_frames": 64},
+    "h264_3min_1920x1080": {
+        "suffix": ".mp4",
+        "seconds": 180,
+        "size": (1080, 1920),
+        "num_frames": 64,
+        "tile_seconds": 30,
+    },
+    # libvpx's crf scale is not x264's: 40 gives about 250 kbit/s here (23 gave 1.2 Mbit/s, far above real 144p)
+    "vp9_10min_256x144": {"suffix": ".webm", "seconds": 600, "size": (144, 256), "num_frames": 64, "crf": 40},
     # open GOPs: the frames shown just before a keyframe are decoded after it and reference the previous GOP
     "h264_opengop_5min_320x180": {
         "suffix": ".mp4",
@@ -65,6 +75,8 @@ SMOKE_CLIPS = {
     "vp9_2s_64x48": {"suffix": ".webm", "seconds": 2, "size": (48, 64), "num_frames": 8, "gop": 25},
 }
 RATE = 25
+PRESET = "veryfast"
+CONTENT = "cam1"  # in the clip's file name: a cached clip is reused only if made by this version of camera_frames
 READERS = ("ours", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
 
 
@@ -73,16 +85,44 @@ READERS = ("ours", "plain_keyframe_seek", "old_forward_only", "decord", "torchco
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def clip_frames(num_frames: int, height: int, width: int, seed: int = 0):
-    """A blocky random texture scrolling diagonally (3 and 5 pixels a frame): neighbouring frames differ, and it
-    compresses like ordinary video rather than noise. Yields uint8 [height, width, 3]."""
+def pink_texture(height: int, width: int, seed: int) -> np.ndarray:
+    """A seamlessly tiling texture with the 1/f amplitude spectrum of natural images, colour channels correlated:
+    uint8 [height, width, 3]."""
     rng = np.random.default_rng(seed)
-    block = 8
-    small = rng.integers(0, 256, (2 * height // block + 1, 2 * width // block + 1, 3), dtype=np.uint8)
-    base = np.repeat(np.repeat(small, block, 0), block, 1)
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    falloff = np.hypot(fy, fx)
+    falloff[0, 0] = 1.0
+    shape = (height, width // 2 + 1)
+    shared = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    channels = []
+    for _ in range(3):
+        own = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+        channels.append(np.fft.irfft2((0.8 * shared + 0.2 * own) / falloff, s=(height, width)))
+    image = np.stack(channels, -1)
+    return np.clip((image - image.mean()) / image.std() * 45 + 118, 0, 255).astype(np.uint8)
+
+
+def camera_frames(num_frames: int, height: int, width: int, seed: int = 0):
+    """Camera-like frames: a natural-statistics texture (`pink_texture`) under a pan whose speed and direction keep
+    changing (sub-pixel steps: the frame is a 2x2 average of a texture at twice the resolution, for small frames),
+    plus sensor grain (Gaussian, sigma 3 levels, different every frame). Everything an encoder can predict moves,
+    and the grain is what it cannot: bitrate and decoding cost like filmed video, not like flat synthetic shapes.
+    Yields uint8 [height, width, 3]."""
+    rng = np.random.default_rng(seed + 1)
+    scale = 2 if height * width <= 640 * 360 else 1
+    tex_h, tex_w = (4 if scale == 2 else 2) * scale * height, (4 if scale == 2 else 2) * scale * width
+    texture = pink_texture(tex_h, tex_w, seed).astype(np.uint16)
+    texture = np.pad(texture, ((0, scale * height), (0, scale * width), (0, 0)), mode="wrap")  # crops wrap around
+    grain = np.rint(rng.normal(0, 3.0, (8, height, width, 1))).astype(np.int16)
+    y = x = 0.0
     for t in range(num_frames):
-        y, x = (3 * t) % height, (5 * t) % width
-        yield np.ascontiguousarray(base[y : y + height, x : x + width])
+        x = (x + scale * (1.3 * np.sin(t / 97) + 0.7 * np.sin(t / 23 + 1))) % tex_w
+        y = (y + scale * (0.9 * np.cos(t / 131) + 0.4 * np.sin(t / 17))) % tex_h
+        crop = texture[int(y) : int(y) + scale * height, int(x) : int(x) + scale * width]
+        if scale == 2:
+            crop = (crop[0::2, 0::2] + crop[1::2, 0::2] + crop[0::2, 1::2] + crop[1::2, 1::2] + 2) >> 2
+        noise = np.roll(grain[t % 8], (7 * t) % height, 0)  # 8 fields, shifted: no two frames share their grain
+        yield np.clip(crop.astype(np.int16) + noise, 0, 255).astype(np.uint8)
 
 
 def clip_path(folder: Path, name: str, spec: dict) -> Path:
@@ -93,18 +133,73 @@ def clip_path(folder: Path, name: str, spec: dict) -> Path:
     gop = spec.get("gop", 250)
     bframes = 3 if spec["suffix"] == ".mp4" else 0  # h264's; VP9 has none (libvpx's alt-ref frames instead)
     open_gop = spec.get("open_gop", False)
-    path = folder / f"{name}_gop{gop}{'open' if open_gop else ''}_bf{bframes}_crf23{spec['suffix']}"
+    tile = spec.get("tile_seconds")
+    crf = spec.get("crf", 23)
+    path = folder / (
+        f"{name}_{CONTENT}_gop{gop}{'open' if open_gop else ''}_bf{bframes}_crf{crf}_{PRESET}"
+        f"{f'_tile{tile}s' if tile else ''}{spec['suffix']}"
+    )
     if not path.exists():
         partial = path.with_name(path.stem + ".partial" + path.suffix)
         start = time.perf_counter()
-        frames = clip_frames(spec["seconds"] * RATE, height, width)
-        write_clip(partial, frames, rate=RATE, bframes=bframes, gop=gop, open_gop=open_gop, crf=23)
+        seconds = tile or spec["seconds"]
+        frames = camera_frames(seconds * RATE, height, width)
+        options = {"rate": RATE, "bframes": bframes, "gop": gop, "open_gop": open_gop, "crf": crf, "preset": PRESET}
+        if tile:
+            segment = path.with_name(path.stem + ".segment" + path.suffix)
+            write_clip(segment, frames, **options)
+            repeat_clip(segment, partial, spec["seconds"] // tile)
+            segment.unlink()
+        else:
+            write_clip(partial, frames, **options)
         partial.rename(path)
         print(
             f"  generated {path.name} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - start:.0f} s",
             file=sys.stderr,
         )
     return path
+
+
+def repeat_clip(source: Path, target: Path, times: int) -> None:
+    """Write `source` `times` times over into `target`, one after the other (packets copied, timestamps shifted):
+    every GOP stays a real encoded one. `source` must start with a keyframe that references nothing before it."""
+    import av
+
+    with av.open(str(source)) as src:
+        stream = src.streams.video[0]
+        packets = [(p, p.pts, p.dts) for p in src.demux(stream) if p.size]
+        span = max(pts + (p.duration or 0) for p, pts, _ in packets) - min(pts for _, pts, _ in packets)
+        with av.open(str(target), "w") as out:
+            out_stream = out.add_stream_from_template(stream)
+            for k in range(times):
+                for packet, pts, dts in packets:  # the muxer rescales packets in place: set all from the originals
+                    packet.time_base = stream.time_base
+                    packet.pts, packet.dts = pts + k * span, dts + k * span
+                    packet.stream = out_stream
+                    out.mux(packet)
+
+
+def forward_decode_cost(path: Path, max_frames: int = 3000) -> dict:
+    """What decoding this clip costs: a plain forward decode of its first frames (PyAV's default threading, no RGB
+    conversion), frames per second and microseconds a frame, and the clip's bitrate."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        cpu_before, start, count = cpu_seconds(), time.perf_counter(), 0
+        for _ in container.decode(stream):
+            count += 1
+            if count >= max_frames:
+                break
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_before
+        duration = float(stream.duration * stream.time_base) if stream.duration else container.duration / 1e6
+    return {
+        "frames": count,
+        "frames_per_second": count / seconds,
+        "us_per_frame": 1e6 * seconds / count,
+        "cpu_us_per_frame": 1e6 * cpu / count,
+        "kbit_per_second": path.stat().st_size * 8 / duration / 1000 if duration else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,7 +464,9 @@ def main(argv=None) -> int:
     results["skipped_readers"] = skipped
     for name, spec in clips.items():
         path = clip_path(folder, name, spec)
-        row = {"spec": {**spec, "size": list(spec["size"])}, "bytes": path.stat().st_size, "readers": {}}
+        row = {"spec": {**spec, "size": list(spec["size"])}, "file": path.name, "bytes": path.stat().st_size}
+        row["forward_decode"] = forward_decode_cost(path, 250 if args.smoke else 3000)
+        row["readers"] = {}
         for reader in readers:
             if reader in skipped:
                 continue

@@ -23,6 +23,7 @@ def write_clip(
     open_gop: bool = False,
     faststart: bool = False,
     crf: int = 10,
+    preset: str = "ultrafast",
 ) -> Path:
     """Encode RGB frames (uint8 [T, H, W, 3], H and W even; or an iterable of them) to `path`; the container follows
     the suffix.
@@ -33,6 +34,7 @@ def write_clip(
     bframes: B-frames between references (h264). gop: frames between keyframes (encoder default 250 when None).
     open_gop: h264 open GOPs (keyframes that are not IDR; the frames shown before them may reference the previous
     GOP). faststart: mp4 with its index (moov) before the frames. crf: quality (10: near-lossless, gray levels survive).
+    preset: x264's (ultrafast: fastest to write, but no CABAC and no deblocking, so cheaper to decode than real video).
     """
     import av
 
@@ -46,7 +48,7 @@ def write_clip(
         stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            options = {"crf": str(crf), "preset": "ultrafast", "bf": str(bframes)}
+            options = {"crf": str(crf), "preset": preset, "bf": str(bframes)}
             params = [f"bframes={bframes}", "b-adapt=0"] if bframes else []  # ultrafast alone turns B-frames off
             params += ["open-gop=1"] if open_gop else []
             params += [f"keyint={gop}", f"min-keyint={gop}", "scenecut=0"] if gop else []  # keyframes every `gop`

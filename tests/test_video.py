@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-import processing_stgridpool
 from modeling_stgridpool_llava import norm_spatial_pool
 from processing_stgridpool import (
     STGridPoolProcessor,
@@ -70,6 +69,13 @@ def test_variable_frame_rate_is_sampled_by_time(tmp_path, suffix):
     assert [float(t) for t in metadata.frame_times] == pytest.approx([p / 10 for p in pts])
     # uniform by index would have been [0, 2, 4, 6, 8]
     assert sample_frame_indices(10, 5) == [0, 2, 4, 6, 8]
+    # the frame times are exact Fractions, made from the integer timestamps when read (a sequence, not a list)
+    times = metadata.frame_times
+    assert len(times) == 10 and list(times) == [Fraction(p, 10) for p in pts] and times[2:4] == [Fraction(2, 10), 1]
+    assert metadata.end_time == Fraction(52, 10)
+    for n in (1, 3, 5, 9):
+        assert sample_frame_times(times, metadata.end_time, n) == sample_frame_times(list(times), Fraction(52, 10), n)
+    assert decoded_indices(read_video_pyav(path, fps=2)[0]) == sample_frame_times(list(times), Fraction(52, 10), fps=2)
 
 
 def test_sample_frame_times_matches_indices_for_constant_rate():
@@ -320,12 +326,13 @@ def test_sparse_sampling_decodes_only_what_it_needs(seek_clips):
         )
         done, todo = seen[-1]
         assert done == todo <= most, (indices, seen[-1])
-        assert processing_stgridpool.SEEK_MIN_SKIP < 24  # else these would rightly decode forward
     seen = []
     read_video_pyav(
         path, sample_indices_fn=lambda metadata: list(range(0, 150, 3)), progress=lambda d, t: seen.append(t)
     )
-    assert seen[-1] == 148  # frames 0 .. 147, no seek: each gap is shorter than a GOP
+    # dense sampling never goes back: forward through each GOP, from its keyframe (every 24 frames) to its last
+    # sampled frame (21 past it), skipping only the two frames before the next keyframe
+    assert seen[-1] == 6 * 22 + (147 - 144 + 1)
 
 
 def test_raw_stream_without_timestamps_decodes_forward(tmp_path):
