@@ -256,6 +256,36 @@ class VideoPoolingSettings:
         """{field: (ours, theirs)} for the `fields` whose values differ."""
         return {n: (getattr(self, n), getattr(other, n)) for n in fields if getattr(self, n) != getattr(other, n)}
 
+    def changes_giving(self, frame_size: int, num_frames: int, num_tokens: int) -> list[dict]:
+        """The smallest changes of the geometry fields under which a video of `num_frames` frames of
+        `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: (theirs, ours)}, ...], fewest fields
+        changed (for the model's placeholder-mismatch message). Every mode, newline position, window, padding and
+        border rule is tried (a few thousand, cheap)."""
+        found, fewest = [], len(GEOMETRY_FIELDS)
+        for mode in POOLING_MODES:
+            if mode != "stgridpool":  # the NSP fields play no part: keep ours
+                windows = [(self.nsp_keep_ratio, self.nsp_padding, self.nsp_partial_windows)]
+            else:
+                windows = [
+                    (1.0 / k**2, padding, partial)
+                    for padding in range(frame_size + 1)
+                    for k in range(1, frame_size + 2 * padding + 1)
+                    for partial in (False, True)
+                ]
+            for keep_ratio, padding, partial in windows:
+                for newline in NEWLINE_POSITIONS:
+                    values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
+                    window = {k: v for k, v in values.items() if k != "video_newline_position"}
+                    rows, cols = pooled_frame_size(frame_size, frame_size, **window)
+                    if video_token_count(num_frames, rows, cols, newline) != num_tokens:
+                        continue
+                    changed = self.replace(**values).diff(self, GEOMETRY_FIELDS)
+                    if len(changed) < fewest:
+                        found, fewest = [], len(changed)
+                    if len(changed) == fewest and changed not in found:
+                        found.append(changed)
+        return found
+
 
 def _field(check, default):
     """A dataclass field whose value `check` validates on construction and on every assignment (`@strict`)."""

@@ -31,29 +31,19 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import (
-        GEOMETRY_FIELDS,
         NEWLINE_POSITIONS,
-        POOLING_MODES,
         STGridPoolConfig,
         VideoPoolingSettings,
         check_pooling_backend,
-        pooled_frame_size,
         validate_pyramid_levels,
-        video_token_count,
-        window_size,
     )
 except ImportError:  # installed as top-level modules of this project
     from configuration_stgridpool import (
-        GEOMETRY_FIELDS,
         NEWLINE_POSITIONS,
-        POOLING_MODES,
         STGridPoolConfig,
         VideoPoolingSettings,
         check_pooling_backend,
-        pooled_frame_size,
         validate_pyramid_levels,
-        video_token_count,
-        window_size,
     )
 
 
@@ -261,16 +251,14 @@ def _nsp_geometry(
     """(k, Ho, Wo) for NSP of `frames` [T, H, W, D]; raises ValueError, with the config's words, for an invalid
     argument or a window that does not fit."""
     _check_frames(frames)
-    if not torch.compiler.is_compiling():  # constants of the graph: checked once, eagerly
-        VideoPoolingSettings(
-            nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
-            nsp_partial_windows=partial_windows,
-        )  # fmt: skip
+    # Plain Python on the arguments: under torch.compile it runs once, while tracing (constants of the graph).
+    settings = VideoPoolingSettings(
+        nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
+        nsp_partial_windows=partial_windows,
+    )  # fmt: skip
     height, width = frames.shape[1:3]
-    k = window_size(keep_ratio)
-    out_h, out_w = pooled_frame_size(
-        height, width, nsp_keep_ratio=keep_ratio, nsp_padding=padding, nsp_partial_windows=partial_windows
-    )
+    k = settings.window_size
+    out_h, out_w = settings.pooled_size(height, width)
     if out_h <= 0 or out_w <= 0:
         raise ValueError(
             f"keep_ratio={keep_ratio!r} is invalid for {height}x{width} frames with padding={padding}: its {k}x{k} "
@@ -554,36 +542,6 @@ def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: st
 _TRANSFORMERS_5_17 = "mm_encoder_outputs" not in inspect.signature(LlavaOnevisionModel.forward).parameters
 
 
-def _settings_giving(settings: VideoPoolingSettings, frame_size: int, num_frames: int, num_tokens: int) -> list[dict]:
-    """The smallest changes of `settings`' geometry fields under which a video of `num_frames` frames of
-    `frame_size` x `frame_size` tokens takes `num_tokens` tokens: [{field: (theirs, ours)}, ...], fewest fields
-    changed. Every mode, newline position, window, padding and border rule is tried (a few thousand, cheap)."""
-    found, fewest = [], len(GEOMETRY_FIELDS)
-    for mode in POOLING_MODES:
-        if mode != "stgridpool":  # the NSP fields play no part: keep ours
-            windows = [(settings.nsp_keep_ratio, settings.nsp_padding, settings.nsp_partial_windows)]
-        else:
-            windows = [
-                (1.0 / k**2, padding, partial)
-                for padding in range(frame_size + 1)
-                for k in range(1, frame_size + 2 * padding + 1)
-                for partial in (False, True)
-            ]
-        for keep_ratio, padding, partial in windows:
-            for newline in NEWLINE_POSITIONS:
-                values = dict(zip(GEOMETRY_FIELDS, (mode, keep_ratio, padding, partial, newline)))
-                window = {k: v for k, v in values.items() if k != "video_newline_position"}
-                rows, cols = pooled_frame_size(frame_size, frame_size, **window)
-                if video_token_count(num_frames, rows, cols, newline) != num_tokens:
-                    continue
-                changed = settings.replace(**values).diff(settings, GEOMETRY_FIELDS)
-                if len(changed) < fewest:
-                    found, fewest = [], len(changed)
-                if len(changed) == fewest and changed not in found:
-                    found.append(changed)
-    return found
-
-
 def placeholder_mismatch_message(
     settings: VideoPoolingSettings, frame_size: int, num_placeholders: int, num_videos: int, tokens_per_video: int
 ) -> str:
@@ -599,7 +557,7 @@ def placeholder_mismatch_message(
         f"and the model are configured differently."
     )
     if num_placeholders % num_videos == 0:
-        changes = _settings_giving(settings, frame_size, num_frames, num_placeholders // num_videos)
+        changes = settings.changes_giving(frame_size, num_frames, num_placeholders // num_videos)
         described = ["; ".join(f"{k}={v!r} (model: {m!r})" for k, (v, m) in c.items()) for c in changes[:6]]
         if described:
             message += " Processor settings that give that many placeholders: " + " | ".join(described) + "."

@@ -212,10 +212,10 @@ def read_video_pyav(
 
     Only what the sampled frames need is decoded: one demux-only pass indexes the frames and keyframes, then for each
     sampled frame the decoder either goes on forward or, when the keyframe at or before the frame lies ahead of
-    where it stands, seeks to that keyframe. The frames returned are
-    those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
-    seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
-    Decoding is multi-threaded where FFmpeg's decoder offers it (slice threads only, when seeking). Only the sampled frames are converted to RGB.
+    where it stands, seeks to that keyframe. The frames returned are those a full sequential decode shows at the
+    same indices, bit for bit (frames are matched by timestamp after a seek; where a container cannot seek, or a
+    seek lands anywhere unexpected, it decodes forward from the start). Decoding is multi-threaded where FFmpeg's
+    decoder offers it (slice threads only, when seeking). Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames

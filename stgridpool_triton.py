@@ -67,6 +67,16 @@ def launch_tables(frames: torch.Tensor, levels: tuple, plan) -> dict:
 if triton is not None:
 
     @triton.jit
+    def _load_either(a_ptr, b_ptr, from_b, offsets, mask):
+        """The elements at `offsets` of b (from_b) or of a, 0 where not `mask`, as float32. The source is uniform per
+        program: a scalar branch picks it, one load either way (inlined into the kernels: same code as written out)."""
+        if from_b:
+            v = tl.load(b_ptr + offsets, mask=mask, other=0.0)
+        else:
+            v = tl.load(a_ptr + offsets, mask=mask, other=0.0)
+        return v.to(tl.float32)
+
+    @triton.jit
     def _area_tile_kernel(
         frames_ptr, dst_ptr, table_ptr, H, W, D, tile_h, tile_w,
         KH: tl.constexpr, KW: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -95,12 +105,7 @@ if triton is not None:
             for b in tl.static_range(KW):
                 inside = (h0 + a < h1) & (w0 + b < w1)
                 base = ((src * H + h0 + a) * W + w0 + b) * D
-                # The source is uniform per program: a scalar branch picks it, one load either way.
-                if from_bank:
-                    v = tl.load(dst_ptr + base + offs, mask=dmask & inside, other=0.0)
-                else:
-                    v = tl.load(frames_ptr + base + offs, mask=dmask & inside, other=0.0)
-                acc += v.to(tl.float32)
+                acc += _load_either(frames_ptr, dst_ptr, from_bank, base + offs, dmask & inside)
         acc = acc / ((h1 - h0) * (w1 - w0)).to(tl.float32)
         keep = dmask & (y < H) & (x < W)
         out_base = ((dst * H + y) * W + x) * D
@@ -134,12 +139,7 @@ if triton is not None:
         if ONE_PASS:
             dmask = offs < D
             m = in_frame[:, None] & dmask[None, :]
-            # The source (input frames or summaries) is uniform per program: a scalar branch, one load either way.
-            if from_b:
-                v = tl.load(b_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
-            else:
-                v = tl.load(a_ptr + token_base[:, None] + offs[None, :], mask=m, other=0.0)
-            v = v.to(tl.float32)
+            v = _load_either(a_ptr, b_ptr, from_b, token_base[:, None] + offs[None, :], m)
             if L2:
                 norm = tl.sqrt(tl.sum(v * v, axis=1))
             else:
@@ -157,12 +157,7 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_D):
                 dmask = (d0 + offs) < D
                 m = in_frame[:, None] & dmask[None, :]
-                ptrs = token_base[:, None] + d0 + offs[None, :]
-                if from_b:
-                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
-                else:
-                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
-                v = v.to(tl.float32)
+                v = _load_either(a_ptr, b_ptr, from_b, token_base[:, None] + d0 + offs[None, :], m)
                 if L2:
                     total += tl.sum(v * v, axis=1)
                 else:
@@ -178,12 +173,7 @@ if triton is not None:
             for d0 in range(0, D, BLOCK_D):
                 dmask = (d0 + offs) < D
                 m = in_frame[:, None] & dmask[None, :]
-                ptrs = token_base[:, None] + d0 + offs[None, :]
-                if from_b:
-                    v = tl.load(b_ptr + ptrs, mask=m, other=0.0)
-                else:
-                    v = tl.load(a_ptr + ptrs, mask=m, other=0.0)
-                v = v.to(tl.float32)
+                v = _load_either(a_ptr, b_ptr, from_b, token_base[:, None] + d0 + offs[None, :], m)
                 pooled = tl.sum(v * weight[:, None], axis=0)
                 tl.store(out_ptr + out_base + d0 + offs, pooled.to(out_ptr.dtype.element_ty), mask=dmask)
 

@@ -183,11 +183,11 @@ def pick_device_dtype(device: str, dtype: str):
 
 def load(model_id: str, device: str, dtype, device_map: str | None = None, trust_remote_code: bool = False):
     """(model on `device`, processor) through the shared loader (stgridpool.loading)."""
-    from stgridpool.loading import load_model, load_processor, resolve_model
+    from stgridpool.loading import load_model_and_processor, resolve_model
 
     source = resolve_model(model_id, trust_remote_code=trust_remote_code)
-    processor = load_processor(source)
-    return place(load_model(source, **model_kwargs(dtype, device_map)), device, device_map), processor
+    model, processor = load_model_and_processor(source, **model_kwargs(dtype, device_map))
+    return place(model, device, device_map), processor
 
 
 def model_kwargs(dtype, device_map: str | None) -> dict:

@@ -274,19 +274,8 @@ def load_model(source: ModelSource, **model_kwargs):
     return model.eval()
 
 
-def load_model_and_processor(
-    model_id: str,
-    overrides: dict | None = None,
-    *,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    label: str = "--model",
-    trust_hint: str = "--trust-remote-code",
-    **model_kwargs,
-):
-    """(model, processor) of a repo with the ST-GridPool `overrides` applied to both; see `resolve_model`."""
-    source = resolve_model(
-        model_id, overrides, revision=revision, trust_remote_code=trust_remote_code, label=label, trust_hint=trust_hint
-    )
+def load_model_and_processor(source: ModelSource, **model_kwargs):
+    """(model, processor) of a repo checked by `resolve_model`, the settings applied to both; the processor first,
+    so a bad one fails before the weights load. `model_kwargs` go to `load_model`."""
     processor = load_processor(source)
     return load_model(source, **model_kwargs), processor

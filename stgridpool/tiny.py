@@ -38,6 +38,16 @@ def build_tiny_tokenizer():
     return tokenizer
 
 
+def _tiny_stack(hidden_size: int, num_attention_heads: int) -> dict:
+    """The sizes of a tiny transformer stack (vision tower or language model): 2 layers, MLP twice as wide."""
+    return dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=num_attention_heads,
+    )
+
+
 def tiny_config_kwargs(tokenizer, frame_size: int = 27, tie_word_embeddings: bool = False) -> dict:
     """Keyword arguments for a `LlavaOnevisionConfig` (or `STGridPoolConfig`) of a tiny model.
 
@@ -47,20 +57,14 @@ def tiny_config_kwargs(tokenizer, frame_size: int = 27, tie_word_embeddings: boo
     return dict(
         vision_config=dict(
             model_type="siglip_vision_model",
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **_tiny_stack(hidden_size=16, num_attention_heads=2),
             image_size=image_size,
             patch_size=2,
             vision_use_head=False,
         ),
         text_config=dict(
             model_type="qwen2",
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+            **_tiny_stack(hidden_size=32, num_attention_heads=4),
             num_key_value_heads=2,
             vocab_size=len(tokenizer),
             max_position_embeddings=65536,

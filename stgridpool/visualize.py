@@ -20,22 +20,20 @@ BACKGROUND, TEXT, GRAY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
 
 
 def nsp_token_weights(
-    frames: torch.Tensor,
-    keep_ratio: float,
-    temperature: float = 1.0,
-    norm_p: float = 2.0,
-    padding: int = 0,
-    partial_windows: bool = False,
-    window_weights=nsp_window_weights,
+    frames: torch.Tensor, settings: VideoPoolingSettings, window_weights=nsp_window_weights
 ) -> torch.Tensor:
-    """NSP's softmax weight of every token within its window (`window_weights`: a modeling module's
-    `nsp_window_weights`, by default the installed one), laid out over the frame.
+    """NSP's softmax weight, under `settings`, of every token within its window (`window_weights`: a modeling
+    module's `nsp_window_weights`, by default the installed one), laid out over the frame.
 
     frames: [T, H, W, D] -> [T, H, W] float32; each full window's weights sum to 1 (uniform = 1/k^2). Tokens in no
     window (the border rows/columns NSP drops) are NaN; the zero padding tokens' weights are not returned.
     """
     num_frames, height, width, _ = frames.shape
-    windows = window_weights(frames.float(), keep_ratio, temperature, norm_p, padding, partial_windows)
+    padding = settings.nsp_padding
+    windows = window_weights(
+        frames.float(), settings.nsp_keep_ratio, settings.nsp_temperature, settings.nsp_norm_p, padding,
+        settings.nsp_partial_windows,
+    )  # fmt: skip
     _, out_h, out_w, k, _ = windows.shape
     weights = windows.permute(0, 1, 3, 2, 4).reshape(num_frames, out_h * k, out_w * k)
     padded_h, padded_w = height + 2 * padding, width + 2 * padding
@@ -194,15 +192,7 @@ def visualize_video(model, processor, frames: np.ndarray, frame_indices, *, titl
     weights = None
     if stgridpool:
         gridded_features = code.pyramid_temporal_grid(projected, levels)
-        weights = nsp_token_weights(
-            gridded_features,
-            settings.nsp_keep_ratio,
-            settings.nsp_temperature,
-            settings.nsp_norm_p,
-            settings.nsp_padding,
-            settings.nsp_partial_windows,
-            window_weights=code.nsp_window_weights,
-        ).numpy()
+        weights = nsp_token_weights(gridded_features, settings, window_weights=code.nsp_window_weights).numpy()
     # LLaVA-OneVision resizes video frames to a square without cropping; the thumbnails do the same.
     thumbs = [Image.fromarray(f).resize((thumb, thumb), Image.BILINEAR) for f in frames]
     labels = [f"#{t}  (frame {int(i)})" for t, i in enumerate(frame_indices)]

@@ -72,16 +72,17 @@ def load_model_and_processor(
     a repo whose code is this project's installed code loads with the installed classes. Raises
     `stgridpool.loading.ModelLoadError` (a ValueError, one line) for an unusable or untrusted repo."""
     from stgridpool.loading import load_model_and_processor as load
+    from stgridpool.loading import resolve_model
 
-    model, processor = load(
+    source = resolve_model(
         pretrained,
         overrides,
         revision=None if revision == "main" else revision,
         trust_remote_code=trust_remote_code,
         label="model_args pretrained",
         trust_hint="trust_remote_code=true in --model_args",
-        **model_kwargs,
     )
+    model, processor = load(source, **model_kwargs)
     processor.tokenizer.padding_side = "left"
     return model, processor
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from configuration_stgridpool import VideoPoolingSettings
 from modeling_stgridpool_llava import norm_spatial_pool
 from processing_stgridpool import (
     STGridPoolProcessor,
@@ -189,7 +190,10 @@ def test_processor_decodes_paths_in_chat_template_and_call(tmp_path, tiny_dir):
 def test_nsp_token_weights_reproduce_norm_spatial_pool(partial, padding):
     torch.manual_seed(0)
     frames = torch.randn(3, 9, 9, 5) * torch.rand(3, 9, 9, 1) * 3
-    weights = nsp_token_weights(frames, 0.25, temperature=2.0, padding=padding, partial_windows=partial)
+    settings = VideoPoolingSettings(
+        nsp_keep_ratio=0.25, nsp_temperature=2.0, nsp_padding=padding, nsp_partial_windows=partial
+    )
+    weights = nsp_token_weights(frames, settings)
     assert weights.shape == (3, 9, 9)
     pooled = norm_spatial_pool(frames, 0.25, temperature=2.0, padding=padding, partial_windows=partial)
     if padding == 0:  # reconstruct each window's output as sum(weight * token)
