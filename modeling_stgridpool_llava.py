@@ -413,7 +413,7 @@ def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 
     """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
     norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself), else
     "torch"."""
-    if not _triton_installed() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _triton_installed():  # first: dynamo cannot trace find_spec
         return "torch"
     if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
         return "torch"

@@ -16,6 +16,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 
+# The smallest normal float32 (2**-126), the floor under log2 in the p != 2 norms. A literal below it (1e-38) is
+# typed float64 by Triton, which makes the one-pass kernel compute in float64 and the two-pass loop fail to compile.
+FLOAT32_TINY = tl.constexpr(1.1754943508222875e-38) if triton is not None else None
+
+
 def _area_window(i: int, size_in: int, size_out: int) -> tuple[int, int]:
     """[start, end) of the input rows that output row i averages in adaptive average pooling ("area")."""
     return (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
@@ -144,9 +149,9 @@ if triton is not None:
                 norm = tl.sqrt(tl.sum(v * v, axis=1))
             else:
                 av = tl.abs(v)
-                powered = tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0)
+                powered = tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, FLOAT32_TINY))), 0.0)
                 total = tl.sum(powered, axis=1)
-                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
+                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, FLOAT32_TINY)) / norm_p), 0.0)
             score = tl.where(in_padded, norm * scale, -float("inf"))
             e = tl.exp(score - tl.max(score, axis=0))
             weight = e / tl.sum(e, axis=0)
@@ -162,11 +167,12 @@ if triton is not None:
                     total += tl.sum(v * v, axis=1)
                 else:
                     av = tl.abs(v)
-                    total += tl.sum(tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, 1e-38))), 0.0), axis=1)
+                    powered = tl.where(av > 0, tl.exp2(norm_p * tl.log2(tl.maximum(av, FLOAT32_TINY))), 0.0)
+                    total += tl.sum(powered, axis=1)
             if L2:
                 norm = tl.sqrt(total)
             else:
-                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, 1e-38)) / norm_p), 0.0)
+                norm = tl.where(total > 0, tl.exp2(tl.log2(tl.maximum(total, FLOAT32_TINY)) / norm_p), 0.0)
             score = tl.where(in_padded, norm * scale, -float("inf"))
             e = tl.exp(score - tl.max(score, axis=0))
             weight = e / tl.sum(e, axis=0)

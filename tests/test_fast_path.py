@@ -231,6 +231,20 @@ def test_compile_fullgraph_no_graph_breaks():
 
 
 @pytest.mark.skipif(not m._triton_installed(), reason="triton not installed")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("keep_ratio", [0.25, 1 / 9])  # at D = 3584: the one-pass and the two-pass NSP kernel
+@pytest.mark.parametrize("norm_p", [1.0, 2.0, 3.0])
+def test_compiled_nsp_kernels_match_pytorch_for_any_norm_p(keep_ratio, norm_p):  # pragma: no cover - GPU only
+    """Both NSP kernels compile and agree with the PyTorch path for p = 2 and for the general p-norm (whose float
+    constants once made the kernels compute in float64 and the two-pass loop fail to compile)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 27, 27, 3584, device="cuda", generator=g)
+    got = m.norm_spatial_pool(x, keep_ratio, norm_p=norm_p, backend="triton")
+    want = m.norm_spatial_pool(x.double(), keep_ratio, norm_p=norm_p, backend="torch")
+    assert got.dtype == torch.float32
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-6
+
+
 def test_triton_kernels_in_interpreter():
     """The Triton kernels themselves, run by Triton's CPU interpreter on small random cases (fresh process: the
     interpreter is chosen when the kernels are defined)."""
