@@ -277,8 +277,10 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
     repo = tmp_path / "repo"
     STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
     STGridPoolProcessor.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
-    for module in ("configuration_stgridpool.py", "modeling_stgridpool_llava.py", "processing_stgridpool.py"):
-        shutil.copy(Path(__file__).parents[1] / module, repo / module)
+    from convert.repo import CODE_MODULES
+
+    for module in CODE_MODULES:
+        shutil.copy(Path(__file__).parents[1] / f"{module}.py", repo / f"{module}.py")
     with open(repo / "modeling_stgridpool_llava.py", "a") as handle:
         handle.write("\n# changed: no longer the installed copy\n")
     auto_maps = {
