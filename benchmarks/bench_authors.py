@@ -39,6 +39,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.timing
+from benchmarks.timing import sync, time_runs  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 THEIR_SETTINGS = dict(grid_size_list=(4, 4, 4), grid_freq_list=(2, 4, 8), kernel_size=2, padding=0, temp=1, p=2)
@@ -131,11 +134,6 @@ def triton_version():
     return triton.__version__
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn, inputs, device, warmup=3, reps=30, budget_s=1.5) -> dict:
     """Median (and all) milliseconds of fn(x), cycling through `inputs` so that no run is served from the L2 cache.
     CUDA events on the GPU, perf_counter after a sync elsewhere."""
@@ -146,20 +144,7 @@ def time_ms(fn, inputs, device, warmup=3, reps=30, budget_s=1.5) -> dict:
     fn(inputs[0])
     sync(device)
     reps = max(5, min(reps, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
-    times = []
-    for i in range(reps):
-        x = inputs[i % len(inputs)]
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = time_runs(fn, inputs, device, reps)
     return dict(median=statistics.median(times), min=min(times), reps=reps, all=times)
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 import modeling_stgridpool_llava as ours  # noqa: E402
 import stgridpool_triton as kernels  # noqa: E402
 from benchmarks import loop_impl, plain_impl  # noqa: E402
+from benchmarks.timing import sync, time_runs  # noqa: E402
 
 LEVELS = ((4, 2), (4, 4), (4, 8))
 NSP = dict(keep_ratio=0.25, temperature=1.0, norm_p=2.0, padding=0, partial_windows=False)
@@ -51,11 +52,6 @@ def stock_average_pooling(features: torch.Tensor, side: int) -> torch.Tensor:
     return F.avg_pool2d(x, 2, 2).permute(0, 2, 3, 1).reshape(n, -1, dim)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_fn(fn, inputs, device, budget_s=0.6, min_reps=3, max_reps=50) -> float:
     """Median milliseconds of fn(x), cycling through `inputs` (several buffers: repeated runs must not be served
     from cache). Device events on CUDA, perf_counter (after a sync) elsewhere. One warm-up call per input first."""
@@ -67,21 +63,7 @@ def time_fn(fn, inputs, device, budget_s=0.6, min_reps=3, max_reps=50) -> float:
     sync(device)
     once = time.perf_counter() - t0
     reps = max(min_reps, min(max_reps, int(budget_s / max(once, 1e-6))))
-    times = []
-    for i in range(reps):
-        x = inputs[i % len(inputs)]
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_runs(fn, inputs, device, reps))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
