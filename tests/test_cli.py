@@ -1,5 +1,9 @@
-"""The `stgridpool` console script, run as `python -m stgridpool` in a subprocess, offline."""
+"""The `stgridpool` console script, offline: through `main` in this process (no Transformers import per run), and
+as `python -m stgridpool` in a subprocess where the process itself matters (the embedded default's first run, the
+exact stderr of a refusal, a repo's own code running only when trusted)."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -27,6 +31,24 @@ def run_cli(args, env, **kwargs):
     )
 
 
+def run_in_process(args, capsys) -> subprocess.CompletedProcess:
+    """`stgridpool ARGS` through `main` in this process: exit code and what it printed, as from a process."""
+    capsys.readouterr()
+    code = run_main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def convert_in_process(src: Path, dst: Path) -> None:
+    """`python -m convert SRC DST` through `convert.main` in this process."""
+    from convert import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(src), str(dst)])
+    assert code == 0, err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The embedded default, built once by the CLI itself into a tmp cache dir."""
@@ -46,7 +68,7 @@ def test_ask_embedded_default(cache):
     assert (tmp / "cache" / "demo-v1" / "sample.mp4").is_file()
 
 
-def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
+def test_ask_with_model_dirs_and_a_video(cache, tmp_path, capsys):
     tmp, _ = cache
     clip = write_clip(tmp_path / "clip.webm", gray_frames([index_gray_level(i) for i in range(20)]))
     stgridpool_dir = tmp / "cache" / "demo-v1" / "model"  # saved with the ST-GridPool classes
@@ -54,15 +76,12 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
 
     stock_dir = save_tiny_stock_checkpoint(tmp_path / "stock")
     converted_dir = tmp_path / "converted"  # a Hub-style repo: loads through the Auto classes and remote code
-    convert = subprocess.run([sys.executable, "-m", "convert", str(stock_dir), str(converted_dir)],
-                             env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert convert.returncode == 0, convert.stderr
+    convert_in_process(stock_dir, converted_dir)
     # the question's "<video>" and "<|im_end|>" are text: still 1353 placeholders, and the answer comes
     for model in (stgridpool_dir, stock_dir, converted_dir):
         question = "how is the <video> tag used<|im_end|>?"
-        result = run_cli(
-            ["ask", str(clip), question, "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"],
-            cli_env(tmp_path),
+        result = run_in_process(
+            ["ask", str(clip), question, "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"], capsys
         )
         assert result.returncode == 0, result.stderr
         assert "RANDOM" not in result.stderr
@@ -70,11 +89,11 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path):
         assert "visual tokens: 1353 with stgridpool (stock pooling: 1569" in result.stderr  # 8*169+1, 8*196+1
 
 
-def test_visualize_png(cache, tmp_path):
+def test_visualize_png(cache, tmp_path, capsys):
     tmp, _ = cache
     out = tmp_path / "vis.png"
-    result = run_cli(
-        ["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], cli_env(tmp_path)
+    result = run_in_process(
+        ["visualize", "--cache-dir", str(tmp / "cache"), "-o", str(out), "--num-frames", "16"], capsys
     )
     assert result.returncode == 0, result.stderr
     picture = np.asarray(Image.open(out).convert("RGB"))
@@ -125,7 +144,8 @@ def check_error(name, args, words, returncode, stderr):
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path, cache, capsys):
-    """Every bad input in-process through `main` (fast), and three of them as real processes."""
+    """Every bad input in-process through `main` (fast), and two of them as real processes: nothing else on stderr
+    (no FFmpeg log line, no warning)."""
     tmp, _ = cache
     from stgridpool.cli import main
 
@@ -145,7 +165,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, cache, capsys):
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in ("missing", "text", "num_frames_zero")
+        for name in ("text", "num_frames_zero")
     }
     for name, process in processes.items():
         _, stderr = process.communicate(timeout=300)
@@ -181,9 +201,7 @@ def converted(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("converted")
     stock = save_tiny_stock_checkpoint(tmp / "stock")
-    result = subprocess.run([sys.executable, "-m", "convert", str(stock), str(tmp / "repo")],
-                            env=cli_env(tmp), capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    convert_in_process(stock, tmp / "repo")
     return tmp / "repo"
 
 
@@ -199,7 +217,7 @@ def replace_file(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path):
+def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path, capsys):
     """A repo whose modeling file was changed is refused without --trust-remote-code, and its code does not run
     (it would write a marker file); with the flag it loads through its own code (the marker appears)."""
     from stgridpool.loading import resolve_model
@@ -220,7 +238,7 @@ def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path):
         "--max-new-tokens",
         "2",
     ]
-    refused = run_cli(args, cli_env(tmp_path))
+    refused = run_in_process(args, capsys)  # refused before any of the repo's code is imported
     assert refused.returncode == 2, refused.stderr
     line = one_line(refused.stderr)
     assert line.startswith(f"stgridpool: error: --model {repo}: ") and "modeling_stgridpool_llava.py" in line

@@ -4,7 +4,9 @@ All offline: the tests write tiny stock checkpoints themselves. Loading checks r
 the project's modules cannot be imported (tests/remote_check.py), as on a user's machine that only has the repo.
 """
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -56,24 +58,29 @@ def cli_command(*args) -> list[str]:
     return [sys.executable, "-m", "convert", *map(str, args)]
 
 
-def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
-    """`python -m convert ARGS` in a child process; cwd is the project so `-m convert` resolves like a user's."""
+def run_cli_process(tmp: Path, *args) -> subprocess.CompletedProcess:
+    """`python -m convert ARGS` in a child process, as a user runs it (cwd: the project, so `-m convert` resolves)."""
     return subprocess.run(cli_command(*args), cwd=PROJECT, env=env(tmp), capture_output=True, text=True, timeout=300)
 
 
+def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
+    """The converter's command line in this process: `convert.main(ARGS)`, what `python -m convert` runs, without
+    the seconds a child process spends importing Transformers. Exit code and what it printed, as from a process
+    (the `converted` fixture and `test_refusals` run real processes too)."""
+    from convert import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code
+    return subprocess.CompletedProcess(cli_command(*args), code, out.getvalue(), err.getvalue())
+
+
 def run_cli_many(tmp: Path, commands: list[list]) -> list[tuple[int, str]]:
-    """Several `python -m convert` runs at once (each imports Transformers: seconds); [(exit code, stderr)]."""
-    processes = [
-        subprocess.Popen(
-            cli_command(*args), cwd=PROJECT, env=env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for args in commands
-    ]
-    results = []
-    for process in processes:
-        _, stderr = process.communicate(timeout=300)
-        results.append((process.returncode, stderr))
-    return results
+    """`run_cli` for each command: [(exit code, stderr)]."""
+    return [(result.returncode, result.stderr) for result in (run_cli(tmp, *args) for args in commands)]
 
 
 def run_remote_check(tmp: Path, mode: str, repo: Path, src: Path) -> dict:
@@ -148,7 +155,7 @@ def converted(workdir, stock) -> Path:
     before = tree_digest(stock)
     dst = workdir / "repos" / "converted"
     options = [item for pair in OPTIONS.items() for item in pair]
-    result = run_cli(
+    result = run_cli_process(
         workdir, stock, dst, *options, "--partial-windows", "--base-model", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
     )
     assert result.returncode == 0, result.stderr
@@ -352,6 +359,11 @@ def test_refusals(stock, tmp_path):
         assert len(message.splitlines()) == 1, (name, message)
         for word in words:
             assert word in message, (name, word, message)
+    # and as a real process: stderr holds the one line and nothing else (no warning, no traceback)
+    name, src, args, words = cases[1]
+    result = run_cli_process(tmp_path, src, tmp_path / "out" / "repo", *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+    assert all(word in result.stderr for word in words), (name, result.stderr)
     assert not (tmp_path / "out").exists(), "DST (or its parent) was created"
     assert tree_digest(stock) == before
 
