@@ -410,8 +410,8 @@ def _plan_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | Non
     return runs
 
 
-# Each decoding thread's decoder holds its own reference frames (h264: up to 16; 200 MB at 4K) and its container its
-# own copy of the file's index; past 8 threads that memory grows while the speed-up is bounded by memory bandwidth.
+# A cap on decoding threads: each one's decoder holds its own reference frames (h264: up to 16, about 200 MB at 4K)
+# and its container its own index of the file, so memory grows with every thread (64 frames at 4K are 1.6 GB already).
 MAX_DECODE_THREADS = 8
 
 
