@@ -9,21 +9,25 @@ overrides that one method, in both versions, to decode with PyAV (its wheels bun
 a pure function that samples frames uniformly over the video's *duration* by presentation timestamps (exactly the
 stock `arange(n) * total // n` indices for constant frame rate; evenly spaced in time for variable frame rate) and
 applies the rotation metadata. It indexes the file by demuxing only, then seeks to the keyframe before a sampled frame
-when that skips work, so sampling a long video costs about one GOP of decoding per sampled frame, not the whole video;
-the frames are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
+when that skips work, so sampling a long video costs about one GOP of decoding per sampled frame, not the whole video,
+and those decoding runs are shared among threads (one container each) on a machine with several cores; the frames
+are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
 (`video_decoder="torchcodec"`). PyAV is imported when a file is decoded, so a repo's remote code loads without it.
 """
 
 import bisect
 import dataclasses
 import errno
+import functools
 import importlib
 import itertools
 import math
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import numpy as np
@@ -206,7 +210,7 @@ def read_video_pyav(
     sample_indices_fn: instead of those, `f(metadata=VideoMetadata) -> indices` (the stock hook; `metadata` carries
     `frame_times` and `end_time`, exact seconds). progress: optional callable
     `progress(frames_passed_so_far, frames_to_pass)` (frames between the keyframes decoding starts from and the
-    sampled frames).
+    sampled frames; called from the decoding threads, one call at a time, the count never decreasing).
     Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
     `VideoMetadata` with `frames_indices`).
 
@@ -214,8 +218,11 @@ def read_video_pyav(
     sampled frame the decoder either goes on forward or, when the keyframe at or before the frame lies ahead of
     where it stands, seeks to that keyframe. The frames returned are those a full sequential decode shows at the
     same indices, bit for bit (frames are matched by timestamp after a seek; where a container cannot seek, or a
-    seek lands anywhere unexpected, it decodes forward from the start). Decoding is multi-threaded where FFmpeg's
-    decoder offers it (slice threads only, when seeking). Only the sampled frames are converted to RGB.
+    seek lands anywhere unexpected, it decodes forward from the start). When seeking, the decoding runs are split
+    into contiguous groups of about equal cost, decoded in parallel threads, each with its own container on the file
+    (as many as the CPUs this process may use, at most 8; PyAV lets go of the GIL while decoding), and each decoder
+    uses FFmpeg's slice threads where the codec has them; a forward pass uses FFmpeg's frame and slice threads. Only
+    the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
@@ -323,21 +330,23 @@ def _checked_indices(indices, total: int) -> list[int]:
 
 
 class _FrameSink:
-    """The output array, filled as the sampled frames are decoded: the only RGB copies ever held."""
+    """The output array, filled as the sampled frames are decoded: the only RGB copies ever held. Decoding threads
+    may share it: it is allocated once (a lock), and each frame index goes to its own rows."""
 
     def __init__(self, indices: list[int], path: str):
         self.positions: dict[int, list[int]] = {}
         for position, index in enumerate(indices):
             self.positions.setdefault(index, []).append(position)
-        self.count, self.path, self.video = len(indices), path, None
+        self.count, self.path, self.video, self.lock = len(indices), path, None, threading.Lock()
 
     def put(self, index: int, frame) -> None:
         image = _rotate(frame.to_ndarray(format="rgb24"), frame.rotation)
-        if self.video is None:
-            self.video = np.empty((self.count, *image.shape), np.uint8)
-        elif image.shape != self.video.shape[1:]:
+        with self.lock:
+            if self.video is None:
+                self.video = np.empty((self.count, *image.shape), np.uint8)
+        if image.shape != self.video.shape[1:]:
             raise VideoDecodeError(
-                f"{self.path}: frame {index} is {image.shape[1]}x{image.shape[0]} where the first sampled frame is "
+                f"{self.path}: frame {index} is {image.shape[1]}x{image.shape[0]} where another sampled frame is "
                 f"{self.video.shape[2]}x{self.video.shape[1]}: videos whose frame size changes are not supported"
             )
         for position in self.positions[index]:
@@ -401,42 +410,119 @@ def _plan_runs(targets: list[int], keyframes: list[int]) -> list[tuple[int | Non
     return runs
 
 
+# A cap on decoding threads: each one's decoder holds its own reference frames (h264: up to 16, about 200 MB at 4K)
+# and its container its own index of the file, so memory grows with every thread (64 frames at 4K are 1.6 GB already).
+MAX_DECODE_THREADS = 8
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one: containers and `taskset` narrow it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _split_runs(runs: list, costs: list[int], parts: int) -> list[list]:
+    """`runs` cut into at most `parts` contiguous groups of about equal total cost: a run goes to the group in whose
+    share of the total cost its middle falls."""
+    total = sum(costs)
+    groups: list[list] = [[] for _ in range(parts)]
+    before = 0
+    for run, cost in zip(runs, costs):
+        groups[(2 * before + cost) * parts // (2 * total)].append(run)
+        before += cost
+    return [group for group in groups if group]
+
+
+class _ProgressSum:
+    """`progress(frames_passed, frames_to_pass)` for several decoding threads: each reports its own count (never
+    decreasing), the callback gets their sum, one call at a time, so it never decreases either."""
+
+    def __init__(self, progress, total: int, parts: int):
+        self.progress, self.total, self.counts, self.lock = progress, total, [0] * parts, threading.Lock()
+
+    def report(self, part: int, count: int) -> None:
+        if self.progress is not None:
+            with self.lock:
+                self.counts[part] = count
+                self.progress(sum(self.counts), self.total)
+
+
 def _decode_seeking(
     av, path: str, container, stream, index: _StreamIndex, indices: list[int], progress=None
 ) -> np.ndarray | None:
     """The sampled frames, decoding only the runs they need (`_plan_runs`); None where seeking cannot be trusted
     here (the caller then decodes forward from the start).
 
-    Within a run, frames no other frame references (non-reference B-frames) are skipped unless sampled: the decoder
-    is told per packet (`skip_frame`), which changes no other frame."""
+    The runs are cut into contiguous groups of about equal cost (frames from keyframe to last sampled frame), one per
+    thread, up to the usable CPUs and MAX_DECODE_THREADS: PyAV lets go of the GIL while FFmpeg demuxes and decodes,
+    so the groups decode in parallel, each in its own container on the file (the first in `container`, already
+    open). One group, e.g. a short clip: no threads at all. A group that cannot trust its seeks, or meets an FFmpeg
+    error, stops the others and the answer is None; any other exception propagates."""
     sink = _FrameSink(indices, path)
     runs = _plan_runs(sorted(sink.positions), index.keyframes)
-    to_decode = sum(run[-1] - (key or 0) + 1 for key, run in runs)
-    done = 0
+    costs = [run[-1] - (key or 0) + 1 for key, run in runs]
+    groups = _split_runs(runs, costs, min(_usable_cpus(), len(runs), MAX_DECODE_THREADS))
+    counter = _ProgressSum(progress, sum(costs), len(groups))
+    stop = threading.Event()  # set by a group that fails: the others give up at their next packet
+
+    def decode_group(part: int) -> bool:
+        report = functools.partial(counter.report, part)
+        done = False
+        try:
+            if part == 0:
+                done = _decode_runs(container, stream, index, groups[0], sink, report, stop)
+            else:
+                with _open(av, path) as own:
+                    done = _decode_runs(own, own.streams.video[0], index, groups[part], sink, report, stop)
+        except av.error.FFmpegError:
+            pass  # the forward pass decides whether the file is damaged and says where
+        finally:
+            if not done:
+                stop.set()
+        return done
+
+    if len(groups) == 1:
+        return sink.video if decode_group(0) else None
+    with ThreadPoolExecutor(len(groups)) as pool:
+        try:
+            done = list(pool.map(decode_group, range(len(groups))))  # raises a group's exception, if any
+        finally:
+            stop.set()  # also on Ctrl-C while waiting: the threads stop instead of decoding on
+    return sink.video if all(done) else None
+
+
+def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _FrameSink, report, stop) -> bool:
+    """Decode `runs` one after the other in `container`, putting their sampled frames into `sink` and the frames
+    passed so far into `report(count)`; False where a seek cannot be trusted, or when `stop` is set.
+
+    Within a run, frames no other frame references (non-reference B-frames) are skipped unless sampled: the decoder
+    is told per packet (`skip_frame`), which changes no other frame."""
     _threaded(stream, seeking=True)
     codec = stream.codec_context
     index_of = index.index_of
+    done = 0
     try:
         for key, run in runs:
             landed = _seek_to_keyframe(container, stream, index, key, run[0])
             if landed is None:
-                return None
+                return False
             start_pts, first_packet = landed
             wanted, last = set(run), run[-1]
             wanted_pts = {index.pts[i] for i in run}
             passed, finished = 0, False
             for packet in itertools.chain([first_packet], container.demux(stream)):
+                if stop.is_set():
+                    return False
                 skip = "NONREF" if packet.pts is not None and packet.pts not in wanted_pts else "DEFAULT"
                 if codec.skip_frame != skip:
                     codec.skip_frame = skip
                 for frame in packet.decode():
                     if frame.pts is None:
-                        return None
+                        return False
                     if frame.pts < start_pts:  # before the keyframe it started from: may lack its references
                         continue
                     at = index_of.get(frame.pts)
                     if at is None:
-                        return None
+                        return False
                     if at in wanted:
                         sink.put(at, frame)
                         wanted.discard(at)
@@ -446,19 +532,15 @@ def _decode_seeking(
                 if finished:
                     break
                 passed += 1
-                if progress is not None:
-                    progress(done + min(passed, last - (key or 0)), to_decode)
+                report(done + min(passed, last - (key or 0)))
             if wanted:  # a sampled frame never came out of this run
-                return None
+                return False
             done += last - (key or 0) + 1
-            if progress is not None:
-                progress(done, to_decode)
-    except av.error.FFmpegError:
-        return None  # the forward pass decides whether the file is damaged and says where
+            report(done)
     finally:
         if codec.skip_frame != "DEFAULT":
             codec.skip_frame = "DEFAULT"
-    return sink.video
+    return True
 
 
 def _seek_to_keyframe(container, stream, index: _StreamIndex, key: int | None, target: int):

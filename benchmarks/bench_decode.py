@@ -437,7 +437,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=3, help="reads per (reader, clip), in one process; 1 after a read over 20 s"
     )
-    parser.add_argument("--readers", default=",".join(READERS + ("probe",)))
+    parser.add_argument(
+        "--readers",
+        default=",".join(READERS + ("probe",)),
+        help=f"comma-separated reader names (default: all): {', '.join(READER_FUNCTIONS)}",
+    )
     parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     parser.add_argument("--worker", nargs=4, metavar=("READER", "PATH", "NUM_FRAMES", "REPEAT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -448,13 +452,24 @@ def main(argv=None) -> int:
 
     clips = SMOKE_CLIPS if args.smoke else FULL_CLIPS
     if args.clips:
+        unknown = [name for name in args.clips.split(",") if name not in clips]
+        if unknown:
+            parser.error(f"--clips {args.clips}: no clip named {unknown[0]}; allowed: {', '.join(clips)}")
         clips = {name: clips[name] for name in args.clips.split(",")}
     readers = args.readers.split(",")
+    unknown = [name for name in readers if name not in READER_FUNCTIONS]
+    if unknown:
+        parser.error(f"--readers {args.readers}: no reader named {unknown[0]}; allowed: {', '.join(READER_FUNCTIONS)}")
     repeat = 1 if args.smoke else args.repeat
     folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "processor": platform.processor(),
+        },
         "versions": versions(),
         "smoke": args.smoke,
         "clips": {},
@@ -470,10 +485,12 @@ def main(argv=None) -> int:
         for reader in readers:
             if reader in skipped:
                 continue
+            load_before = os.getloadavg()[0]  # other processes on a shared machine take cores from the threads
             if args.smoke:
                 runs = run_repeated(reader, path, spec["num_frames"], repeat)
             else:
                 runs = run_in_subprocess(reader, path, spec["num_frames"], repeat)
+            load_average = [load_before, os.getloadavg()[0]]
             if isinstance(runs, dict):  # the worker failed
                 results["errors"].append(f"{name} {reader}: {runs['error']}")
                 if reader in ("decord", "torchcodec"):  # it does not work here: not tried on other clips
@@ -486,10 +503,11 @@ def main(argv=None) -> int:
             entry["seconds"] = statistics.median(entry["seconds_all"])
             entry["cpu_seconds"] = statistics.median(r["cpu_seconds"] for r in runs)
             entry["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+            entry["load_average_1min"] = load_average  # before and after the reads
             row["readers"][reader] = entry
             print(
                 f"  {name:22s} {reader:20s} {entry['seconds']:8.2f} s  cpu {entry['cpu_seconds']:8.2f} s  "
-                f"peak RSS {entry['peak_rss_mb']:7.0f} MB",
+                f"peak RSS {entry['peak_rss_mb']:7.0f} MB  load {load_average[0]:.2f} -> {load_average[1]:.2f}",
                 file=sys.stderr,
             )
         truth = row["readers"].get("old_forward_only")

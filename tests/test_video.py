@@ -1,6 +1,8 @@
 """Video decoding with PyAV (processing_stgridpool), through the pure function and the Transformers processor path,
 plus the pure helpers of stgridpool.visualize. Clips are encoded here with PyAV; frame k's gray level encodes k."""
 
+import errno
+import threading
 from fractions import Fraction
 
 import av
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import processing_stgridpool
 from configuration_stgridpool import VideoPoolingSettings
 from modeling_stgridpool_llava import norm_spatial_pool
 from processing_stgridpool import (
@@ -375,3 +378,109 @@ def test_raw_stream_without_timestamps_decodes_forward(tmp_path):
     video, metadata = read_video_pyav(path, sample_indices_fn=lambda metadata: [5, 41, 59, 0])
     assert metadata.total_num_frames == len(reference) == 60
     assert all(np.array_equal(v, reference[i]) for v, i in zip(video, [5, 41, 59, 0]))
+
+
+def record_calls(monkeypatch, name: str) -> list:
+    """Wrap processing_stgridpool.`name`, recording (thread id, positional arguments, result) of each call."""
+    original = getattr(processing_stgridpool, name)
+    calls = []
+
+    def wrapper(*args):
+        result = original(*args)
+        calls.append((threading.get_ident(), args, result))
+        return result
+
+    monkeypatch.setattr(processing_stgridpool, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["h264_bframes_open_gop", "h264_bframes_closed_gop_mkv", "vfr", "nonzero_start"])
+def test_parallel_decoding_equals_full_decode(seek_clips, monkeypatch, name):
+    """With 4 CPUs, the decoding runs are split among up to 4 threads (contiguous groups of about equal cost, every
+    run once); the frames are still those of a full decode, and the progress count never decreases and ends at the
+    total."""
+    path = seek_clips(name)
+    reference = full_decode(path)
+    total = len(reference)
+    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    plans = record_calls(monkeypatch, "_plan_runs")
+    calls = record_calls(monkeypatch, "_decode_runs")
+    rng = np.random.default_rng(2)
+    index_sets = [
+        *[sample_frame_indices(total, n) for n in (5, 8, 32)],
+        rng.integers(0, total, 20).tolist(),  # any order, repeats
+        [149, 0, 75, 75, 23, 24, 25, 47, 48, 49],
+    ]
+    for indices in index_sets:
+        plans.clear()
+        calls.clear()
+        seen = []
+        video, metadata = read_video_pyav(
+            path,
+            sample_indices_fn=lambda metadata, indices=indices: indices,
+            progress=lambda done, todo: seen.append((done, todo)),
+        )
+        for j, index in enumerate(indices):
+            assert np.array_equal(video[j], reference[index]), (name, indices, j, index)
+        ((_, _, runs),) = plans
+        assert 2 <= len(calls) <= min(4, len(runs)), (indices, runs)  # fewer where costs cannot be split 4 ways
+        assert all(thread != threading.main_thread().ident for thread, _, _ in calls)  # in a thread pool
+        groups = sorted((args[3] for _, args, _ in calls), key=lambda group: group[0][1])  # by their first run
+        assert [run for group in groups for run in group] == runs  # contiguous groups, every run once
+        counts = [done for done, _ in seen]
+        assert counts == sorted(counts) and {todo for _, todo in seen} == {counts[-1]}, seen[-5:]
+
+
+def fail_seeking_at(monkeypatch, target: int, error: Exception | None) -> list:
+    """Make the seek for the run starting at frame `target` fail: untrusted (None) or raising `error`. Returns the
+    list of threads in which it failed."""
+    seek, failed = processing_stgridpool._seek_to_keyframe, []
+
+    def failing_seek(container, stream, index, key, run_start):
+        if run_start != target:
+            return seek(container, stream, index, key, run_start)
+        failed.append(threading.get_ident())
+        if error is not None:
+            raise error
+        return None
+
+    monkeypatch.setattr(processing_stgridpool, "_seek_to_keyframe", failing_seek)
+    return failed
+
+
+@pytest.mark.parametrize(
+    "error", [None, av.error.InvalidDataError(errno.EINVAL, "made up")], ids=["untrusted", "ffmpeg"]
+)
+def test_failure_in_one_decoding_thread_falls_back_to_forward_pass(seek_clips, monkeypatch, error):
+    """A thread that cannot trust its seek, or meets an FFmpeg error, makes the reader decode forward from the start,
+    with the right frames all the same."""
+    path = seek_clips("h264_bframes_open_gop")  # keyframes every 24 frames
+    reference = full_decode(path)
+    indices = sample_frame_indices(150, 8)  # [0, 18, 37, 56, 75, 93, 112, 131]: frame 131 runs alone from 120
+    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    failed = fail_seeking_at(monkeypatch, 131, error)
+    forward = record_calls(monkeypatch, "_decode_forward")
+    seen = []
+    video, _ = read_video_pyav(path, num_frames=8, progress=lambda done, todo: seen.append((done, todo)))
+    assert failed and failed[0] != threading.main_thread().ident  # in a pool thread (one group runs in this one)
+    assert len(forward) == 1 and seen[-1] == (132, 132)  # then one forward pass, up to frame 131
+    assert np.array_equal(video, np.stack([reference[i] for i in indices]))
+
+
+def test_other_error_in_a_decoding_thread_propagates(seek_clips, monkeypatch):
+    path = seek_clips("h264_bframes_open_gop")
+    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    failed = fail_seeking_at(monkeypatch, 131, RuntimeError("not an FFmpeg error"))
+    forward = record_calls(monkeypatch, "_decode_forward")
+    with pytest.raises(RuntimeError, match="not an FFmpeg error"):
+        read_video_pyav(path, num_frames=8)
+    assert failed and failed[0] != threading.main_thread().ident and not forward
+
+
+def test_split_runs_into_contiguous_groups_of_about_equal_cost():
+    split = processing_stgridpool._split_runs
+    assert split(list("abcd"), [1, 1, 1, 1], 2) == [["a", "b"], ["c", "d"]]
+    assert split(list("abcd"), [100, 1, 1, 100], 2) == [["a", "b"], ["c", "d"]]
+    assert split(list("abcde"), [30, 30, 30, 30, 30], 4) == [["a"], ["b"], ["c", "d"], ["e"]]
+    assert split(list("abcde"), [10, 10, 10, 10, 1000], 4) == [["a", "b", "c", "d"], ["e"]]  # no gain in more
+    assert split(["a"], [7], 1) == [["a"]]
