@@ -2,7 +2,8 @@
 
 Readers, each given the same frame indices (uniform `j * total // n`; equal to time-based sampling on these
 constant-frame-rate clips):
-- `ours`: `processing_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact).
+- `ours`: `processing_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact; the decoding
+  runs shared among threads, one per usable CPU up to 8). `ours_one_thread`: the same held to one thread.
 - `old_forward_only`: the reader this project shipped before (a copy below, `old_forward_only_read_video_pyav`):
   decodes every frame from the start up to the last sampled one. It is the baseline, and its frames are the truth
   (a sequential decode) that every other reader's frames are compared to.
@@ -77,7 +78,7 @@ SMOKE_CLIPS = {
 RATE = 25
 PRESET = "veryfast"
 CONTENT = "cam1"  # in the clip's file name: a cached clip is reused only if made by this version of camera_frames
-READERS = ("ours", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
+READERS = ("ours", "ours_one_thread", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,6 +270,14 @@ def ours_reader(path, num_frames):
     return video, [int(i) for i in metadata.frames_indices]
 
 
+def ours_one_thread_reader(path, num_frames):
+    """`ours` held to one decoding thread (its CPU count patched to 1): what the parallel runs buy, same run."""
+    import processing_stgridpool
+
+    processing_stgridpool._usable_cpus = lambda: 1
+    return ours_reader(path, num_frames)
+
+
 def probe_reader(path, num_frames):
     import av
 
@@ -301,6 +310,7 @@ def torchcodec_reader(path, num_frames):
 
 READER_FUNCTIONS = {
     "ours": ours_reader,
+    "ours_one_thread": ours_one_thread_reader,
     "plain_keyframe_seek": plain_keyframe_seek_reader,
     "old_forward_only": old_forward_only_read_video_pyav,
     "decord": decord_reader,
