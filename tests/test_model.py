@@ -235,9 +235,11 @@ def test_placeholders_equal_features_in_a_few_forward_passes(sweep_tokenizer):
 
 
 @pytest.mark.slow_sweep
-def test_placeholders_equal_features_for_every_mode_newline_and_frame_count(sweep_tokenizer):
-    """The full sweep: T = 1..70 x 4 newline positions x 3 modes, 840 forward passes (`pytest -m slow_sweep`)."""
-    _forward_sweep(sweep_tokenizer, range(1, 71))
+@pytest.mark.parametrize("first", range(1, 71, 10), ids=lambda first: f"T{first}-{first + 9}")
+def test_placeholders_equal_features_for_every_mode_newline_and_frame_count(sweep_tokenizer, first):
+    """The full sweep: T = 1..70 x 4 newline positions x 3 modes, 840 forward passes (`pytest -m slow_sweep`), in
+    chunks of 10 frame counts that pytest-xdist can share among workers."""
+    _forward_sweep(sweep_tokenizer, range(first, first + 10))
 
 
 @pytest.mark.parametrize(
