@@ -63,7 +63,7 @@ def run_cli_process(tmp: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), cwd=PROJECT, env=env(tmp), capture_output=True, text=True, timeout=300)
 
 
-def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
+def run_cli(*args) -> subprocess.CompletedProcess:
     """The converter's command line in this process: `convert.main(ARGS)`, what `python -m convert` runs, without
     the seconds a child process spends importing Transformers. Exit code and what it printed, as from a process
     (the `converted` fixture and `test_refusals` run real processes too)."""
@@ -78,9 +78,9 @@ def run_cli(tmp: Path, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cli_command(*args), code, out.getvalue(), err.getvalue())
 
 
-def run_cli_many(tmp: Path, commands: list[list]) -> list[tuple[int, str]]:
+def run_cli_many(commands: list[list]) -> list[tuple[int, str]]:
     """`run_cli` for each command: [(exit code, stderr)]."""
-    return [(result.returncode, result.stderr) for result in (run_cli(tmp, *args) for args in commands)]
+    return [(result.returncode, result.stderr) for result in (run_cli(*args) for args in commands)]
 
 
 def run_remote_check(tmp: Path, mode: str, repo: Path, src: Path) -> dict:
@@ -262,7 +262,7 @@ def test_bilinear_mode_equals_stock_from_sharded_source(stock, workdir):
     """A sharded source: the index and shards carried byte for byte; bilinear mode gives stock's logits."""
     sharded = shard(stock, workdir / "stock-sharded")
     dst = workdir / "repos" / "bilinear"
-    result = run_cli(workdir, sharded, dst, "--video-pooling-mode", "bilinear", "--copy")
+    result = run_cli(sharded, dst, "--video-pooling-mode", "bilinear", "--copy")
     assert result.returncode == 0, result.stderr
     for name in (
         "model-00001-of-00002.safetensors",
@@ -353,7 +353,7 @@ def test_refusals(stock, tmp_path):
     before = tree_digest(stock)
     cases = _refusal_cases(tmp_path, stock)
     commands = [[src, tmp_path / "out" / name.replace(" ", "-") / "repo", *args] for name, src, args, _ in cases]
-    for (name, _, _, words), (code, stderr) in zip(cases, run_cli_many(tmp_path, commands)):
+    for (name, _, _, words), (code, stderr) in zip(cases, run_cli_many(commands)):
         assert code == 2, (name, stderr)
         message = stderr.strip()
         assert len(message.splitlines()) == 1, (name, message)
@@ -372,13 +372,13 @@ def test_non_empty_destination_and_overwrite(stock, tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
-    result = run_cli(tmp_path, stock, dst)
+    result = run_cli(stock, dst)
     assert result.returncode == 2 and "--overwrite" in result.stderr and "non-empty" in result.stderr
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     inside = stock / "sub"  # DST equal to or containing SRC would destroy it with --overwrite
-    result = run_cli(tmp_path, stock, stock, "--overwrite")
+    result = run_cli(stock, stock, "--overwrite")
     assert result.returncode == 2 and "SRC" in result.stderr and not inside.exists()
-    result = run_cli(tmp_path, stock, dst, "--overwrite", "--video-pooling-mode", "average")
+    result = run_cli(stock, dst, "--overwrite", "--video-pooling-mode", "average")
     assert result.returncode == 0, result.stderr
     assert not (dst / "keep.txt").exists()
     assert json.loads((dst / "config.json").read_text())["video_pooling_mode"] == "average"
@@ -386,7 +386,7 @@ def test_non_empty_destination_and_overwrite(stock, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert run_cli(tmp_path, stock, empty).returncode == 0
+    assert run_cli(stock, empty).returncode == 0
     assert (empty / "config.json").is_file()
 
 
@@ -482,7 +482,7 @@ def test_destination_inside_source_is_refused(stock, tmp_path):
         [stock, stock, "--overwrite"],
         [stock, stock.parent, "--overwrite"],
     ]
-    for code, stderr in run_cli_many(tmp_path, cases):
+    for code, stderr in run_cli_many(cases):
         assert code == 2, stderr
         assert len(stderr.strip().splitlines()) == 1 and "inside SRC" in stderr, stderr
     assert tree_digest(stock) == before and sorted(p.name for p in stock.iterdir()) == names_before
@@ -496,12 +496,12 @@ def test_symlinked_destination(stock, tmp_path):
     link.symlink_to(target)
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "nowhere")
-    (code, stderr), (dangling_code, dangling_err) = run_cli_many(tmp_path, [[stock, link], [stock, dangling]])
+    (code, stderr), (dangling_code, dangling_err) = run_cli_many([[stock, link], [stock, dangling]])
     assert code == 0, stderr
     assert link.is_symlink() and (target / "config.json").is_file()
     assert dangling_code == 2 and "does not exist" in dangling_err and len(dangling_err.strip().splitlines()) == 1
     assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()
-    result = run_cli(tmp_path, stock, link, "--overwrite", "--video-pooling-mode", "average")
+    result = run_cli(stock, link, "--overwrite", "--video-pooling-mode", "average")
     assert result.returncode == 0, result.stderr
     assert link.is_symlink() and json.loads((target / "config.json").read_text())["video_pooling_mode"] == "average"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "link", "target"]  # no .old / .partial left
@@ -528,7 +528,7 @@ def test_only_model_repo_files_and_own_code_are_carried(stock, tmp_path):
     (src / "processor_config.json").unlink()
     (src / "processor_config.json").write_text(json.dumps(processor_config))
     dst = tmp_path / "dst"
-    result = run_cli(tmp_path, src, dst)
+    result = run_cli(src, dst)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in dst.iterdir()) == sorted([p.name for p in stock.iterdir()] + list(CODE_MODULES))
     for name in ("tokenizer_config.json", "processor_config.json", "config.json"):
@@ -727,7 +727,7 @@ def originals(workdir) -> dict:
     commands = [
         [src, dst, "--vision-config", src / "vision_config.json", *options] for src, dst, options in out.values()
     ]
-    for code, stderr in run_cli_many(workdir, commands):
+    for code, stderr in run_cli_many(commands):
         assert code == 0, stderr
     assert {name: tree_digest(src) for name, (src, _, _) in out.items()} == before, "the converter modified SRC"
     return {name: (src, dst) for name, (src, dst, _) in out.items()}
@@ -850,7 +850,7 @@ def test_original_refusals(workdir, tmp_path):
         (src, ["--vision-config", wrong_vision], ["vision config", "shape", "patch_embedding"]),
         (garbage, vision, ["model.safetensors", "not a readable safetensors file", "allowed"]),
     ]
-    results = run_cli_many(tmp_path, [[s, tmp_path / "out" / str(i), *args] for i, (s, args, _) in enumerate(cases)])
+    results = run_cli_many([[s, tmp_path / "out" / str(i), *args] for i, (s, args, _) in enumerate(cases)])
     for (s, args, words), (code, stderr) in zip(cases, results):
         assert code == 2, stderr
         assert len(stderr.strip().splitlines()) == 1, stderr
@@ -858,7 +858,7 @@ def test_original_refusals(workdir, tmp_path):
             assert word in stderr, (word, stderr)
     assert not (tmp_path / "out").exists()
     # --tokenizer supplies what SRC lacks
-    result = run_cli(tmp_path, no_tokenizer, tmp_path / "with-tokenizer", *vision, "--tokenizer", src)
+    result = run_cli(no_tokenizer, tmp_path / "with-tokenizer", *vision, "--tokenizer", src)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "with-tokenizer" / "tokenizer.json").is_file()
 

@@ -66,24 +66,18 @@ def test_fps_sampling_matches_stock_for_files_and_arrays(processor, clip, fps):
     inputs = processor(text="<video>", videos=[str(clip)], do_sample_frames=True, fps=fps, return_tensors="pt")
     assert gray_indices(inputs["pixel_values_videos"][0]) == expected
     # arrays with their frame rate: stock's indices, and stock's own pixels
-    frames = gray_frames(LEVELS)
-    ours = video_processor(
-        videos=[frames],
+    arrays = dict(
+        videos=[gray_frames(LEVELS)],
         video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
         do_sample_frames=True,
         fps=fps,
         return_tensors="pt",
     )
+    ours = video_processor(**arrays)
     assert ours["pixel_values_videos"].shape[1] == len(expected)
     assert gray_indices(ours["pixel_values_videos"][0]) == expected
     if len(expected) > 1:  # stock 5.17 cannot process a one-frame sample of an array (it drops the frame axis)
-        theirs = stock(
-            videos=[frames],
-            video_metadata=[{"fps": 25.0, "total_num_frames": 30}],
-            do_sample_frames=True,
-            fps=fps,
-            return_tensors="pt",
-        )
+        theirs = stock(**arrays)
         assert (ours["pixel_values_videos"] == theirs["pixel_values_videos"]).all()
 
 
