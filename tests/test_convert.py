@@ -819,7 +819,7 @@ def test_original_loads_and_matches_original_forward(originals, flavour, workdir
         assert out["features_max_diff"] <= 1e-5, out
 
 
-def test_original_refusals(workdir, tmp_path):
+def test_original_refusals(tmp_path):
     base, _ = ORIGINAL_FLAVOURS["onevision"]
     src = save_original_checkpoint(tmp_path / "src", **base)
     no_tokenizer = tmp_path / "no-tokenizer"
