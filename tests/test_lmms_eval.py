@@ -189,6 +189,8 @@ def test_loglikelihood_scores_choices_as_lmms_eval_expects(bench):
     assert scores["bilinear"][1][0] != pytest.approx(scores["stgridpool"][1][0], rel=1e-6)
 
 
+# The two-process test compares with this test's answers: both on one pytest-xdist worker (`--dist loadgroup`).
+@pytest.mark.xdist_group("single_process_run")
 def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
     """`stgridpool_eval.compare` runs `python -m lmms_eval --model stgridpool` twice (bilinear, stgridpool) on the
     local task; each results file scores every document, in the mode asked for, and the table comes out."""
@@ -221,6 +223,7 @@ def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
     bench["single_process_samples"] = samples["stgridpool"]  # reused by the two-process test
 
 
+@pytest.mark.xdist_group("single_process_run")
 def test_two_processes_shard_documents_and_merge_results(bench):
     """Two processes on CPU (gloo): lmms-eval gives each half the documents and gathers every document's answer
     into one results file, equal to the single-process run's.
@@ -230,7 +233,8 @@ def test_two_processes_shard_documents_and_merge_results(bench):
     gloo group up from torchrun's environment exactly as it picks NCCL up under `accelerate launch` on GPUs.
     """
     if "single_process_samples" not in bench:
-        pytest.skip("needs the single-process run of test_cli_runs_both_modes_and_compare_prints_the_table")
+        pytest.skip("needs the single-process run of test_cli_runs_both_modes_and_compare_prints_the_table (in this "
+                    "process: with pytest-xdist, pass --dist loadgroup)")
     out = bench["root"] / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
