@@ -1,8 +1,9 @@
-"""Run in a fresh Python process by tests/test_convert.py: load a converted repo the way a Hub user would.
+"""Run in a fresh Python process by tests/test_convert.py: load converted repos the way a Hub user would.
 
-The project's modules must not be importable here, so everything ST-GridPool comes from the repo's own code
-(transformers_modules). Usage: python remote_check.py {full,stock,original} PROJECT_DIR REPO SRC WORK_DIR; prints one
-JSON line of results.
+The project's modules must not be importable here, so everything ST-GridPool comes from each repo's own code
+(transformers_modules). Usage: python remote_check.py PROJECT_DIR JOBS, JOBS a JSON list of {"name", "check"
+(full, stock or original), "repo", "src", "work"}; prints one JSON line: {name: results}. One process checks every
+repo: each process spends about 5 CPU seconds importing Transformers before it checks anything.
 """
 
 import importlib
@@ -46,8 +47,9 @@ def video_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def main(project: str, repo: str, src: str, work: str) -> dict:
-    isolate(Path(project))
+def check_full(repo: str, src: str, work: str) -> dict:
+    """Every way a user loads a converted repo (Auto classes, both pipelines), generate, and save_pretrained of what
+    remote code loaded, loaded again."""
     import numpy as np
     import torch
     from PIL import Image
@@ -153,9 +155,8 @@ def main(project: str, repo: str, src: str, work: str) -> dict:
     return out
 
 
-def compare_with_stock(project: str, repo: str, src: str, work: str) -> dict:
+def compare_with_stock(repo: str, src: str, work: str) -> dict:
     """Logits of the converted repo (remote code) and of stock LLaVA-OneVision loaded from SRC, on one video."""
-    isolate(Path(project))
     import numpy as np
     import torch
     from transformers import (
@@ -231,10 +232,9 @@ def original_reference(src: str, config: dict, pixel_values_videos):
         return feature.flatten(1, 2).transpose(0, 1)
 
 
-def check_original(project: str, repo: str, src: str, work: str) -> dict:
+def check_original(repo: str, src: str, work: str) -> dict:
     """A repo converted from an original LLaVA-NeXT checkpoint: loads, counts agree, generates; in `average` mode its
     video features equal the original forward's."""
-    isolate(Path(project))
     import numpy as np
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -270,6 +270,11 @@ def check_original(project: str, repo: str, src: str, work: str) -> dict:
     return out
 
 
+CHECKS = {"full": check_full, "stock": compare_with_stock, "original": check_original}
+
 if __name__ == "__main__":
-    check = {"stock": compare_with_stock, "original": check_original}.get(sys.argv[1], main)
-    print("RESULT " + json.dumps(check(*sys.argv[2:6])))
+    isolate(Path(sys.argv[1]))
+    results = {}
+    for job in json.loads(sys.argv[2]):
+        results[job["name"]] = CHECKS[job["check"]](job["repo"], job["src"], job["work"])
+    print("RESULT " + json.dumps(results))

@@ -17,6 +17,8 @@ from PIL import Image
 from stgridpool.clips import gray_frames, index_gray_level, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
+# One pytest-xdist worker for the whole file (`--dist loadgroup`): the embedded default (`cache`) is built once.
+pytestmark = pytest.mark.xdist_group("cli")
 
 
 def cli_env(tmp_path) -> dict:

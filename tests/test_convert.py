@@ -83,16 +83,21 @@ def run_cli_many(commands: list[list]) -> list[tuple[int, str]]:
     return [(result.returncode, result.stderr) for result in (run_cli(*args) for args in commands)]
 
 
-def run_remote_check(tmp: Path, mode: str, repo: Path, src: Path) -> dict:
-    """tests/remote_check.py in a fresh process whose cwd is outside the project; returns its JSON result."""
-    work = Path(tempfile.mkdtemp(prefix=f"work-{mode}-", dir=tmp))
+def run_remote_checks(tmp: Path, jobs: dict[str, tuple[str, Path, Path]]) -> dict:
+    """tests/remote_check.py in one fresh process whose cwd is outside the project, over `jobs` ({name: (check, repo,
+    src)}, each given its own work folder); returns {name: its JSON result}."""
+    work = Path(tempfile.mkdtemp(prefix="remote-", dir=tmp))
+    listed = []
+    for name, (check, repo, src) in jobs.items():
+        (work / name).mkdir()
+        listed.append({"name": name, "check": check, "repo": str(repo), "src": str(src), "work": str(work / name)})
     child_env = env(tmp)
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != PROJECT
     )
     result = subprocess.run(
-        [sys.executable, str(REMOTE_CHECK), mode, str(PROJECT), str(repo), str(src), str(work)],
-        cwd=work, env=child_env, capture_output=True, text=True, timeout=600,
+        [sys.executable, str(REMOTE_CHECK), str(PROJECT), json.dumps(listed)],
+        cwd=work, env=child_env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
@@ -134,6 +139,8 @@ def shard(src: Path, dst: Path) -> Path:
     return dst
 
 
+# The tests of the converted repos (the `converted`, `originals` and `remote_checks` fixtures: conversions and a
+# process that loads every repo) are one pytest-xdist group (`--dist loadgroup`): one worker builds the repos, once.
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("convert")
@@ -163,6 +170,26 @@ def converted(workdir, stock) -> Path:
     return dst
 
 
+def bilinear_paths(workdir: Path) -> tuple[Path, Path]:
+    """(a sharded copy of the stock checkpoint, the repo converted from it in bilinear mode) of `remote_checks`."""
+    return workdir / "stock-sharded", workdir / "repos" / "bilinear"
+
+
+@pytest.fixture(scope="module")
+def remote_checks(workdir, stock, converted, originals) -> dict:
+    """Every repo these tests convert, loaded with remote code only (tests/remote_check.py), all in one fresh process:
+    {name: its results}."""
+    sharded, bilinear = bilinear_paths(workdir)
+    shard(stock, sharded)
+    result = run_cli(sharded, bilinear, "--video-pooling-mode", "bilinear", "--copy")
+    assert result.returncode == 0, result.stderr
+    jobs = {"full": ("full", converted, stock), "bilinear": ("stock", bilinear, stock)}
+    for flavour, (src, dst) in originals.items():
+        jobs[f"original-{flavour}"] = ("original", dst, src)
+    return run_remote_checks(workdir, jobs)
+
+
+@pytest.mark.xdist_group("converted_repos")
 def test_repo_files(converted, stock):
     names = sorted(p.name for p in converted.iterdir())
     assert names == sorted(
@@ -177,6 +204,7 @@ def test_repo_files(converted, stock):
         assert sha256(converted / name) == sha256(stock / name), name
 
 
+@pytest.mark.xdist_group("converted_repos")
 def test_config_carries_source_and_settings(converted, stock):
     source = json.loads((stock / "config.json").read_text())
     config = json.loads((converted / "config.json").read_text())
@@ -203,6 +231,7 @@ def test_config_carries_source_and_settings(converted, stock):
     assert tokenizer_config["processor_class"] == "STGridPoolProcessor"
 
 
+@pytest.mark.xdist_group("converted_repos")
 def test_model_card(converted):
     text = (converted / "README.md").read_text()
     assert text.startswith("---\n")
@@ -218,8 +247,9 @@ def test_model_card(converted):
     assert "arXiv" in text and "2605.22078" in text and "Training-free Spatial-Temporal Pooling and Gridding" in text
 
 
-def test_loads_with_remote_code_only(converted, stock, workdir):
-    out = run_remote_check(workdir, "full", converted, stock)
+@pytest.mark.xdist_group("converted_repos")
+def test_loads_with_remote_code_only(remote_checks):
+    out = remote_checks["full"]
     ours = "modeling_stgridpool_llava"
     for key, name, module in (
         ("config", "STGridPoolConfig", "configuration_stgridpool"),
@@ -258,12 +288,10 @@ def test_loads_with_remote_code_only(converted, stock, workdir):
     assert out["resaved_same_inputs"] and out["resaved_logits_max_diff"] == 0.0
 
 
-def test_bilinear_mode_equals_stock_from_sharded_source(stock, workdir):
+@pytest.mark.xdist_group("converted_repos")
+def test_bilinear_mode_equals_stock_from_sharded_source(remote_checks, workdir):
     """A sharded source: the index and shards carried byte for byte; bilinear mode gives stock's logits."""
-    sharded = shard(stock, workdir / "stock-sharded")
-    dst = workdir / "repos" / "bilinear"
-    result = run_cli(sharded, dst, "--video-pooling-mode", "bilinear", "--copy")
-    assert result.returncode == 0, result.stderr
+    sharded, dst = bilinear_paths(workdir)
     for name in (
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -272,7 +300,7 @@ def test_bilinear_mode_equals_stock_from_sharded_source(stock, workdir):
         assert sha256(dst / name) == sha256(sharded / name), name
         assert os.stat(dst / name).st_ino != os.stat(sharded / name).st_ino  # --copy: not a hard link
     assert not (dst / "model.safetensors").exists()
-    out = run_remote_check(workdir, "stock", dst, stock)
+    out = remote_checks["bilinear"]
     assert out["model"]["name"] == "STGridPoolLlavaOnevisionForConditionalGeneration"
     assert out["same_input_ids"] and out["same_pixels"]
     assert out["logits_max_diff"] <= 1e-5, out
@@ -742,6 +770,7 @@ def read_safetensors(folder: Path) -> dict:
     return tensors
 
 
+@pytest.mark.xdist_group("converted_repos")
 @pytest.mark.parametrize("flavour", list(ORIGINAL_FLAVOURS))
 def test_original_tensors_and_config(originals, flavour):
     import torch
@@ -799,13 +828,13 @@ def test_original_tensors_and_config(originals, flavour):
     assert set(CODE_MODULES) <= {p.name for p in dst.iterdir()}
 
 
+@pytest.mark.xdist_group("converted_repos")
 @pytest.mark.parametrize("flavour", list(ORIGINAL_FLAVOURS))
-def test_original_loads_and_matches_original_forward(originals, flavour, workdir):
+def test_original_loads_and_matches_original_forward(remote_checks, flavour):
     from configuration_stgridpool import video_token_count
 
-    src, dst = originals[flavour]
     video = ORIGINAL_FLAVOURS[flavour][0]["video"]
-    out = run_remote_check(workdir, "original", dst, src)
+    out = remote_checks[f"original-{flavour}"]
     assert out["model"]["name"] == "STGridPoolLlavaOnevisionForConditionalGeneration"
     assert out["model"]["module"].startswith("transformers_modules.")
     assert out["processor"]["name"] == "STGridPoolProcessor"

@@ -14,6 +14,9 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 av = pytest.importorskip("av")
+# One pytest-xdist worker for the whole file (`--dist loadgroup`): its module fixtures are built once, and the
+# two-process test compares with the answers of the single-process run before it.
+pytestmark = pytest.mark.xdist_group("lmms_eval")
 
 from stgridpool.tiny import save_tiny_stock_checkpoint  # noqa: E402
 
@@ -189,8 +192,6 @@ def test_loglikelihood_scores_choices_as_lmms_eval_expects(bench):
     assert scores["bilinear"][1][0] != pytest.approx(scores["stgridpool"][1][0], rel=1e-6)
 
 
-# The two-process test compares with this test's answers: both on one pytest-xdist worker (`--dist loadgroup`).
-@pytest.mark.xdist_group("single_process_run")
 def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
     """`stgridpool_eval.compare` runs `python -m lmms_eval --model stgridpool` twice (bilinear, stgridpool) on the
     local task; each results file scores every document, in the mode asked for, and the table comes out."""
@@ -223,7 +224,6 @@ def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
     bench["single_process_samples"] = samples["stgridpool"]  # reused by the two-process test
 
 
-@pytest.mark.xdist_group("single_process_run")
 def test_two_processes_shard_documents_and_merge_results(bench):
     """Two processes on CPU (gloo): lmms-eval gives each half the documents and gathers every document's answer
     into one results file, equal to the single-process run's.
