@@ -48,8 +48,8 @@ def video_prompt(processor, question: str) -> str:
 
 
 def check_full(repo: str, src: str, work: str) -> dict:
-    """Every way a user loads a converted repo (Auto classes, both pipelines), generate, and save_pretrained of what
-    remote code loaded, loaded again."""
+    """A converted repo loaded every way a user loads one (the Auto classes, both pipelines), answering, then saved
+    with save_pretrained and loaded again."""
     import numpy as np
     import torch
     from PIL import Image
