@@ -39,10 +39,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.timing
-from benchmarks.timing import sync, time_runs  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmarks.timing
+from benchmarks.timing import sync, time_runs  # noqa: E402
 
 THEIR_SETTINGS = dict(grid_size_list=(4, 4, 4), grid_freq_list=(2, 4, 8), kernel_size=2, padding=0, temp=1, p=2)
 OUR_SETTINGS = dict(

@@ -271,11 +271,16 @@ def ours_reader(path, num_frames):
 
 
 def ours_one_thread_reader(path, num_frames):
-    """`ours` held to one decoding thread (its CPU count patched to 1): what the parallel runs buy, same run."""
+    """`ours` held to one decoding thread (its CPU count patched to 1): what the parallel runs buy, same run. The
+    patch is undone after the read (`--smoke` runs every reader in one process)."""
     import processing_stgridpool
 
+    usable_cpus = processing_stgridpool._usable_cpus
     processing_stgridpool._usable_cpus = lambda: 1
-    return ours_reader(path, num_frames)
+    try:
+        return ours_reader(path, num_frames)
+    finally:
+        processing_stgridpool._usable_cpus = usable_cpus
 
 
 def probe_reader(path, num_frames):
@@ -471,13 +476,15 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--readers {args.readers}: no reader named {unknown[0]}; allowed: {', '.join(READER_FUNCTIONS)}")
     repeat = 1 if args.smoke else args.repeat
+    from processing_stgridpool import _usable_cpus
+
     folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
     results = {
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "usable_cpus": _usable_cpus(),  # the decoding threads `ours` may start
             "processor": platform.processor(),
         },
         "versions": versions(),

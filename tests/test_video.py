@@ -424,7 +424,7 @@ def test_parallel_decoding_equals_full_decode(seek_clips, monkeypatch, name):
             assert np.array_equal(video[j], reference[index]), (name, indices, j, index)
         ((_, _, runs),) = plans
         assert 2 <= len(calls) <= min(4, len(runs)), (indices, runs)  # fewer where costs cannot be split 4 ways
-        assert all(thread != threading.main_thread().ident for thread, _, _ in calls)  # in a thread pool
+        assert all(thread != threading.get_ident() for thread, _, _ in calls)  # in a thread pool, not this thread
         groups = sorted((args[3] for _, args, _ in calls), key=lambda group: group[0][1])  # by their first run
         assert [run for group in groups for run in group] == runs  # contiguous groups, every run once
         counts = [done for done, _ in seen]
@@ -462,7 +462,7 @@ def test_failure_in_one_decoding_thread_falls_back_to_forward_pass(seek_clips, m
     forward = record_calls(monkeypatch, "_decode_forward")
     seen = []
     video, _ = read_video_pyav(path, num_frames=8, progress=lambda done, todo: seen.append((done, todo)))
-    assert failed and failed[0] != threading.main_thread().ident  # in a pool thread (one group runs in this one)
+    assert failed and failed[0] != threading.get_ident()  # in a pool thread
     assert len(forward) == 1 and seen[-1] == (132, 132)  # then one forward pass, up to frame 131
     assert np.array_equal(video, np.stack([reference[i] for i in indices]))
 
@@ -474,7 +474,7 @@ def test_other_error_in_a_decoding_thread_propagates(seek_clips, monkeypatch):
     forward = record_calls(monkeypatch, "_decode_forward")
     with pytest.raises(RuntimeError, match="not an FFmpeg error"):
         read_video_pyav(path, num_frames=8)
-    assert failed and failed[0] != threading.main_thread().ident and not forward
+    assert failed and failed[0] != threading.get_ident() and not forward
 
 
 def test_split_runs_into_contiguous_groups_of_about_equal_cost():
