@@ -168,12 +168,14 @@ def _index_from_packets(stream, raw: list[int], last_duration: int | None, keys:
 # ---------------------------------------------------------------------------------------------------------------
 # MP4/MOV: the same index from the file's sample tables, without demuxing every packet
 # ---------------------------------------------------------------------------------------------------------------
-# FFmpeg's mov demuxer makes one packet per sample (libavformat/mov.c, mov_finalize_packet): dts = the sample's index
-# entry timestamp (its decoding time after the edit list: mov_build_index, mov_fix_index), pts = dts + dts_shift +
-# its composition offset (ctts), duration = its stts delta, keyframe and discard flags from the entry. PyAV exposes
-# the index entries; the offsets and deltas are read here from the moov box. Whatever would make the packets differ
-# is refused (`_mp4_sample_tables`, `_mp4_packets`), and the first packets demuxed are compared with the result
-# before it is used (`_demux_agrees`).
+# FFmpeg's mov demuxer (libavformat/mov.c, read in FFmpeg 8.1, PyAV 18's) makes one packet per index entry, in order
+# (mov_finalize_packet): dts = the entry's timestamp (the sample's decoding time after the edit list: mov_build_index,
+# mov_fix_index), pts = dts + dts_shift + the sample's ctts offset, duration = its stts delta, discard and keyframe
+# flags from the entry (h264: from FFmpeg's h264 parser instead, see `_mp4_packets`). PyAV exposes the entries; the
+# offsets and deltas are read here from the moov box. Entry i is sample i where the index keeps every sample once, in
+# order (no edit list, or one edit starting in the first GOP: counted and checked); dts_shift is 0 without negative
+# offsets. Whatever else would make the packets differ is refused (`_mp4_sample_tables`, `_mp4_packets`), and the
+# first packets demuxed are compared with the result before it is used (`_demux_agrees`).
 MOV_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"
 AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME = 1, 2  # AVIndexEntry flags (libavformat/avformat.h)
 MP4_CHECKED_PACKETS = (300, 3000)  # the self-check demuxes at least and at most this many packets
@@ -354,9 +356,11 @@ def _mp4_packets(path: str, container, stream) -> _Packets | None:
     durations when they are positive), except that h264 keyframe flags come from FFmpeg's h264 parser: the
     self-check (`_demux_agrees`) compares them with the sync samples. Refused besides `_mp4_sample_tables`'s cases:
     a time base that is not 1 / the track's timescale, index entries that do not pair up one to one with the samples
-    (count and sizes), an empty sample, a zero duration (FFmpeg guesses one), a decreasing dts, and hevc whose stss
-    lists no sample (parsed for keyframes)."""
-    codec, entries = stream.codec_context.name, getattr(stream, "index_entries", None)  # PyAV 18 has it
+    (count and sizes), an empty sample, a sample whose bytes are not all in the file (truncated: the demuxer stops
+    there), a zero duration (FFmpeg guesses one), a decreasing dts, and hevc whose stss lists no sample (then parsed
+    for keyframes)."""
+    context, entries = stream.codec_context, getattr(stream, "index_entries", None)  # PyAV 18 has index_entries
+    codec = context.name if context is not None else None  # None: FFmpeg has no decoder for it
     if container.format.name != MOV_DEMUXER or codec not in ("h264", "hevc") or entries is None:
         return None
     try:
@@ -367,11 +371,13 @@ def _mp4_packets(path: str, container, stream) -> _Packets | None:
         return None
     if codec == "hevc" and tables.sync_table_empty:
         return None
-    columns = np.array([(e.timestamp, e.flags, e.size) for e in entries], np.int64).reshape(-1, 3).T
-    dts, flags, sizes = columns
+    columns = np.array([(e.timestamp, e.flags, e.size, e.pos) for e in entries], np.int64).reshape(-1, 4).T
+    dts, flags, sizes, positions = columns
     if (
         not np.array_equal(sizes, tables.sizes)
         or (sizes <= 0).any()
+        or (positions < 0).any()
+        or (positions + sizes > os.path.getsize(path)).any()  # a truncated file: demuxing stops where its data does
         or (tables.durations <= 0).any()
         or (np.diff(dts) < 0).any()
     ):

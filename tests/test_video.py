@@ -603,13 +603,19 @@ def test_reader_takes_the_table_index_for_mp4_and_the_demux_pass_for_others(seek
 
 
 def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, monkeypatch):
-    """An edit list that starts past the first GOP (FFmpeg's index then drops samples), a fragmented mp4, and an
-    h264 stream whose parser sees keyframes the sync table does not list (an I-frame at a scene cut, one reference
-    frame): the reader demuxes every packet instead, and its frames are still exact."""
+    """An edit list that starts past the first GOP (FFmpeg's index then drops samples), a fragmented mp4, a
+    faststart mp4 cut short (its tables list frames whose data is gone), and an h264 stream whose parser sees
+    keyframes the sync table does not list (an I-frame at a scene cut, one reference frame): the reader demuxes
+    every packet instead, and its frames are still exact."""
     needs_index_entries()
     source = write_clip(tmp_path / "source.mp4", textured_frames(150), bframes=3, gop=24, open_gop=True)
     cut_past_gop = remux(source, tmp_path / "cut30.mp4", earlier=30)
     fragmented = remux(source, tmp_path / "fragmented.mp4", options={"movflags": "frag_keyframe+empty_moov"})
+    faststart = bytearray(remux(source, tmp_path / "faststart.mp4", options={"movflags": "faststart"}).read_bytes())
+    ((media_data, _),) = processing_stgridpool._boxes(bytes(faststart))[b"mdat"]
+    faststart[media_data - 8 : media_data - 4] = bytes(4)  # size 0: the media data runs to the end of the file
+    cut_short = tmp_path / "cut_short.mp4"
+    cut_short.write_bytes(faststart[: len(faststart) * 9 // 10])
     scene_cut = tmp_path / "scene_cut.mp4"
     with av.open(str(scene_cut), "w") as container:
         stream = container.add_stream("libx264", rate=25)
@@ -620,7 +626,7 @@ def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, mon
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    assert table_index(cut_past_gop)[0] is None and table_index(fragmented)[0] is None
+    assert all(table_index(path)[0] is None for path in (cut_past_gop, fragmented, cut_short))
     packets, agrees, index = table_index(scene_cut)
     assert packets is not None and not agrees and index.keyframes != demux_pass_index(scene_cut).keyframes
     probes = record_calls(monkeypatch, "_probe_stream")
@@ -632,6 +638,9 @@ def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, mon
         assert np.array_equal(video, np.stack([reference[i] for i in indices])), path.name
         assert len(probes) == 1, path.name
         assert_same_index(probes[0][2], demux_pass_index(path))
+    with pytest.warns(UserWarning, match="frames stop at"):  # as before: the frames it has are used
+        _, metadata = read_video_pyav(cut_short, num_frames=4)
+    assert metadata.total_num_frames == len(demux_pass_index(cut_short).pts) < 150
 
 
 def box(kind: bytes, *children: bytes, version: int | None = None) -> bytes:
