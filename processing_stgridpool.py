@@ -353,8 +353,11 @@ def _mp4_packets(path: str, container, stream) -> _Packets | None:
 
     Taken only for FFmpeg's mov demuxer and h264 or hevc video, whose packets the generic demuxing layer passes on
     unchanged (libavformat/demux.c, compute_pkt_fields: it leaves pts and dts alone when dts never decreases, and
-    durations when they are positive), except that h264 keyframe flags come from FFmpeg's h264 parser: the
-    self-check (`_demux_agrees`) compares them with the sync samples. Refused besides `_mp4_sample_tables`'s cases:
+    durations when they are positive), except that h264 keyframe flags come from FFmpeg's h264 parser, which reads
+    each packet's data: they are checked to be the sync samples' (stss) in the first packets (`_demux_agrees`) and
+    taken to be so beyond. Where they are not, only where decoding starts can differ, never which frames come back:
+    FFmpeg's mp4 seeks land on sync samples only, and the reader checks each landing packet's own flag.
+    Refused besides `_mp4_sample_tables`'s cases:
     a time base that is not 1 / the track's timescale, index entries that do not pair up one to one with the samples
     (count and sizes), an empty sample, a sample whose bytes are not all in the file (truncated: the demuxer stops
     there), a zero duration (FFmpeg guesses one), a decreasing dts, and hevc whose stss lists no sample (then parsed

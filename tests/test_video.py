@@ -603,6 +603,21 @@ def test_reader_takes_the_table_index_for_mp4_and_the_demux_pass_for_others(seek
         assert bool(probes) == expected, name
 
 
+def write_scene_cut_clip(path):
+    """An h264 mp4 with I-frames at a scene cut that are not keyframes to x264 (so not in the sync table, stss), but
+    are to FFmpeg's h264 parser (an I-frame of a stream with one reference frame)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.options = {"preset": "veryfast", "x264-params": "keyint=100:min-keyint=100:scenecut=40:ref=1:bframes=0"}
+        for image in np.concatenate([textured_frames(40), textured_frames(110, seed=5)]):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, monkeypatch):
     """An edit list that starts past the first GOP (FFmpeg's index then drops samples), a fragmented mp4, a
     faststart mp4 cut short (its tables list frames whose data is gone), and an h264 stream whose parser sees
@@ -617,16 +632,7 @@ def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, mon
     faststart[media_data - 8 : media_data - 4] = bytes(4)  # size 0: the media data runs to the end of the file
     cut_short = tmp_path / "cut_short.mp4"
     cut_short.write_bytes(faststart[: len(faststart) * 9 // 10])
-    scene_cut = tmp_path / "scene_cut.mp4"
-    with av.open(str(scene_cut), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
-        stream.options = {"preset": "veryfast", "x264-params": "keyint=100:min-keyint=100:scenecut=40:ref=1:bframes=0"}
-        for image in np.concatenate([textured_frames(40), textured_frames(110, seed=5)]):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    scene_cut = write_scene_cut_clip(tmp_path / "scene_cut.mp4")
     assert all(table_index(path)[0] is None for path in (cut_past_gop, fragmented, cut_short))
     packets, agrees, index = table_index(scene_cut)
     assert packets is not None and not agrees and index.keyframes != demux_pass_index(scene_cut).keyframes
@@ -696,3 +702,29 @@ def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
     for reason, (data, track_id, samples) in refused.items():
         with pytest.raises(processing_stgridpool._NotIndexable, match=reason):
             tables(data, track_id, samples)
+
+
+def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
+    """Past the packets `_demux_agrees` checks, an h264 mp4's keyframes from the sync table may differ from the h264
+    parser's that demuxing reports. Forced past the check: sync samples the parser does not call keyframes (a P-frame
+    listed in stss) and keyframes the table lacks (scene-cut I-frames) change where decoding starts, never the frames
+    returned: seeks land on sync samples only, and each landing packet's own flag is checked."""
+    needs_index_entries()
+    data = bytearray(write_clip(tmp_path / "source.mp4", textured_frames(150), gop=30).read_bytes())
+    third = data.index(b"stss") + 4 + 16  # after the type: version and flags, entry count, two entries
+    assert struct.unpack_from(">I", data, third) == (61,)  # sample numbers count from 1: frame 60
+    struct.pack_into(">I", data, third, 68)  # frame 67, a P-frame
+    p_frame_listed = tmp_path / "p_frame_listed.mp4"
+    p_frame_listed.write_bytes(data)
+    monkeypatch.setattr(processing_stgridpool, "_demux_agrees", lambda container, stream, packets: True)
+    for path, differs in [(p_frame_listed, [67]), (write_scene_cut_clip(tmp_path / "scene_cut.mp4"), None)]:
+        index = table_index(path)[2]
+        assert index.keyframes != demux_pass_index(path).keyframes
+        if differs:
+            assert sorted(set(index.keyframes) - set(demux_pass_index(path).keyframes)) == differs
+        reference = full_decode(path)
+        for cpus in (1, 4):
+            monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda cpus=cpus: cpus)
+            for indices in ([149, 3, 90, 41, 66, 67, 68], list(range(0, 150, 7))):
+                video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata, indices=indices: indices)
+                assert np.array_equal(video, np.stack([reference[i] for i in indices])), (path.name, cpus, indices)
