@@ -8,7 +8,8 @@ torchcodec only (it needs system FFmpeg libraries and fails on a plain pip insta
 overrides that one method, in both versions, to decode with PyAV (its wheels bundle FFmpeg): `read_video_pyav` below,
 a pure function that samples frames uniformly over the video's *duration* by presentation timestamps (exactly the
 stock `arange(n) * total // n` indices for constant frame rate; evenly spaced in time for variable frame rate) and
-applies the rotation metadata. It indexes the file by demuxing only, then seeks to the keyframe before a sampled frame
+applies the rotation metadata. It indexes the file without decoding (an mp4/mov from its sample tables, checked
+against its first packets; other files by demuxing every packet), then seeks to the keyframe before a sampled frame
 when that skips work, so sampling a long video costs about one GOP of decoding per sampled frame, not the whole video,
 and those decoding runs are shared among threads (one container each) on a machine with several cores; the frames
 are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
@@ -24,6 +25,7 @@ import itertools
 import math
 import os
 import stat
+import struct
 import threading
 import warnings
 from collections.abc import Sequence
@@ -103,7 +105,8 @@ class _FrameTimes(Sequence):
 
 @dataclasses.dataclass
 class _StreamIndex:
-    """What one demux-only pass (no decoding) tells about a video stream; frame i is the i-th a full decode shows."""
+    """What one demux-only pass (no decoding) tells about a video stream; frame i is the i-th a full decode shows.
+    An mp4's sample tables give the same (`_index_stream`)."""
 
     pts: list[int]  # presentation timestamps of the frames, in the stream's time base, ascending
     times: _FrameTimes  # the same in seconds, exact
@@ -119,7 +122,6 @@ def _probe_stream(container, stream) -> _StreamIndex:
 
     Packets the decoder drops (the discard flag, e.g. outside an mp4 edit list) are not frames. Packets without a
     timestamp are counted at the previous one's time (and disable seeking: frames could not be told apart)."""
-    time_base = stream.time_base or Fraction(1, 1)
     raw, keys = [], []  # keys: (pts, dts) of keyframe packets
     last_pts, last_duration = None, 0  # the frame shown last, and for how long
     matchable = True
@@ -138,6 +140,14 @@ def _probe_stream(container, stream) -> _StreamIndex:
             last_pts, last_duration = pts, packet.duration
         if packet.is_keyframe:
             keys.append((pts, packet.dts))
+    return _index_from_packets(stream, raw, last_duration, keys, matchable)
+
+
+def _index_from_packets(stream, raw: list[int], last_duration: int | None, keys: list, matchable: bool) -> _StreamIndex:
+    """The index made from the frames' packets, in demuxing order: `raw` their pts; `last_duration` the duration of
+    the last packet with the greatest pts (0 or None: unknown); `keys` (pts, dts) of the keyframe packets;
+    `matchable` False where some packet had no timestamp."""
+    time_base = stream.time_base or Fraction(1, 1)
     if not raw:
         return _StreamIndex([], _FrameTimes([], time_base), Fraction(0), [], {}, {}, False)
     pts = sorted(raw)
@@ -153,6 +163,273 @@ def _probe_stream(container, stream) -> _StreamIndex:
     return _StreamIndex(
         pts, _FrameTimes(pts, time_base), end_time, sorted(keyframe_dts), keyframe_dts, index_of, matchable
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MP4/MOV: the same index from the file's sample tables, without demuxing every packet
+# ---------------------------------------------------------------------------------------------------------------
+# FFmpeg's mov demuxer (libavformat/mov.c, read in FFmpeg 8.1, PyAV 18's) makes one packet per index entry, in order
+# (mov_finalize_packet): dts = the entry's timestamp (the sample's decoding time after the edit list: mov_build_index,
+# mov_fix_index), pts = dts + dts_shift + the sample's ctts offset, duration = its stts delta, discard and keyframe
+# flags from the entry (h264: from FFmpeg's h264 parser instead, see `_mp4_packets`). PyAV exposes the entries; the
+# offsets and deltas are read here from the moov box. Entry i is sample i where the index keeps every sample once, in
+# order (no edit list, or one edit starting in the first GOP: counted and checked); dts_shift is 0 without negative
+# offsets. Whatever else would make the packets differ is refused (`_mp4_sample_tables`, `_mp4_packets`), and the
+# first packets demuxed are compared with the result before it is used (`_demux_agrees`).
+MOV_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"
+AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME = 1, 2  # AVIndexEntry flags (libavformat/avformat.h)
+MP4_CHECKED_PACKETS = (300, 3000)  # the self-check demuxes at least and at most this many packets
+
+
+class _NotIndexable(Exception):
+    """An mp4 whose sample tables are not known to give exactly what demuxing it gives; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _SampleTables:
+    """A video track's sample tables (ISO/IEC 14496-12 boxes) as FFmpeg reads them; samples in decoding order."""
+
+    timescale: int  # mdhd: ticks per second (the stream's time base is 1 / timescale)
+    sizes: np.ndarray  # int64 [n], stsz: bytes of each sample
+    durations: np.ndarray  # int64 [n], stts: ticks each sample lasts
+    offsets: np.ndarray  # int64 [n], ctts: pts - dts of each sample, ticks (zeros without ctts)
+    sync_table_empty: bool  # an stss box that lists no sample (FFmpeg then takes keyframe flags from a parser)
+
+
+def _boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[bytes, list[tuple[int, int]]]:
+    """The boxes laid end to end in data[start:end] -> {type: [(payload start, payload end), ...]}, in file order."""
+    end = len(data) if end is None else end
+    boxes: dict[bytes, list[tuple[int, int]]] = {}
+    while start < end:
+        kind, header, size = _box_header(data[start : start + 16], end - start)
+        boxes.setdefault(kind, []).append((start + header, start + size))
+        start += size
+    return boxes
+
+
+def _box_header(header: bytes, room: int) -> tuple[bytes, int, int]:
+    """(type, header bytes, box bytes) of the box whose first 8 to 16 bytes are `header`, with `room` bytes for it
+    in its parent (or the file). A size of 0 means the box runs to the end; 1, that a 64-bit size follows."""
+    size, kind = _unpack(header, (0, len(header)), 0, ">I4s")
+    length = 8
+    if size == 1:
+        (size,), length = _unpack(header, (0, len(header)), 8, ">Q"), 16
+    elif size == 0:
+        size = room
+    if not length <= size <= room:
+        raise _NotIndexable(f"a {kind!r} box of {size} bytes does not fit in the {room} bytes left for it")
+    return kind, length, size
+
+
+def _unpack(data: bytes, box: tuple[int, int], offset: int, fmt: str) -> tuple:
+    """`struct.unpack` of big-endian `fmt` at `offset` into a box's payload, which must hold it."""
+    start, end = box
+    if offset + struct.calcsize(fmt) > end - start:
+        raise _NotIndexable(f"a box at byte {start} is too short ({end - start} bytes)")
+    return struct.unpack_from(fmt, data, start + offset)
+
+
+def _only(boxes: dict, kind: bytes) -> tuple[int, int]:
+    """The payload of the one box of type `kind` (FFmpeg takes the last of duplicates: refused)."""
+    found = boxes.get(kind, [])
+    if len(found) != 1:
+        raise _NotIndexable(f"{len(found)} {kind.decode('latin-1')} boxes where one is expected")
+    return found[0]
+
+
+def _table(data: bytes, box: tuple[int, int], dtype: str, columns: int, skip: int = 0) -> np.ndarray:
+    """A full box's table: after version, flags and `skip` bytes, an entry count, then that many rows of `columns`
+    4-byte big-endian numbers -> int64 [rows, columns]. FFmpeg reads as many rows as the count says, past the box
+    if it must: a box too short for them is refused."""
+    (count,) = _unpack(data, box, 4 + skip, ">I")
+    if 8 + skip + 4 * columns * count > box[1] - box[0]:
+        raise _NotIndexable(f"a table box at byte {box[0]} is shorter than its entry count ({count}) says")
+    return np.frombuffer(data, dtype, columns * count, box[0] + 8 + skip).reshape(count, columns).astype(np.int64)
+
+
+def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTables:
+    """The sample tables of track `track_id` in `moov` (the moov box's payload), where FFmpeg makes that track's
+    packets from them and its index entries alone; `samples`: how many entries FFmpeg's index has.
+
+    Raises _NotIndexable, naming the reason, for: a fragmented file (mvex: samples in moof boxes); a track not found
+    exactly once, or not video; several sample descriptions (stsd: packets then change codec parameters); tables
+    that do not count `samples` samples (checked before any per-sample array is made); stts durations over
+    2^31 - 1 ticks (FFmpeg rewrites those); negative composition offsets (FFmpeg then shifts dts); compact stz2
+    sizes; and edit lists other than one edit, optionally after one empty edit (a start delay): with several,
+    FFmpeg's index may repeat or drop samples, so entries and samples no longer pair up one to one."""
+    moov_boxes = _boxes(moov)
+    if b"mvex" in moov_boxes:
+        raise _NotIndexable("fragmented (mvex): samples live in movie fragments")
+    traks = []
+    for trak in moov_boxes.get(b"trak", []):
+        boxes = _boxes(moov, *trak)
+        tkhd = _only(boxes, b"tkhd")
+        if _unpack(moov, tkhd, 20 if _unpack(moov, tkhd, 0, ">B") == (1,) else 12, ">I") == (track_id,):
+            traks.append(boxes)
+    if len(traks) != 1:
+        raise _NotIndexable(f"{len(traks)} tracks with id {track_id}")
+    trak = traks[0]
+    mdia = _boxes(moov, *_only(trak, b"mdia"))
+    if _unpack(moov, _only(mdia, b"hdlr"), 8, ">4s") != (b"vide",):
+        raise _NotIndexable("not a video track")
+    mdhd = _only(mdia, b"mdhd")
+    (timescale,) = _unpack(moov, mdhd, 20 if _unpack(moov, mdhd, 0, ">B") == (1,) else 12, ">I")
+    stbl = _boxes(moov, *_only(_boxes(moov, *_only(mdia, b"minf")), b"stbl"))
+
+    if _unpack(moov, _only(stbl, b"stsd"), 4, ">I") != (1,):
+        raise _NotIndexable("not exactly one sample description (stsd)")
+    if b"stz2" in stbl:
+        raise _NotIndexable("compact sample sizes (stz2)")
+    stsz = _only(stbl, b"stsz")
+    constant_size, count = _unpack(moov, stsz, 4, ">II")
+    if count != samples:
+        raise _NotIndexable(f"stsz counts {count} samples, FFmpeg's index {samples}")
+    sizes = np.full(count, constant_size, np.int64) if constant_size else _table(moov, stsz, ">u4", 1, skip=4)[:, 0]
+    stts = _table(moov, _only(stbl, b"stts"), ">u4", 2)  # rows: (sample count, duration)
+    if stts[:, 0].sum() != count or (stts[:, 1] > 2**31 - 1).any():
+        raise _NotIndexable("stts: its sample count is not stsz's, or a duration over 2^31 - 1")
+    offsets = np.zeros(count, np.int64)
+    ctts = _table(moov, _only(stbl, b"ctts"), ">i4", 2) if b"ctts" in stbl else None  # FFmpeg reads both signed
+    if ctts is not None and len(ctts):  # an empty ctts is no ctts to FFmpeg
+        if ctts[:, 0].sum() != count or (ctts < 0).any():
+            raise _NotIndexable("ctts: its sample count is not stsz's, or negative entries")
+        offsets = np.repeat(ctts[:, 1], ctts[:, 0])
+    sync_table_empty = b"stss" in stbl and _unpack(moov, _only(stbl, b"stss"), 4, ">I") == (0,)
+
+    edits = []
+    if b"edts" in trak:
+        elst = _only(_boxes(moov, *_only(trak, b"edts")), b"elst")
+        fmt = ">QqI" if _unpack(moov, elst, 0, ">B") == (1,) else ">IiI"  # segment duration, media time, rate
+        (entries,) = _unpack(moov, elst, 4, ">I")
+        if 8 + entries * struct.calcsize(fmt) != elst[1] - elst[0]:
+            raise _NotIndexable("elst: its size does not match its entry count")  # FFmpeg recounts
+        edits = [_unpack(moov, elst, 8 + i * struct.calcsize(fmt), fmt) for i in range(entries)]
+    if edits and edits[0][1] == -1:  # an empty edit first: the track starts that much later
+        edits = edits[1:]
+    if len(edits) > 1 or any(time < 0 or rate != 1 << 16 for _, time, rate in edits):  # rate: 16.16 fixed point
+        raise _NotIndexable(f"an edit list other than one edit at normal rate (after any empty one): {edits[:4]}")
+    return _SampleTables(timescale, sizes, np.repeat(stts[:, 1], stts[:, 0]), offsets, sync_table_empty)
+
+
+def _read_moov(path: str, max_boxes: int = 1000) -> bytes:
+    """The payload of the file's moov box, reading only the top-level box headers and that box (at the start of the
+    file or after the media data). A fragmented file (moof boxes), none or several moov boxes, a box that runs past
+    the end of the file (truncated) or more than `max_boxes` top-level boxes: _NotIndexable."""
+    with open(path, "rb") as file:
+        file_size, start, moov = os.fstat(file.fileno()).st_size, 0, []
+        for _ in range(max_boxes):
+            if start >= file_size:
+                break
+            file.seek(start)
+            kind, length, size = _box_header(file.read(16), file_size - start)
+            if kind == b"moof":
+                raise _NotIndexable("fragmented (moof)")
+            if kind == b"moov":
+                moov.append((start + length, start + size))
+            start += size
+        else:
+            raise _NotIndexable(f"more than {max_boxes} top-level boxes")
+        if len(moov) != 1:
+            raise _NotIndexable(f"{len(moov)} moov boxes")
+        file.seek(moov[0][0])
+        return file.read(moov[0][1] - moov[0][0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packets:
+    """What demuxing a stream gives, packet by packet in demuxing order (timestamps in the stream's time base)."""
+
+    pts: np.ndarray  # int64 [n]
+    dts: np.ndarray  # int64 [n]
+    durations: np.ndarray  # int64 [n]
+    sizes: np.ndarray  # int64 [n], bytes
+    keyframe: np.ndarray  # bool [n]
+    discard: np.ndarray  # bool [n]: dropped by the decoder (outside the edit list)
+
+
+def _mp4_packets(path: str, container, stream) -> _Packets | None:
+    """The packets demuxing `stream` gives, from the mp4's sample tables and FFmpeg's index entries; None where they
+    are not known to be exact.
+
+    Taken only for FFmpeg's mov demuxer and h264 or hevc video, whose packets the generic demuxing layer passes on
+    unchanged (libavformat/demux.c, compute_pkt_fields: it leaves pts and dts alone when dts never decreases, and
+    durations when they are positive), except that h264 keyframe flags come from FFmpeg's h264 parser, which reads
+    each packet's data: they are checked to be the sync samples' (stss) in the first packets (`_demux_agrees`) and
+    taken to be so beyond. Where they are not, only where decoding starts can differ, never which frames come back:
+    FFmpeg's mp4 seeks land on sync samples only, and the reader checks each landing packet's own flag.
+    Refused besides `_mp4_sample_tables`'s cases:
+    a time base that is not 1 / the track's timescale, index entries that do not pair up one to one with the samples
+    (count and sizes), an empty sample, a sample whose bytes are not all in the file (truncated: the demuxer stops
+    there), a zero duration (FFmpeg guesses one), a decreasing dts, and hevc whose stss lists no sample (then parsed
+    for keyframes)."""
+    context, entries = stream.codec_context, getattr(stream, "index_entries", None)  # PyAV 18 has index_entries
+    codec = context.name if context is not None else None  # None: FFmpeg has no decoder for it
+    if container.format.name != MOV_DEMUXER or codec not in ("h264", "hevc") or entries is None:
+        return None
+    try:
+        tables = _mp4_sample_tables(_read_moov(path), stream.id, len(entries))
+    except (_NotIndexable, OSError):
+        return None
+    if stream.time_base != Fraction(1, tables.timescale or 1):
+        return None
+    if codec == "hevc" and tables.sync_table_empty:
+        return None
+    columns = np.array([(e.timestamp, e.flags, e.size, e.pos) for e in entries], np.int64).reshape(-1, 4).T
+    dts, flags, sizes, positions = columns
+    if (
+        not np.array_equal(sizes, tables.sizes)
+        or (sizes <= 0).any()
+        or (positions < 0).any()
+        or (positions + sizes > os.path.getsize(path)).any()  # a truncated file: demuxing stops where its data does
+        or (tables.durations <= 0).any()
+        or (np.diff(dts) < 0).any()
+    ):
+        return None
+    keyframe, discard = (flags & AVINDEX_KEYFRAME) != 0, (flags & AVINDEX_DISCARD_FRAME) != 0
+    return _Packets(dts + tables.offsets, dts, tables.durations, sizes, keyframe, discard)
+
+
+def _demux_agrees(container, stream, packets: _Packets) -> bool:
+    """Whether the first packets demuxed from `container` (fresh: at the start) are those of `packets`: pts, dts,
+    duration, size, keyframe and discard flags. Up to the third keyframe, at least 300 packets and at most 3000
+    (about 1 to 9 ms): an unforeseen difference, e.g. an h264 parser that sees keyframes where the sync table has
+    none, shows in the first GOPs, as encoders make every GOP alike."""
+    keyframes = np.flatnonzero(packets.keyframe)
+    least, most = MP4_CHECKED_PACKETS
+    count = min(len(packets.pts), most, max(least, keyframes[2] + 16 if len(keyframes) > 2 else 0))
+    expected = zip(
+        *(column[:count].tolist() for column in (packets.pts, packets.dts, packets.durations, packets.sizes)),
+        packets.keyframe[:count].tolist(),
+        packets.discard[:count].tolist(),
+    )
+    seen = 0
+    for want, packet in zip(expected, container.demux(stream)):  # `expected` first: no packet demuxed past them
+        if want != (packet.pts, packet.dts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard):
+            return False
+        seen += 1
+    return seen == count
+
+
+def _index_from_mp4_packets(stream, packets: _Packets) -> _StreamIndex:
+    """`_probe_stream`'s index, made from `packets` instead of a demux pass."""
+    kept = ~packets.discard
+    pts, dts, keyframe = packets.pts[kept], packets.dts[kept], packets.keyframe[kept]
+    last = np.flatnonzero(pts == pts.max())[-1] if len(pts) else None  # the last packet with the greatest pts
+    keys = list(zip(pts[keyframe].tolist(), dts[keyframe].tolist()))
+    last_duration = int(packets.durations[kept][last]) if last is not None else 0
+    return _index_from_packets(stream, pts.tolist(), last_duration, keys, True)
+
+
+def _index_stream(av, path: str, container, stream) -> _StreamIndex:
+    """The stream's index: from an mp4's sample tables where they are exact (`_mp4_packets`) and the first packets
+    demuxed agree (`_demux_agrees`), else by one demux-only pass over every packet (`_probe_stream`)."""
+    packets = _mp4_packets(path, container, stream)
+    if packets is None:
+        return _probe_stream(container, stream)
+    if _demux_agrees(container, stream, packets):
+        return _index_from_mp4_packets(stream, packets)
+    with _open(av, path) as fresh:  # the check demuxed the first packets: the pass starts from a fresh container
+        return _probe_stream(fresh, fresh.streams.video[0])
 
 
 def _rotate(image: np.ndarray, degrees_ccw: int) -> np.ndarray:
@@ -214,15 +491,16 @@ def read_video_pyav(
     Returns (frames uint8 [T, H, W, 3] RGB, as a player shows them (rotation metadata applied), and
     `VideoMetadata` with `frames_indices`).
 
-    Only what the sampled frames need is decoded: one demux-only pass indexes the frames and keyframes, then for each
-    sampled frame the decoder either goes on forward or, when the keyframe at or before the frame lies ahead of
-    where it stands, seeks to that keyframe. The frames returned are those a full sequential decode shows at the
-    same indices, bit for bit (frames are matched by timestamp after a seek; where a container cannot seek, or a
-    seek lands anywhere unexpected, it decodes forward from the start). When seeking, the decoding runs are split
-    into contiguous groups of about equal cost, decoded in parallel threads, each with its own container on the file
-    (as many as the CPUs this process may use, at most 8; PyAV lets go of the GIL while decoding), and each decoder
-    uses FFmpeg's slice threads where the codec has them; a forward pass uses FFmpeg's frame and slice threads. Only
-    the sampled frames are converted to RGB.
+    Only what the sampled frames need is decoded: the frames and keyframes are indexed without decoding (an mp4/mov
+    from its sample tables, as FFmpeg read them, where they give exactly what demuxing gives; other files by one
+    demux-only pass: `_index_stream`), then for each sampled frame the decoder either goes on forward or, when the
+    keyframe at or before the frame lies ahead of where it stands, seeks to that keyframe. The frames returned are
+    those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
+    seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
+    When seeking, the decoding runs are split into contiguous groups of about equal cost, decoded in parallel
+    threads, each with its own container on the file (as many as the CPUs this process may use, at most 8; PyAV lets
+    go of the GIL while decoding), and each decoder uses FFmpeg's slice threads where the codec has them; a forward
+    pass uses FFmpeg's frame and slice threads. Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
@@ -248,7 +526,7 @@ def read_video_pyav(
                     )
                 raise VideoDecodeError(f"{path}: has no video stream (it has: {', '.join(kinds)})")
             stream = container.streams.video[0]
-            index = _probe_stream(container, stream)
+            index = _index_stream(av, path, container, stream)
             if not index.pts:
                 raise VideoDecodeError(
                     f"{path}: damaged or truncated: it declares a video stream but holds no video frames "

@@ -11,6 +11,8 @@ constant-frame-rate clips):
   seeking reader; not frame-exact in general, e.g. open GOPs).
 - `decord` / `torchcodec` (exact seek mode), when they import in the running Python.
 - `probe`: only our demux-only index pass (`_probe_stream`), to show it is not the bottleneck.
+- `fast_probe`: only the index `ours` uses (`_index_stream`): an mp4's sample tables where they are exact (checked
+  against its first packets), else the demux pass.
 
 Each (reader, clip) runs in a fresh Python process (`--worker`, `--repeat` reads, median reported) that reports
 wall seconds, CPU seconds (all threads) and its peak RSS (`ru_maxrss`) and the RSS before reading (imports), so
@@ -79,6 +81,7 @@ RATE = 25
 PRESET = "veryfast"
 CONTENT = "cam1"  # in the clip's file name: a cached clip is reused only if made by this version of camera_frames
 READERS = ("ours", "ours_one_thread", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
+INDEX_READERS = ("probe", "fast_probe")  # index only, no frames: they report the frame count
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,6 +296,16 @@ def probe_reader(path, num_frames):
     return None, list(range(len(index.pts)))
 
 
+def fast_probe_reader(path, num_frames):
+    import av
+
+    from processing_stgridpool import _index_stream
+
+    with av.open(str(path)) as container:
+        index = _index_stream(av, str(path), container, container.streams.video[0])
+    return None, list(range(len(index.pts)))
+
+
 def decord_reader(path, num_frames):
     from decord import VideoReader, cpu
 
@@ -321,6 +334,7 @@ READER_FUNCTIONS = {
     "decord": decord_reader,
     "torchcodec": torchcodec_reader,
     "probe": probe_reader,
+    "fast_probe": fast_probe_reader,
 }
 
 
@@ -370,7 +384,7 @@ def run_reader(reader: str, path: Path, num_frames: int) -> dict:
     return {
         "seconds": seconds,
         "cpu_seconds": cpu,
-        "indices": indices if reader != "probe" else len(indices),
+        "indices": indices if reader not in INDEX_READERS else len(indices),
         "hashes": hashes,
         "rss_before_mb": rss_before,
         "peak_rss_mb": max_rss_mb(),
@@ -454,7 +468,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--readers",
-        default=",".join(READERS + ("probe",)),
+        default=",".join(READERS + INDEX_READERS),
         help=f"comma-separated reader names (default: all): {', '.join(READER_FUNCTIONS)}",
     )
     parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
@@ -529,7 +543,7 @@ def main(argv=None) -> int:
             )
         truth = row["readers"].get("old_forward_only")
         for reader, entry in row["readers"].items():
-            if truth is None or reader in ("old_forward_only", "probe"):
+            if truth is None or reader == "old_forward_only" or reader in INDEX_READERS:
                 continue
             entry["same_indices_as_old"] = entry["indices"] == truth["indices"]
             entry["bit_identical_to_sequential_decode"] = entry["hashes"] == truth["hashes"]
@@ -550,7 +564,7 @@ def main(argv=None) -> int:
 
 
 def print_table(results: dict) -> None:
-    readers = [r for r in READERS + ("probe",) if any(r in row["readers"] for row in results["clips"].values())]
+    readers = [r for r in READERS + INDEX_READERS if any(r in row["readers"] for row in results["clips"].values())]
     print("| clip | frames | " + " | ".join(readers) + " |")
     print("|---|---:|" + "---:|" * len(readers))
     for name, row in results["clips"].items():

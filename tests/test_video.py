@@ -1,7 +1,9 @@
 """Video decoding with PyAV (processing_stgridpool), through the pure function and the Transformers processor path,
 plus the pure helpers of stgridpool.visualize. Clips are encoded here with PyAV; frame k's gray level encodes k."""
 
+import dataclasses
 import errno
+import struct
 import threading
 from fractions import Fraction
 
@@ -484,3 +486,245 @@ def test_split_runs_into_contiguous_groups_of_about_equal_cost():
     assert split(list("abcde"), [30, 30, 30, 30, 30], 4) == [["a"], ["b"], ["c", "d"], ["e"]]
     assert split(list("abcde"), [10, 10, 10, 10, 1000], 4) == [["a", "b", "c", "d"], ["e"]]  # no gain in more
     assert split(["a"], [7], 1) == [["a"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mp4/mov index from the sample tables: exactly the demux pass's, or not used
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def needs_index_entries() -> None:
+    """Skip where PyAV does not expose FFmpeg's index entries (older PyAV): the reader then always demuxes."""
+    if not hasattr(av.video.stream.VideoStream, "index_entries"):
+        pytest.skip(f"PyAV {av.__version__} has no Stream.index_entries")
+
+
+def demux_pass_index(path) -> processing_stgridpool._StreamIndex:
+    with av.open(str(path)) as container:
+        return processing_stgridpool._probe_stream(container, container.streams.video[0])
+
+
+def table_index(path):
+    """(packets from the sample tables or None, whether the first packets demuxed agree, the index made from them)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = processing_stgridpool._mp4_packets(str(path), container, stream)
+        if packets is None:
+            return None, None, None
+        agrees = processing_stgridpool._demux_agrees(container, stream, packets)
+        return packets, agrees, processing_stgridpool._index_from_mp4_packets(stream, packets)
+
+
+def assert_same_index(index, reference) -> None:
+    for field in dataclasses.fields(reference):
+        mine, theirs = getattr(index, field.name), getattr(reference, field.name)
+        if field.name == "times":
+            mine, theirs = list(mine), list(theirs)
+        assert mine == theirs, field.name
+
+
+def remux(source, target, earlier: int = 0, options: dict | None = None):
+    """Copy `source`'s packets into `target` (muxer `options`), every timestamp moved `earlier` frames earlier: the
+    mp4 muxer then writes an edit list whose presentation starts at time 0, past those frames (FFmpeg drops them:
+    discard flags)."""
+    with av.open(str(source)) as src:
+        stream = src.streams.video[0]
+        packets = [(packet, packet.pts, packet.dts) for packet in src.demux(stream) if packet.size]
+        step = packets[0][0].duration * earlier
+        with av.open(str(target), "w", options=options or {}) as out:
+            out_stream = out.add_stream_from_template(stream)
+            for packet, pts, dts in packets:
+                packet.time_base = stream.time_base
+                packet.pts, packet.dts = pts - step, dts - step
+                packet.stream = out_stream
+                out.mux(packet)
+    return target
+
+
+MP4_CLIPS = {  # name -> write_clip keyword arguments (and `cut`: frames an edit list cuts from the start); 150 frames
+    "h264_no_bframes": {"gop": 30},
+    "h264_bframes_mov": {"bframes": 2, "gop": 20, "suffix": ".mov"},
+    "h264_vfr": SEEK_CLIPS["vfr"][1],
+    "hevc_bframes": {"codec": "libx265", "gop": 24},
+    "edit_list_cuts_5_frames": {**SEEK_CLIPS["h264_bframes_open_gop"][1], "cut": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def mp4_clips(tmp_path_factory, seek_clips):
+    """Every mp4/mov clip of SEEK_CLIPS and MP4_CLIPS, by name -> path, encoded on first use."""
+    folder = tmp_path_factory.mktemp("mp4")
+
+    def clip(name: str):
+        if name in SEEK_CLIPS:
+            return seek_clips(name)
+        kwargs = dict(MP4_CLIPS[name])
+        path = folder / (name + kwargs.pop("suffix", ".mp4"))
+        if not path.exists():
+            if kwargs.get("codec") == "libx265" and "libx265" not in av.codecs_available:
+                pytest.skip("this PyAV has no libx265 encoder")
+            cut = kwargs.pop("cut", 0)
+            written = write_clip(path.with_stem(name + "_source") if cut else path, textured_frames(150), **kwargs)
+            if cut:
+                remux(written, path, earlier=cut)
+        return path
+
+    return clip
+
+
+MP4_NAMES = sorted(name for name, (suffix, _) in SEEK_CLIPS.items() if suffix == ".mp4") + sorted(MP4_CLIPS)
+
+
+@pytest.mark.parametrize("name", MP4_NAMES)
+def test_mp4_sample_table_index_equals_demux_pass(mp4_clips, name):
+    """B-frames (open and closed GOPs), faststart, VFR, rotated, a start delay (empty edit), mov, hevc, an edit list
+    that cuts the first frames: the index from the sample tables is taken, and is the demux pass's, field by field."""
+    needs_index_entries()
+    path = mp4_clips(name)
+    packets, agrees, index = table_index(path)
+    assert packets is not None and agrees, name
+    assert_same_index(index, demux_pass_index(path))
+    if name == "edit_list_cuts_5_frames":
+        assert int(packets.discard.sum()) == 5 and len(index.pts) == 145
+    reference = full_decode(path)
+    indices = [len(reference) - 1, 0, 61, 62, 100]
+    video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata: indices)
+    assert all(np.array_equal(video[j], reference[i]) for j, i in enumerate(indices)), name
+
+
+def test_reader_takes_the_table_index_for_mp4_and_the_demux_pass_for_others(seek_clips, monkeypatch):
+    needs_index_entries()
+    probes = record_calls(monkeypatch, "_probe_stream")
+    demuxed = {"h264_bframes_open_gop": False, "h264_faststart": False, "h264_bframes_closed_gop_mkv": True}
+    demuxed["vp9_webm"] = True
+    for name, expected in demuxed.items():
+        probes.clear()
+        read_video_pyav(seek_clips(name), num_frames=8)
+        assert bool(probes) == expected, name
+
+
+def write_scene_cut_clip(path):
+    """An h264 mp4 with I-frames at a scene cut that are not keyframes to x264 (so not in the sync table, stss), but
+    are to FFmpeg's h264 parser (an I-frame of a stream with one reference frame)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        stream.options = {"preset": "veryfast", "x264-params": "keyint=100:min-keyint=100:scenecut=40:ref=1:bframes=0"}
+        for image in np.concatenate([textured_frames(40), textured_frames(110, seed=5)]):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, monkeypatch):
+    """An edit list that starts past the first GOP (FFmpeg's index then drops samples), a fragmented mp4, a
+    faststart mp4 cut short (its tables list frames whose data is gone), and an h264 stream whose parser sees
+    keyframes the sync table does not list (an I-frame at a scene cut, one reference frame): the reader demuxes
+    every packet instead, and its frames are still exact."""
+    needs_index_entries()
+    source = write_clip(tmp_path / "source.mp4", textured_frames(150), bframes=3, gop=24, open_gop=True)
+    cut_past_gop = remux(source, tmp_path / "cut30.mp4", earlier=30)
+    fragmented = remux(source, tmp_path / "fragmented.mp4", options={"movflags": "frag_keyframe+empty_moov"})
+    faststart = bytearray(remux(source, tmp_path / "faststart.mp4", options={"movflags": "faststart"}).read_bytes())
+    ((media_data, _),) = processing_stgridpool._boxes(bytes(faststart))[b"mdat"]
+    faststart[media_data - 8 : media_data - 4] = bytes(4)  # size 0: the media data runs to the end of the file
+    cut_short = tmp_path / "cut_short.mp4"
+    cut_short.write_bytes(faststart[: len(faststart) * 9 // 10])
+    scene_cut = write_scene_cut_clip(tmp_path / "scene_cut.mp4")
+    assert all(table_index(path)[0] is None for path in (cut_past_gop, fragmented, cut_short))
+    packets, agrees, index = table_index(scene_cut)
+    assert packets is not None and not agrees and index.keyframes != demux_pass_index(scene_cut).keyframes
+    probes = record_calls(monkeypatch, "_probe_stream")
+    for path in (cut_past_gop, fragmented, scene_cut):
+        probes.clear()
+        reference = full_decode(path)
+        indices = sample_frame_indices(len(reference), 9)
+        video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata, indices=indices: indices)
+        assert np.array_equal(video, np.stack([reference[i] for i in indices])), path.name
+        assert len(probes) == 1, path.name
+        assert_same_index(probes[0][2], demux_pass_index(path))
+    with pytest.warns(UserWarning, match="frames stop at"):  # as before: the frames it has are used
+        _, metadata = read_video_pyav(cut_short, num_frames=4)
+    assert metadata.total_num_frames == len(demux_pass_index(cut_short).pts) < 150
+
+
+def box(kind: bytes, *children: bytes, version: int | None = None) -> bytes:
+    """An mp4 box: size, type, (version and flags for a full box), then its payload."""
+    payload = (b"" if version is None else bytes([version, 0, 0, 0])) + b"".join(children)
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def moov(stbl=(), edits=None, extra=(), track_id: int = 7) -> bytes:
+    """The payload of a moov box holding one video track of 4 samples (timescale 1000); `stbl` replaces its tables
+    by type, `edits` are (duration, media time) pairs for an edit list, `extra` boxes go after the track."""
+    tables = {
+        b"stsd": box(b"stsd", struct.pack(">I", 1), box(b"avc1"), version=0),
+        b"stts": box(b"stts", struct.pack(">I4I", 2, 3, 40, 1, 20), version=0),  # 3 x 40 ticks, then 20
+        b"ctts": box(b"ctts", struct.pack(">I4I", 2, 1, 80, 3, 0), version=0),
+        b"stsz": box(b"stsz", struct.pack(">II4I", 0, 4, 9, 8, 7, 6), version=0),
+        **dict(stbl),
+    }
+    track = [
+        box(b"tkhd", struct.pack(">III", 0, 0, track_id), version=0),
+        box(
+            b"mdia",
+            box(b"mdhd", struct.pack(">IIII", 0, 0, 1000, 160), version=0),
+            box(b"hdlr", struct.pack(">I4s", 0, b"vide"), version=0),
+            box(b"minf", box(b"stbl", *[table for table in tables.values() if table])),
+        ),
+    ]
+    if edits is not None:
+        rows = b"".join(struct.pack(">IiI", duration, time, 1 << 16) for duration, time in edits)
+        track.insert(1, box(b"edts", box(b"elst", struct.pack(">I", len(edits)), rows, version=0)))
+    return box(b"trak", *track) + b"".join(extra)
+
+
+def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
+    tables = processing_stgridpool._mp4_sample_tables
+    parsed = tables(moov(edits=[(5, -1), (160, 80)]), 7, 4)  # a start delay, then the B-frame shift
+    assert parsed.timescale == 1000 and not parsed.sync_table_empty
+    assert parsed.sizes.tolist() == [9, 8, 7, 6] and parsed.durations.tolist() == [40, 40, 40, 20]
+    assert parsed.offsets.tolist() == [80, 0, 0, 0]
+    assert tables(moov(stbl={b"ctts": b""}), 7, 4).offsets.tolist() == [0, 0, 0, 0]
+    refused = {
+        "tracks with id 8": (moov(), 8, 4),
+        "stsz counts 4 samples, FFmpeg's index 5": (moov(), 7, 5),
+        "an edit list other than one edit": (moov(edits=[(80, 0), (80, 80)]), 7, 4),
+        "or negative entries": (moov(stbl={b"ctts": box(b"ctts", struct.pack(">IIi", 1, 4, -40), version=0)}), 7, 4),
+        "stts: its sample count": (moov(stbl={b"stts": box(b"stts", struct.pack(">III", 1, 3, 40), version=0)}), 7, 4),
+        "fragmented": (moov(extra=[box(b"mvex")]), 7, 4),
+        "compact sample sizes": (moov(stbl={b"stz2": box(b"stz2", version=0)}), 7, 4),
+        "one sample description": (moov(stbl={b"stsd": box(b"stsd", struct.pack(">I", 2), version=0)}), 7, 4),
+        "shorter than its entry count": (moov(stbl={b"stsz": box(b"stsz", struct.pack(">II", 0, 4), version=0)}), 7, 4),
+    }
+    for reason, (data, track_id, samples) in refused.items():
+        with pytest.raises(processing_stgridpool._NotIndexable, match=reason):
+            tables(data, track_id, samples)
+
+
+def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
+    """Past the packets `_demux_agrees` checks, an h264 mp4's keyframes from the sync table may differ from the h264
+    parser's that demuxing reports. Forced past the check: sync samples the parser does not call keyframes (a P-frame
+    listed in stss) and keyframes the table lacks (scene-cut I-frames) change where decoding starts, never the frames
+    returned: seeks land on sync samples only, and each landing packet's own flag is checked."""
+    needs_index_entries()
+    data = bytearray(write_clip(tmp_path / "source.mp4", textured_frames(150), gop=30).read_bytes())
+    third = data.index(b"stss") + 4 + 16  # after the type: version and flags, entry count, two entries
+    assert struct.unpack_from(">I", data, third) == (61,)  # sample numbers count from 1: frame 60
+    struct.pack_into(">I", data, third, 68)  # frame 67, a P-frame
+    p_frame_listed = tmp_path / "p_frame_listed.mp4"
+    p_frame_listed.write_bytes(data)
+    monkeypatch.setattr(processing_stgridpool, "_demux_agrees", lambda container, stream, packets: True)
+    for path, differs in [(p_frame_listed, [67]), (write_scene_cut_clip(tmp_path / "scene_cut.mp4"), None)]:
+        index = table_index(path)[2]
+        assert index.keyframes != demux_pass_index(path).keyframes
+        if differs:
+            assert sorted(set(index.keyframes) - set(demux_pass_index(path).keyframes)) == differs
+        reference = full_decode(path)
+        for cpus in (1, 4):
+            monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda cpus=cpus: cpus)
+            for indices in ([149, 3, 90, 41, 66, 67, 68], list(range(0, 150, 7))):
+                video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata, indices=indices: indices)
+                assert np.array_equal(video, np.stack([reference[i] for i in indices])), (path.name, cpus, indices)
