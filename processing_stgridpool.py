@@ -23,6 +23,7 @@ import functools
 import importlib
 import itertools
 import math
+import operator
 import os
 import stat
 import struct
@@ -113,8 +114,12 @@ class _StreamIndex:
     end_time: Fraction  # when the last frame stops being shown, seconds
     keyframes: list[int]  # indices of the frames whose packets are keyframes (decoding can start there), ascending
     keyframe_dts: dict[int, int | None]  # keyframe index -> its packet's decoding timestamp
-    index_of: dict[int, int]  # pts -> frame index
     matchable: bool  # every frame has its own timestamp: after a seek, decoded frames are matched by timestamp
+
+    def frame_at(self, pts: int) -> int | None:
+        """The index of the frame with presentation timestamp `pts`, or None where no frame has it."""
+        at = bisect.bisect_left(self.pts, pts)
+        return at if at < len(self.pts) and self.pts[at] == pts else None
 
 
 def _probe_stream(container, stream) -> _StreamIndex:
@@ -149,36 +154,37 @@ def _index_from_packets(stream, raw: list[int], last_duration: int | None, keys:
     `matchable` False where some packet had no timestamp."""
     time_base = stream.time_base or Fraction(1, 1)
     if not raw:
-        return _StreamIndex([], _FrameTimes([], time_base), Fraction(0), [], {}, {}, False)
+        return _StreamIndex([], _FrameTimes([], time_base), Fraction(0), [], {}, False)
     pts = sorted(raw)
     last = last_duration or 0
     if last <= 0:  # no packet duration: the median gap, or the average rate
         gaps = sorted(b - a for a, b in itertools.pairwise(pts) if b > a)
         rate = stream.average_rate or stream.guessed_rate
         last = gaps[len(gaps) // 2] if gaps else 1 / ((Fraction(rate) if rate else 30) * time_base)
-    index_of = {p: i for i, p in enumerate(pts)}
-    matchable = matchable and len(index_of) == len(pts)
-    keyframe_dts = {index_of[p]: dts for p, dts in keys}
+    matchable = matchable and all(map(operator.lt, pts, itertools.islice(pts, 1, None)))  # distinct
+    keyframe_dts = {bisect.bisect_left(pts, p): dts for p, dts in keys}
     end_time = (pts[-1] + last) * time_base
-    return _StreamIndex(
-        pts, _FrameTimes(pts, time_base), end_time, sorted(keyframe_dts), keyframe_dts, index_of, matchable
-    )
+    return _StreamIndex(pts, _FrameTimes(pts, time_base), end_time, sorted(keyframe_dts), keyframe_dts, matchable)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # MP4/MOV: the same index from the file's sample tables, without demuxing every packet
 # ---------------------------------------------------------------------------------------------------------------
-# FFmpeg's mov demuxer (libavformat/mov.c, read in FFmpeg 8.1, PyAV 18's) makes one packet per index entry, in order
-# (mov_finalize_packet): dts = the entry's timestamp (the sample's decoding time after the edit list: mov_build_index,
-# mov_fix_index), pts = dts + dts_shift + the sample's ctts offset, duration = its stts delta, discard and keyframe
-# flags from the entry (h264: from FFmpeg's h264 parser instead, see `_mp4_packets`). PyAV exposes the entries; the
-# offsets and deltas are read here from the moov box. Entry i is sample i where the index keeps every sample once, in
-# order (no edit list, or one edit starting in the first GOP: counted and checked); dts_shift is 0 without negative
-# offsets. Whatever else would make the packets differ is refused (`_mp4_sample_tables`, `_mp4_packets`), and the
-# first packets demuxed are compared with the result before it is used (`_demux_agrees`).
+# FFmpeg's mov demuxer (libavformat/mov.c) indexes a track from its sample tables when it opens the file
+# (mov_build_index, mov_fix_index) and makes one packet per index entry, in order (mov_read_packet): dts = the
+# sample's decoding time (its stts deltas summed) moved by the edit list, pts = dts + its ctts offset, duration = its
+# stts delta, size and place in the file from stsz, stsc and stco; keyframe = listed in stss (every sample without
+# stss; h264 packets get the flag from FFmpeg's h264 parser instead); discard = shown before the edit starts. With no
+# edit list, or one edit (after an optional empty one, a start delay) that starts in the first GOP and lasts to the
+# end, FFmpeg keeps every sample once, in order, moved by one constant. So `_mp4_packets` computes every packet from
+# the tables with numpy, the constant is read off the first packet demuxed, and before the result is used the first
+# GOPs are demuxed and compared with it field by field, as are about a thousand of FFmpeg's own index entries spread
+# over the file where PyAV exposes them (`Stream.index_entries`, PyAV 18): `_index_stream`. Every other layout is
+# refused (`_NotIndexable`) and demuxed packet by packet.
 MOV_DEMUXER = "mov,mp4,m4a,3gp,3g2,mj2"
 AVINDEX_KEYFRAME, AVINDEX_DISCARD_FRAME = 1, 2  # AVIndexEntry flags (libavformat/avformat.h)
-MP4_CHECKED_PACKETS = (300, 3000)  # the self-check demuxes at least and at most this many packets
+MP4_CHECKED_PACKETS = (300, 3000)  # the first packets demuxed and compared: at least and at most this many
+MP4_CHECKED_ENTRIES = 1024  # FFmpeg's index entries compared, evenly spread (about 0.3 ms)
 
 
 class _NotIndexable(Exception):
@@ -191,9 +197,24 @@ class _SampleTables:
 
     timescale: int  # mdhd: ticks per second (the stream's time base is 1 / timescale)
     sizes: np.ndarray  # int64 [n], stsz: bytes of each sample
+    positions: np.ndarray  # int64 [n], stco/co64 and stsc: where each sample's bytes start in the file
     durations: np.ndarray  # int64 [n], stts: ticks each sample lasts
     offsets: np.ndarray  # int64 [n], ctts: pts - dts of each sample, ticks (zeros without ctts)
-    sync_table_empty: bool  # an stss box that lists no sample (FFmpeg then takes keyframe flags from a parser)
+    sync: np.ndarray  # bool [n], stss: sync samples, where decoding can start (all without stss)
+    edit_start: int  # ticks: the media time the edit list starts showing at (0 without one)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Packets:
+    """What demuxing a stream gives, packet by packet in demuxing order (timestamps in the stream's time base)."""
+
+    pts: np.ndarray  # int64 [n]
+    dts: np.ndarray  # int64 [n]
+    durations: np.ndarray  # int64 [n]
+    sizes: np.ndarray  # int64 [n], bytes
+    positions: np.ndarray  # int64 [n], byte in the file
+    keyframe: np.ndarray  # bool [n]
+    discard: np.ndarray  # bool [n]: dropped by the decoder (shown before the edit list starts)
 
 
 def _boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[bytes, list[tuple[int, int]]]:
@@ -237,26 +258,48 @@ def _only(boxes: dict, kind: bytes) -> tuple[int, int]:
     return found[0]
 
 
+def _version(data: bytes, box: tuple[int, int]) -> int:
+    """A full box's version (its first byte)."""
+    return _unpack(data, box, 0, ">B")[0]
+
+
 def _table(data: bytes, box: tuple[int, int], dtype: str, columns: int, skip: int = 0) -> np.ndarray:
     """A full box's table: after version, flags and `skip` bytes, an entry count, then that many rows of `columns`
-    4-byte big-endian numbers -> int64 [rows, columns]. FFmpeg reads as many rows as the count says, past the box
+    big-endian numbers of `dtype` -> int64 [rows, columns]. FFmpeg reads as many rows as the count says, past the box
     if it must: a box too short for them is refused."""
     (count,) = _unpack(data, box, 4 + skip, ">I")
-    if 8 + skip + 4 * columns * count > box[1] - box[0]:
+    if 8 + skip + np.dtype(dtype).itemsize * columns * count > box[1] - box[0]:
         raise _NotIndexable(f"a table box at byte {box[0]} is shorter than its entry count ({count}) says")
     return np.frombuffer(data, dtype, columns * count, box[0] + 8 + skip).reshape(count, columns).astype(np.int64)
 
 
-def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTables:
+def _sample_positions(chunk_offsets: np.ndarray, stsc: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Where each sample's bytes start: samples fill chunks (at `chunk_offsets`) back to back, as many per chunk as
+    the stsc row (first chunk counted from 1, samples per chunk, description) that covers the chunk says."""
+    first_chunks = stsc[:, 0] - 1
+    chunks_per_row = np.diff(np.append(first_chunks, len(chunk_offsets)))
+    if not len(stsc) or first_chunks[0] != 0 or (chunks_per_row <= 0).any() or (stsc[:, 1] <= 0).any():
+        raise _NotIndexable("stsc: its rows do not cover the chunks in order")
+    per_chunk = np.repeat(stsc[:, 1], chunks_per_row)
+    if per_chunk.sum() != len(sizes):
+        raise _NotIndexable(f"stsc puts {per_chunk.sum()} samples in chunks, stsz counts {len(sizes)}")
+    chunk = np.repeat(np.arange(len(chunk_offsets)), per_chunk)
+    before = np.cumsum(sizes) - sizes  # bytes of the samples before each one, over all chunks
+    return chunk_offsets[chunk] + before - before[(np.cumsum(per_chunk) - per_chunk)[chunk]]
+
+
+def _mp4_sample_tables(moov: bytes, track_id: int) -> _SampleTables:
     """The sample tables of track `track_id` in `moov` (the moov box's payload), where FFmpeg makes that track's
-    packets from them and its index entries alone; `samples`: how many entries FFmpeg's index has.
+    packets from them alone, one per sample, in order.
 
     Raises _NotIndexable, naming the reason, for: a fragmented file (mvex: samples in moof boxes); a track not found
-    exactly once, or not video; several sample descriptions (stsd: packets then change codec parameters); tables
-    that do not count `samples` samples (checked before any per-sample array is made); stts durations over
-    2^31 - 1 ticks (FFmpeg rewrites those); negative composition offsets (FFmpeg then shifts dts); compact stz2
-    sizes; and edit lists other than one edit, optionally after one empty edit (a start delay): with several,
-    FFmpeg's index may repeat or drop samples, so entries and samples no longer pair up one to one."""
+    exactly once, or not video; several sample descriptions (stsd: packets then change codec parameters); tables that
+    do not count the same samples (checked before any per-sample array is made); stts durations of 0 (FFmpeg guesses
+    one) or over 2^31 - 1 ticks (FFmpeg rewrites those); negative composition offsets (FFmpeg then shifts dts);
+    compact stz2 sizes; a first sample that is not a sync sample, an empty stss (FFmpeg then finds keyframes itself),
+    or keyframes from elsewhere than stss (stps, sample groups); and edit lists other than one edit at normal rate,
+    optionally after one empty edit (a start delay), that starts before the second sync sample and lasts to the end:
+    otherwise FFmpeg's index may drop or repeat samples."""
     moov_boxes = _boxes(moov)
     if b"mvex" in moov_boxes:
         raise _NotIndexable("fragmented (mvex): samples live in movie fragments")
@@ -264,7 +307,7 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
     for trak in moov_boxes.get(b"trak", []):
         boxes = _boxes(moov, *trak)
         tkhd = _only(boxes, b"tkhd")
-        if _unpack(moov, tkhd, 20 if _unpack(moov, tkhd, 0, ">B") == (1,) else 12, ">I") == (track_id,):
+        if _unpack(moov, tkhd, 20 if _version(moov, tkhd) == 1 else 12, ">I") == (track_id,):
             traks.append(boxes)
     if len(traks) != 1:
         raise _NotIndexable(f"{len(traks)} tracks with id {track_id}")
@@ -273,33 +316,46 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
     if _unpack(moov, _only(mdia, b"hdlr"), 8, ">4s") != (b"vide",):
         raise _NotIndexable("not a video track")
     mdhd = _only(mdia, b"mdhd")
-    (timescale,) = _unpack(moov, mdhd, 20 if _unpack(moov, mdhd, 0, ">B") == (1,) else 12, ">I")
+    (timescale,) = _unpack(moov, mdhd, 20 if _version(moov, mdhd) == 1 else 12, ">I")
     stbl = _boxes(moov, *_only(_boxes(moov, *_only(mdia, b"minf")), b"stbl"))
 
     if _unpack(moov, _only(stbl, b"stsd"), 4, ">I") != (1,):
         raise _NotIndexable("not exactly one sample description (stsd)")
-    if b"stz2" in stbl:
-        raise _NotIndexable("compact sample sizes (stz2)")
+    for kind, why in [(b"stz2", "compact sample sizes"), (b"stps", "partial sync samples"), (b"sbgp", "sample groups")]:
+        if kind in stbl:
+            raise _NotIndexable(f"{why} ({kind.decode()})")
     stsz = _only(stbl, b"stsz")
     constant_size, count = _unpack(moov, stsz, 4, ">II")
-    if count != samples:
-        raise _NotIndexable(f"stsz counts {count} samples, FFmpeg's index {samples}")
-    sizes = np.full(count, constant_size, np.int64) if constant_size else _table(moov, stsz, ">u4", 1, skip=4)[:, 0]
     stts = _table(moov, _only(stbl, b"stts"), ">u4", 2)  # rows: (sample count, duration)
-    if stts[:, 0].sum() != count or (stts[:, 1] > 2**31 - 1).any():
-        raise _NotIndexable("stts: its sample count is not stsz's, or a duration over 2^31 - 1")
+    if stts[:, 0].sum() != count or (stts[:, 1] == 0).any() or (stts[:, 1] > 2**31 - 1).any():
+        raise _NotIndexable("stts: its sample count is not stsz's, or a duration of 0 or over 2^31 - 1")
+    sizes = np.full(count, constant_size, np.int64) if constant_size else _table(moov, stsz, ">u4", 1, skip=4)[:, 0]
     offsets = np.zeros(count, np.int64)
     ctts = _table(moov, _only(stbl, b"ctts"), ">i4", 2) if b"ctts" in stbl else None  # FFmpeg reads both signed
     if ctts is not None and len(ctts):  # an empty ctts is no ctts to FFmpeg
         if ctts[:, 0].sum() != count or (ctts < 0).any():
             raise _NotIndexable("ctts: its sample count is not stsz's, or negative entries")
         offsets = np.repeat(ctts[:, 1], ctts[:, 0])
-    sync_table_empty = b"stss" in stbl and _unpack(moov, _only(stbl, b"stss"), 4, ">I") == (0,)
+    sync = np.ones(count, bool)
+    if b"stss" in stbl:
+        listed = _table(moov, _only(stbl, b"stss"), ">u4", 1)[:, 0] - 1  # sample numbers count from 1
+        if not len(listed) or (listed < 0).any() or (listed >= count).any():
+            raise _NotIndexable("stss: empty, or a sample number out of range")
+        sync[:] = False
+        sync[listed] = True
+    if not count or not sync[0]:
+        raise _NotIndexable("no samples, or the first is not a sync sample")
+    if b"co64" in stbl:
+        chunk_offsets = _table(moov, _only(stbl, b"co64"), ">u8", 1)[:, 0]
+    else:
+        chunk_offsets = _table(moov, _only(stbl, b"stco"), ">u4", 1)[:, 0]
+    positions = _sample_positions(chunk_offsets, _table(moov, _only(stbl, b"stsc"), ">u4", 3), sizes)
+    durations = np.repeat(stts[:, 1], stts[:, 0])
 
     edits = []
     if b"edts" in trak:
         elst = _only(_boxes(moov, *_only(trak, b"edts")), b"elst")
-        fmt = ">QqI" if _unpack(moov, elst, 0, ">B") == (1,) else ">IiI"  # segment duration, media time, rate
+        fmt = ">QqI" if _version(moov, elst) == 1 else ">IiI"  # segment duration, media time, rate
         (entries,) = _unpack(moov, elst, 4, ">I")
         if 8 + entries * struct.calcsize(fmt) != elst[1] - elst[0]:
             raise _NotIndexable("elst: its size does not match its entry count")  # FFmpeg recounts
@@ -308,7 +364,25 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
         edits = edits[1:]
     if len(edits) > 1 or any(time < 0 or rate != 1 << 16 for _, time, rate in edits):  # rate: 16.16 fixed point
         raise _NotIndexable(f"an edit list other than one edit at normal rate (after any empty one): {edits[:4]}")
-    return _SampleTables(timescale, sizes, np.repeat(stts[:, 1], stts[:, 0]), offsets, sync_table_empty)
+    edit_start = edits[0][1] if edits else 0
+    if edits:  # what FFmpeg's mov_fix_index keeps of the samples, for one edit: all of them, or refused
+        mvhd = _only(moov_boxes, b"mvhd")
+        (movie_timescale,) = _unpack(moov, mvhd, 20 if _version(moov, mvhd) == 1 else 12, ">I")
+        length = (edits[0][0] * timescale + movie_timescale // 2) // max(movie_timescale, 1)  # av_rescale rounds
+        decode_times = np.cumsum(durations) - durations
+        shown = decode_times + offsets
+        # It starts at the last sync sample decoded and shown by the edit's start: the first sample, or some dropped.
+        starts = np.flatnonzero(sync & (decode_times <= edit_start) & (shown <= edit_start))
+        if not len(starts) or starts[-1] != 0:
+            raise _NotIndexable(f"the edit starts past the first GOP (at {edit_start} ticks)")
+        # It marks frames shown after the edit's end discarded, and stops after the first sync sample shown up to
+        # its end (the second, with composition offsets: B-frames may follow it); the last sample "lasts" the edit.
+        lasting = np.append(durations[:-1], length)
+        ends = np.flatnonzero(sync & (shown + lasting >= edit_start + length))
+        stop = ends[1 if ctts is not None and len(ctts) else 0 :][:1]
+        if (shown >= edit_start + length).any() or (len(stop) and stop[0] != count - 1):
+            raise _NotIndexable(f"the edit ends before the last frame (at {edit_start + length} ticks)")
+    return _SampleTables(timescale, sizes, positions, durations, offsets, sync, edit_start)
 
 
 def _read_moov(path: str, max_boxes: int = 1000) -> bytes:
@@ -335,79 +409,68 @@ def _read_moov(path: str, max_boxes: int = 1000) -> bytes:
         return file.read(moov[0][1] - moov[0][0])
 
 
-@dataclasses.dataclass(frozen=True)
-class _Packets:
-    """What demuxing a stream gives, packet by packet in demuxing order (timestamps in the stream's time base)."""
+def _mp4_tables(path: str, container, stream) -> _SampleTables | None:
+    """The stream's sample tables where its packets can be computed from them (FFmpeg's mov demuxer, h264 or hevc
+    video, nothing `_mp4_sample_tables` refuses, every sample's bytes in the file: a truncated file stops demuxing
+    where its data does); else None.
 
-    pts: np.ndarray  # int64 [n]
-    dts: np.ndarray  # int64 [n]
-    durations: np.ndarray  # int64 [n]
-    sizes: np.ndarray  # int64 [n], bytes
-    keyframe: np.ndarray  # bool [n]
-    discard: np.ndarray  # bool [n]: dropped by the decoder (outside the edit list)
-
-
-def _mp4_packets(path: str, container, stream) -> _Packets | None:
-    """The packets demuxing `stream` gives, from the mp4's sample tables and FFmpeg's index entries; None where they
-    are not known to be exact.
-
-    Taken only for FFmpeg's mov demuxer and h264 or hevc video, whose packets the generic demuxing layer passes on
-    unchanged (libavformat/demux.c, compute_pkt_fields: it leaves pts and dts alone when dts never decreases, and
-    durations when they are positive), except that h264 keyframe flags come from FFmpeg's h264 parser, which reads
-    each packet's data: they are checked to be the sync samples' (stss) in the first packets (`_demux_agrees`) and
-    taken to be so beyond. Where they are not, only where decoding starts can differ, never which frames come back:
-    FFmpeg's mp4 seeks land on sync samples only, and the reader checks each landing packet's own flag.
-    Refused besides `_mp4_sample_tables`'s cases:
-    a time base that is not 1 / the track's timescale, index entries that do not pair up one to one with the samples
-    (count and sizes), an empty sample, a sample whose bytes are not all in the file (truncated: the demuxer stops
-    there), a zero duration (FFmpeg guesses one), a decreasing dts, and hevc whose stss lists no sample (then parsed
-    for keyframes)."""
-    context, entries = stream.codec_context, getattr(stream, "index_entries", None)  # PyAV 18 has index_entries
+    Only h264 and hevc: the generic demuxing layer passes their mp4 packets on unchanged (libavformat/demux.c,
+    compute_pkt_fields: it leaves pts and dts alone when dts never decreases, and durations when they are positive),
+    except that h264 keyframe flags come from FFmpeg's h264 parser, which reads each packet's data: they are checked
+    to be the sync samples' in the first packets and taken to be so beyond. Where they are not, only where decoding
+    starts can differ, never which frames come back: FFmpeg's mp4 seeks land on sync samples only, and the reader
+    checks each landing packet's own flag."""
+    context = stream.codec_context
     codec = context.name if context is not None else None  # None: FFmpeg has no decoder for it
-    if container.format.name != MOV_DEMUXER or codec not in ("h264", "hevc") or entries is None:
+    if container.format.name != MOV_DEMUXER or codec not in ("h264", "hevc"):
+        return None
+    if not hasattr(stream, "index_entries"):  # PyAV < 18: an older FFmpeg (PyAV 15's gives VFR packets other durations)
         return None
     try:
-        tables = _mp4_sample_tables(_read_moov(path), stream.id, len(entries))
+        tables = _mp4_sample_tables(_read_moov(path), stream.id)
     except (_NotIndexable, OSError):
         return None
     if stream.time_base != Fraction(1, tables.timescale or 1):
         return None
-    if codec == "hevc" and tables.sync_table_empty:
+    if (tables.sizes <= 0).any() or (tables.positions < 0).any():
         return None
-    columns = np.array([(e.timestamp, e.flags, e.size, e.pos) for e in entries], np.int64).reshape(-1, 4).T
-    dts, flags, sizes, positions = columns
-    if (
-        not np.array_equal(sizes, tables.sizes)
-        or (sizes <= 0).any()
-        or (positions < 0).any()
-        or (positions + sizes > os.path.getsize(path)).any()  # a truncated file: demuxing stops where its data does
-        or (tables.durations <= 0).any()
-        or (np.diff(dts) < 0).any()
-    ):
+    if (tables.positions + tables.sizes).max() > os.path.getsize(path):
         return None
-    keyframe, discard = (flags & AVINDEX_KEYFRAME) != 0, (flags & AVINDEX_DISCARD_FRAME) != 0
-    return _Packets(dts + tables.offsets, dts, tables.durations, sizes, keyframe, discard)
+    return tables
 
 
-def _demux_agrees(container, stream, packets: _Packets) -> bool:
-    """Whether the first packets demuxed from `container` (fresh: at the start) are those of `packets`: pts, dts,
-    duration, size, keyframe and discard flags. Up to the third keyframe, at least 300 packets and at most 3000
-    (about 1 to 9 ms): an unforeseen difference, e.g. an h264 parser that sees keyframes where the sync table has
-    none, shows in the first GOPs, as encoders make every GOP alike."""
-    keyframes = np.flatnonzero(packets.keyframe)
-    least, most = MP4_CHECKED_PACKETS
-    count = min(len(packets.pts), most, max(least, keyframes[2] + 16 if len(keyframes) > 2 else 0))
-    expected = zip(
-        *(column[:count].tolist() for column in (packets.pts, packets.dts, packets.durations, packets.sizes)),
-        packets.keyframe[:count].tolist(),
-        packets.discard[:count].tolist(),
-    )
-    seen = 0
-    for want, packet in zip(expected, container.demux(stream)):  # `expected` first: no packet demuxed past them
-        if want != (packet.pts, packet.dts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard):
+def _mp4_packets(tables: _SampleTables, first_dts: int) -> _Packets:
+    """The packets FFmpeg demuxes from a track with these tables, the first with decoding time `first_dts` (how far
+    the edit list moves every timestamp: read off the first packet)."""
+    decode_times = np.cumsum(tables.durations) - tables.durations  # from 0, in the track's own media time
+    shown = decode_times + tables.offsets
+    dts = decode_times + first_dts
+    discard = shown < tables.edit_start
+    return _Packets(dts + tables.offsets, dts, tables.durations, tables.sizes, tables.positions, tables.sync, discard)
+
+
+def _first_packets_agree(demuxed: list[tuple], packets: _Packets) -> bool:
+    """Whether the packets demuxed first, as (pts, dts, duration, size, keyframe, discard), are the first `packets`."""
+    count = len(demuxed)
+    columns = (packets.pts, packets.dts, packets.durations, packets.sizes, packets.keyframe, packets.discard)
+    return count > 0 and demuxed == list(zip(*(column[:count].tolist() for column in columns)))
+
+
+def _ffmpeg_index_agrees(stream, packets: _Packets) -> bool:
+    """Whether FFmpeg's own index of the stream (`Stream.index_entries`) has as many entries as `packets`, and the
+    same decoding time, size, place and flags at MP4_CHECKED_ENTRIES evenly spread ones (all of them would cost more
+    than demuxing: PyAV makes an object per entry)."""
+    entries = stream.index_entries
+    count = len(packets.dts)
+    if len(entries) != count:
+        return False
+    for i in np.unique(np.linspace(0, count - 1, MP4_CHECKED_ENTRIES).astype(np.int64)).tolist():
+        entry = entries[i]
+        flags = (packets.keyframe[i] * AVINDEX_KEYFRAME) | (packets.discard[i] * AVINDEX_DISCARD_FRAME)
+        mine = (packets.dts[i], packets.sizes[i], packets.positions[i], flags)
+        if (entry.timestamp, entry.size, entry.pos, entry.flags & (AVINDEX_KEYFRAME | AVINDEX_DISCARD_FRAME)) != mine:
             return False
-        seen += 1
-    return seen == count
+    return True
 
 
 def _index_from_mp4_packets(stream, packets: _Packets) -> _StreamIndex:
@@ -421,13 +484,22 @@ def _index_from_mp4_packets(stream, packets: _Packets) -> _StreamIndex:
 
 
 def _index_stream(av, path: str, container, stream) -> _StreamIndex:
-    """The stream's index: from an mp4's sample tables where they are exact (`_mp4_packets`) and the first packets
-    demuxed agree (`_demux_agrees`), else by one demux-only pass over every packet (`_probe_stream`)."""
-    packets = _mp4_packets(path, container, stream)
-    if packets is None:
+    """The stream's index: from an mp4's sample tables where their packets (`_mp4_packets`) are those the first GOPs
+    demux and FFmpeg's own index has, else by one demux-only pass over every packet (`_probe_stream`)."""
+    tables = _mp4_tables(path, container, stream)
+    if tables is None:
         return _probe_stream(container, stream)
-    if _demux_agrees(container, stream, packets):
-        return _index_from_mp4_packets(stream, packets)
+    keyframes = np.flatnonzero(tables.sync)
+    least, most = MP4_CHECKED_PACKETS
+    count = min(len(tables.sizes), most, max(least, keyframes[2] + 16 if len(keyframes) > 2 else 0))
+    demuxed = [
+        (packet.pts, packet.dts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard)
+        for packet in itertools.islice(container.demux(stream), count)
+    ]
+    if demuxed and demuxed[0][1] is not None:
+        packets = _mp4_packets(tables, demuxed[0][1])
+        if _first_packets_agree(demuxed, packets) and _ffmpeg_index_agrees(stream, packets):
+            return _index_from_mp4_packets(stream, packets)
     with _open(av, path) as fresh:  # the check demuxed the first packets: the pass starts from a fresh container
         return _probe_stream(fresh, fresh.streams.video[0])
 
@@ -776,7 +848,6 @@ def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _Fram
     is told per packet (`skip_frame`), which changes no other frame."""
     _threaded(stream, seeking=True)
     codec = stream.codec_context
-    index_of = index.index_of
     done = 0
     try:
         for key, run in runs:
@@ -798,7 +869,7 @@ def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _Fram
                         return False
                     if frame.pts < start_pts:  # before the keyframe it started from: may lack its references
                         continue
-                    at = index_of.get(frame.pts)
+                    at = index.frame_at(frame.pts)
                     if at is None:
                         return False
                     if at in wanted:

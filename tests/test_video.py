@@ -494,7 +494,8 @@ def test_split_runs_into_contiguous_groups_of_about_equal_cost():
 
 
 def needs_index_entries() -> None:
-    """Skip where PyAV does not expose FFmpeg's index entries (older PyAV): the reader then always demuxes."""
+    """Skip where PyAV does not expose FFmpeg's index entries (older PyAV, older FFmpeg): the reader then always
+    demuxes."""
     if not hasattr(av.video.stream.VideoStream, "index_entries"):
         pytest.skip(f"PyAV {av.__version__} has no Stream.index_entries")
 
@@ -505,14 +506,31 @@ def demux_pass_index(path) -> processing_stgridpool._StreamIndex:
 
 
 def table_index(path):
-    """(packets from the sample tables or None, whether the first packets demuxed agree, the index made from them)."""
+    """(the sample tables, or None where refused; the packets computed from them; the index made from those)."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        packets = processing_stgridpool._mp4_packets(str(path), container, stream)
-        if packets is None:
+        tables = processing_stgridpool._mp4_tables(str(path), container, stream)
+        if tables is None:
             return None, None, None
-        agrees = processing_stgridpool._demux_agrees(container, stream, packets)
-        return packets, agrees, processing_stgridpool._index_from_mp4_packets(stream, packets)
+        first_dts = next(container.demux(stream)).dts
+        packets = processing_stgridpool._mp4_packets(tables, first_dts)
+        return tables, packets, processing_stgridpool._index_from_mp4_packets(stream, packets)
+
+
+def demuxed_packets(path) -> list[tuple]:
+    """Every packet of the video stream as (pts, dts, duration, size, keyframe, discard), as demuxing gives them."""
+    with av.open(str(path)) as container:
+        return [
+            (packet.pts, packet.dts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard)
+            for packet in container.demux(container.streams.video[0])
+            if packet.size
+        ]
+
+
+def ffmpeg_index(path) -> list[tuple]:
+    """FFmpeg's own index of the video stream (PyAV 18), entry by entry: (dts, size, position, flags)."""
+    with av.open(str(path)) as container:
+        return [(e.timestamp, e.size, e.pos, e.flags) for e in container.streams.video[0].index_entries]
 
 
 def assert_same_index(index, reference) -> None:
@@ -576,20 +594,30 @@ MP4_NAMES = sorted(name for name, (suffix, _) in SEEK_CLIPS.items() if suffix ==
 
 
 @pytest.mark.parametrize("name", MP4_NAMES)
-def test_mp4_sample_table_index_equals_demux_pass(mp4_clips, name):
+def test_mp4_packets_from_the_sample_tables_are_those_demuxing_gives(mp4_clips, monkeypatch, name):
     """B-frames (open and closed GOPs), faststart, VFR, rotated, a start delay (empty edit), mov, hevc, an edit list
-    that cuts the first frames: the index from the sample tables is taken, and is the demux pass's, field by field."""
+    that cuts the first frames: every packet computed from the sample tables is the demuxed one, field by field, and
+    FFmpeg's own index entry (where PyAV shows them); the index is the demux pass's; the reader takes it without a
+    demux pass, and its frames are exact."""
     needs_index_entries()
     path = mp4_clips(name)
-    packets, agrees, index = table_index(path)
-    assert packets is not None and agrees, name
+    tables, packets, index = table_index(path)
+    assert tables is not None, name
+    columns = (packets.pts, packets.dts, packets.durations, packets.sizes, packets.keyframe, packets.discard)
+    assert list(zip(*(column.tolist() for column in columns))) == demuxed_packets(path), name
+    flags = packets.keyframe * processing_stgridpool.AVINDEX_KEYFRAME
+    flags |= packets.discard * processing_stgridpool.AVINDEX_DISCARD_FRAME
+    mine = zip(packets.dts.tolist(), packets.sizes.tolist(), packets.positions.tolist(), flags.tolist())
+    assert list(mine) == [(dts, size, pos, flags & 3) for dts, size, pos, flags in ffmpeg_index(path)], name
     assert_same_index(index, demux_pass_index(path))
     if name == "edit_list_cuts_5_frames":
         assert int(packets.discard.sum()) == 5 and len(index.pts) == 145
+    probes = record_calls(monkeypatch, "_probe_stream")
     reference = full_decode(path)
     indices = [len(reference) - 1, 0, 61, 62, 100]
     video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata: indices)
     assert all(np.array_equal(video[j], reference[i]) for j, i in enumerate(indices)), name
+    assert not probes, name
 
 
 def test_reader_takes_the_table_index_for_mp4_and_the_demux_pass_for_others(seek_clips, monkeypatch):
@@ -634,8 +662,8 @@ def test_mp4_index_refused_where_it_would_not_be_exact(tmp_path, seek_clips, mon
     cut_short.write_bytes(faststart[: len(faststart) * 9 // 10])
     scene_cut = write_scene_cut_clip(tmp_path / "scene_cut.mp4")
     assert all(table_index(path)[0] is None for path in (cut_past_gop, fragmented, cut_short))
-    packets, agrees, index = table_index(scene_cut)
-    assert packets is not None and not agrees and index.keyframes != demux_pass_index(scene_cut).keyframes
+    tables, _, index = table_index(scene_cut)
+    assert tables is not None and index.keyframes != demux_pass_index(scene_cut).keyframes
     probes = record_calls(monkeypatch, "_probe_stream")
     for path in (cut_past_gop, fragmented, scene_cut):
         probes.clear()
@@ -664,6 +692,9 @@ def moov(stbl=(), edits=None, extra=(), track_id: int = 7) -> bytes:
         b"stts": box(b"stts", struct.pack(">I4I", 2, 3, 40, 1, 20), version=0),  # 3 x 40 ticks, then 20
         b"ctts": box(b"ctts", struct.pack(">I4I", 2, 1, 80, 3, 0), version=0),
         b"stsz": box(b"stsz", struct.pack(">II4I", 0, 4, 9, 8, 7, 6), version=0),
+        b"stss": box(b"stss", struct.pack(">II", 1, 1), version=0),  # sample 1 (the first) is the one sync sample
+        b"stsc": box(b"stsc", struct.pack(">I6I", 2, 1, 3, 1, 2, 1, 1), version=0),  # chunk 1: 3 samples, then 1
+        b"stco": box(b"stco", struct.pack(">III", 2, 100, 500), version=0),  # chunks at bytes 100 and 500
         **dict(stbl),
     }
     track = [
@@ -678,37 +709,53 @@ def moov(stbl=(), edits=None, extra=(), track_id: int = 7) -> bytes:
     if edits is not None:
         rows = b"".join(struct.pack(">IiI", duration, time, 1 << 16) for duration, time in edits)
         track.insert(1, box(b"edts", box(b"elst", struct.pack(">I", len(edits)), rows, version=0)))
-    return box(b"trak", *track) + b"".join(extra)
+    movie = box(b"mvhd", struct.pack(">IIII", 0, 0, 500, 80), version=0)  # timescale 500: half the track's
+    return movie + box(b"trak", *track) + b"".join(extra)
 
 
 def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
     tables = processing_stgridpool._mp4_sample_tables
-    parsed = tables(moov(edits=[(5, -1), (160, 80)]), 7, 4)  # a start delay, then the B-frame shift
-    assert parsed.timescale == 1000 and not parsed.sync_table_empty
+    parsed = tables(moov(edits=[(5, -1), (80, 80)]), 7)  # a start delay, then the B-frame shift (80 movie ticks)
+    assert parsed.timescale == 1000 and parsed.edit_start == 80
     assert parsed.sizes.tolist() == [9, 8, 7, 6] and parsed.durations.tolist() == [40, 40, 40, 20]
-    assert parsed.offsets.tolist() == [80, 0, 0, 0]
-    assert tables(moov(stbl={b"ctts": b""}), 7, 4).offsets.tolist() == [0, 0, 0, 0]
+    assert parsed.offsets.tolist() == [80, 0, 0, 0] and parsed.positions.tolist() == [100, 109, 117, 500]
+    assert parsed.sync.tolist() == [True, False, False, False]
+    assert tables(moov(stbl={b"ctts": b""}), 7).offsets.tolist() == [0, 0, 0, 0]
+    assert tables(moov(stbl={b"stss": b""}), 7).sync.all()  # no stss: every sample is a sync sample
+    packets = processing_stgridpool._mp4_packets(parsed, first_dts=-80)
+    assert packets.dts.tolist() == [-80, -40, 0, 40] and packets.pts.tolist() == [0, -40, 0, 40]
+    assert packets.discard.tolist() == [False, True, False, False]  # shown at media time 40, before the edit's 80
+
+    def stbl_box(kind: bytes, fmt: str, *values) -> dict:
+        return {kind: box(kind, struct.pack(fmt, *values), version=0)}
+
     refused = {
-        "tracks with id 8": (moov(), 8, 4),
-        "stsz counts 4 samples, FFmpeg's index 5": (moov(), 7, 5),
-        "an edit list other than one edit": (moov(edits=[(80, 0), (80, 80)]), 7, 4),
-        "or negative entries": (moov(stbl={b"ctts": box(b"ctts", struct.pack(">IIi", 1, 4, -40), version=0)}), 7, 4),
-        "stts: its sample count": (moov(stbl={b"stts": box(b"stts", struct.pack(">III", 1, 3, 40), version=0)}), 7, 4),
-        "fragmented": (moov(extra=[box(b"mvex")]), 7, 4),
-        "compact sample sizes": (moov(stbl={b"stz2": box(b"stz2", version=0)}), 7, 4),
-        "one sample description": (moov(stbl={b"stsd": box(b"stsd", struct.pack(">I", 2), version=0)}), 7, 4),
-        "shorter than its entry count": (moov(stbl={b"stsz": box(b"stsz", struct.pack(">II", 0, 4), version=0)}), 7, 4),
+        "tracks with id 8": (moov(), 8),
+        "an edit list other than one edit": (moov(edits=[(80, 0), (80, 80)]), 7),
+        "or negative entries": (moov(stbl=stbl_box(b"ctts", ">IIi", 1, 4, -40)), 7),
+        "stts: its sample count": (moov(stbl=stbl_box(b"stts", ">III", 1, 3, 40)), 7),
+        "a duration of 0": (moov(stbl=stbl_box(b"stts", ">IIIII", 2, 3, 40, 1, 0)), 7),
+        "fragmented": (moov(extra=[box(b"mvex")]), 7),
+        "compact sample sizes": (moov(stbl={b"stz2": box(b"stz2", version=0)}), 7),
+        "partial sync samples": (moov(stbl={b"stps": box(b"stps", version=0)}), 7),
+        "one sample description": (moov(stbl=stbl_box(b"stsd", ">I", 2)), 7),
+        "shorter than its entry count": (moov(stbl=stbl_box(b"stsz", ">II", 0, 4)), 7),
+        "stss: empty": (moov(stbl=stbl_box(b"stss", ">I", 0)), 7),
+        "the first is not a sync sample": (moov(stbl=stbl_box(b"stss", ">II", 1, 2)), 7),
+        "stsc puts 6 samples in chunks": (moov(stbl=stbl_box(b"stsc", ">I3I", 1, 1, 3, 1)), 7),
+        "the edit starts past the first GOP": (moov(stbl=stbl_box(b"stss", ">III", 2, 1, 2), edits=[(80, 80)]), 7),
+        "the edit ends before the last frame": (moov(edits=[(20, 80)]), 7),
     }
-    for reason, (data, track_id, samples) in refused.items():
+    for reason, (data, track_id) in refused.items():
         with pytest.raises(processing_stgridpool._NotIndexable, match=reason):
-            tables(data, track_id, samples)
+            tables(data, track_id)
 
 
 def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
-    """Past the packets `_demux_agrees` checks, an h264 mp4's keyframes from the sync table may differ from the h264
-    parser's that demuxing reports. Forced past the check: sync samples the parser does not call keyframes (a P-frame
-    listed in stss) and keyframes the table lacks (scene-cut I-frames) change where decoding starts, never the frames
-    returned: seeks land on sync samples only, and each landing packet's own flag is checked."""
+    """Past the first packets `_index_stream` checks, an h264 mp4's keyframes from the sync table may differ from
+    the h264 parser's that demuxing reports. Forced past the check: sync samples the parser does not call keyframes
+    (a P-frame listed in stss) and keyframes the table lacks (scene-cut I-frames) change where decoding starts, never
+    the frames returned: seeks land on sync samples only, and each landing packet's own flag is checked."""
     needs_index_entries()
     data = bytearray(write_clip(tmp_path / "source.mp4", textured_frames(150), gop=30).read_bytes())
     third = data.index(b"stss") + 4 + 16  # after the type: version and flags, entry count, two entries
@@ -716,7 +763,7 @@ def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
     struct.pack_into(">I", data, third, 68)  # frame 67, a P-frame
     p_frame_listed = tmp_path / "p_frame_listed.mp4"
     p_frame_listed.write_bytes(data)
-    monkeypatch.setattr(processing_stgridpool, "_demux_agrees", lambda container, stream, packets: True)
+    monkeypatch.setattr(processing_stgridpool, "_first_packets_agree", lambda demuxed, packets: True)
     for path, differs in [(p_frame_listed, [67]), (write_scene_cut_clip(tmp_path / "scene_cut.mp4"), None)]:
         index = table_index(path)[2]
         assert index.keyframes != demux_pass_index(path).keyframes
