@@ -790,10 +790,9 @@ class _ProgressSum:
         self.progress, self.total, self.counts, self.lock = progress, total, [0] * parts, threading.Lock()
 
     def report(self, part: int, count: int) -> None:
-        if self.progress is not None:
-            with self.lock:
-                self.counts[part] = count
-                self.progress(sum(self.counts), self.total)
+        with self.lock:
+            self.counts[part] = count
+            self.progress(sum(self.counts), self.total)
 
 
 def _decode_seeking(
@@ -815,7 +814,7 @@ def _decode_seeking(
     stop = threading.Event()  # set by a group that fails: the others give up at their next packet
 
     def decode_group(part: int) -> bool:
-        report = functools.partial(counter.report, part)
+        report = functools.partial(counter.report, part) if progress is not None else None
         done = False
         try:
             if part == 0:
@@ -842,12 +841,13 @@ def _decode_seeking(
 
 def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _FrameSink, report, stop) -> bool:
     """Decode `runs` one after the other in `container`, putting their sampled frames into `sink` and the frames
-    passed so far into `report(count)`; False where a seek cannot be trusted, or when `stop` is set.
+    passed so far into `report(count)` (unless None); False where a seek cannot be trusted, or when `stop` is set.
 
     Within a run, frames no other frame references (non-reference B-frames) are skipped unless sampled: the decoder
     is told per packet (`skip_frame`), which changes no other frame."""
     _threaded(stream, seeking=True)
     codec = stream.codec_context
+    skipping = False  # what codec.skip_frame was last set to, read here without a property call per packet
     done = 0
     try:
         for key, run in runs:
@@ -861,9 +861,9 @@ def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _Fram
             for packet in itertools.chain([first_packet], container.demux(stream)):
                 if stop.is_set():
                     return False
-                skip = "NONREF" if packet.pts is not None and packet.pts not in wanted_pts else "DEFAULT"
-                if codec.skip_frame != skip:
-                    codec.skip_frame = skip
+                skip = packet.pts is not None and packet.pts not in wanted_pts
+                if skip != skipping:
+                    codec.skip_frame, skipping = "NONREF" if skip else "DEFAULT", skip
                 for frame in packet.decode():
                     if frame.pts is None:
                         return False
@@ -881,14 +881,15 @@ def _decode_runs(container, stream, index: _StreamIndex, runs: list, sink: _Fram
                 if finished:
                     break
                 passed += 1
-                report(done + min(passed, last - (key or 0)))
+                if report is not None:
+                    report(done + min(passed, last - (key or 0)))
             if wanted:  # a sampled frame never came out of this run
                 return False
             done += last - (key or 0) + 1
-            report(done)
+            if report is not None:
+                report(done)
     finally:
-        if codec.skip_frame != "DEFAULT":
-            codec.skip_frame = "DEFAULT"
+        codec.skip_frame = "DEFAULT"
     return True
 
 
