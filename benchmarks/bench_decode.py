@@ -10,9 +10,9 @@ constant-frame-rate clips):
 - `plain_keyframe_seek`: for each sampled frame, seek to the keyframe before it and decode up to it (the simplest
   seeking reader; not frame-exact in general, e.g. open GOPs).
 - `decord` / `torchcodec` (exact seek mode), when they import in the running Python.
-- `probe`: only our demux-only index pass (`_probe_stream`), to show it is not the bottleneck.
-- `fast_probe`: only the index `ours` uses (`_index_stream`): an mp4's sample tables where they are exact (checked
-  against its first packets), else the demux pass.
+- `probe`: only our demux-only index pass (`_probe_stream`), which `ours` uses for files other than mp4/mov.
+- `fast_probe`: only the index `ours` uses (`_index_stream`): an mp4's packets computed from its sample tables
+  (checked against its first GOPs demuxed and FFmpeg's own index), else the demux pass.
 
 Each (reader, clip) runs in a fresh Python process (`--worker`, `--repeat` reads, median reported) that reports
 wall seconds, CPU seconds (all threads) and its peak RSS (`ru_maxrss`) and the RSS before reading (imports), so
