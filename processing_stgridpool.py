@@ -9,10 +9,10 @@ overrides that one method, in both versions, to decode with PyAV (its wheels bun
 a pure function that samples frames uniformly over the video's *duration* by presentation timestamps (exactly the
 stock `arange(n) * total // n` indices for constant frame rate; evenly spaced in time for variable frame rate) and
 applies the rotation metadata. It indexes the file without decoding (an mp4/mov from its sample tables, checked
-against its first packets; other files by demuxing every packet), then seeks to the keyframe before a sampled frame
-when that skips work, so sampling a long video costs about one GOP of decoding per sampled frame, not the whole video,
-and those decoding runs are shared among threads (one container each) on a machine with several cores; the frames
-are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
+against its first GOPs and FFmpeg's own index; other files by demuxing every packet), then seeks to the keyframe
+before a sampled frame when that skips work, so sampling a long video costs about one GOP of decoding per sampled
+frame, not the whole video, and those decoding runs are shared among threads (one container each) on a machine with
+several cores; the frames are those a full sequential decode shows, bit for bit. torchcodec is used only when asked for
 (`video_decoder="torchcodec"`). PyAV is imported when a file is decoded, so a repo's remote code loads without it.
 """
 
@@ -569,10 +569,10 @@ def read_video_pyav(
     keyframe at or before the frame lies ahead of where it stands, seeks to that keyframe. The frames returned are
     those a full sequential decode shows at the same indices, bit for bit (frames are matched by timestamp after a
     seek; where a container cannot seek, or a seek lands anywhere unexpected, it decodes forward from the start).
-    When seeking, the decoding runs are split into contiguous groups of about equal cost, decoded in parallel
-    threads, each with its own container on the file (as many as the CPUs this process may use, at most 8; PyAV lets
-    go of the GIL while decoding), and each decoder uses FFmpeg's slice threads where the codec has them; a forward
-    pass uses FFmpeg's frame and slice threads. Only the sampled frames are converted to RGB.
+    When seeking, the decoding runs are split into contiguous groups of about equal cost, decoded in parallel threads,
+    each with its own container on the file (one per CPU this process may use, plus a spare where it may use several, at
+    most 8; PyAV lets go of the GIL while decoding), and each decoder uses FFmpeg's slice threads where the codec has
+    them; a forward pass uses FFmpeg's frame and slice threads. Only the sampled frames are converted to RGB.
     Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
     try:  # PyAV: an install requirement of this project, but not of a Hub repo's users who pass decoded frames
@@ -770,6 +770,14 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _decoding_threads() -> int:
+    """How many threads to decode with: one per usable CPU, and a spare where there are several. PyAV takes the GIL
+    back between FFmpeg calls, and a thread waiting for it leaves its CPU idle; the spare fills it (2 CPUs, 64 frames
+    from 20 minutes of 128x72: 0.24 s with 2 threads, 0.23 s with 3; the same at 1080p: benchmarks/RESULTS.md)."""
+    cpus = _usable_cpus()
+    return cpus + 1 if cpus > 1 else 1
+
+
 def _split_runs(runs: list, costs: list[int], parts: int) -> list[list]:
     """`runs` cut into at most `parts` contiguous groups of about equal total cost: a run goes to the group in whose
     share of the total cost its middle falls."""
@@ -802,14 +810,14 @@ def _decode_seeking(
     here (the caller then decodes forward from the start).
 
     The runs are cut into contiguous groups of about equal cost (frames from keyframe to last sampled frame), one per
-    thread, up to the usable CPUs and MAX_DECODE_THREADS: PyAV lets go of the GIL while FFmpeg demuxes and decodes,
-    so the groups decode in parallel, each in its own container on the file (the first in `container`, already
+    thread, up to `_decoding_threads()` and MAX_DECODE_THREADS: PyAV lets go of the GIL while FFmpeg demuxes and
+    decodes, so the groups decode in parallel, each in its own container on the file (the first in `container`, already
     open). One group, e.g. a short clip: no threads at all. A group that cannot trust its seeks, or meets an FFmpeg
     error, stops the others and the answer is None; any other exception propagates."""
     sink = _FrameSink(indices, path)
     runs = _plan_runs(sorted(sink.positions), index.keyframes)
     costs = [run[-1] - (key or 0) + 1 for key, run in runs]
-    groups = _split_runs(runs, costs, min(_usable_cpus(), len(runs), MAX_DECODE_THREADS))
+    groups = _split_runs(runs, costs, min(_decoding_threads(), len(runs), MAX_DECODE_THREADS))
     counter = _ProgressSum(progress, sum(costs), len(groups))
     stop = threading.Event()  # set by a group that fails: the others give up at their next packet
 

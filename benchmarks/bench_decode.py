@@ -274,16 +274,16 @@ def ours_reader(path, num_frames):
 
 
 def ours_one_thread_reader(path, num_frames):
-    """`ours` held to one decoding thread (its CPU count patched to 1): what the parallel runs buy, same run. The
+    """`ours` held to one decoding thread (its thread count patched to 1): what the parallel runs buy, same run. The
     patch is undone after the read (`--smoke` runs every reader in one process)."""
     import processing_stgridpool
 
-    usable_cpus = processing_stgridpool._usable_cpus
-    processing_stgridpool._usable_cpus = lambda: 1
+    decoding_threads = processing_stgridpool._decoding_threads
+    processing_stgridpool._decoding_threads = lambda: 1
     try:
         return ours_reader(path, num_frames)
     finally:
-        processing_stgridpool._usable_cpus = usable_cpus
+        processing_stgridpool._decoding_threads = decoding_threads
 
 
 def probe_reader(path, num_frames):
@@ -490,7 +490,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--readers {args.readers}: no reader named {unknown[0]}; allowed: {', '.join(READER_FUNCTIONS)}")
     repeat = 1 if args.smoke else args.repeat
-    from processing_stgridpool import _usable_cpus
+    from processing_stgridpool import MAX_DECODE_THREADS, _decoding_threads, _usable_cpus
 
     folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -498,7 +498,8 @@ def main(argv=None) -> int:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "usable_cpus": _usable_cpus(),  # the decoding threads `ours` may start
+            "usable_cpus": _usable_cpus(),
+            "decoding_threads": min(_decoding_threads(), MAX_DECODE_THREADS),  # the most `ours` starts
             "processor": platform.processor(),
         },
         "versions": versions(),

@@ -398,13 +398,13 @@ def record_calls(monkeypatch, name: str) -> list:
 
 @pytest.mark.parametrize("name", ["h264_bframes_open_gop", "h264_bframes_closed_gop_mkv", "vfr", "nonzero_start"])
 def test_parallel_decoding_equals_full_decode(seek_clips, monkeypatch, name):
-    """With 4 CPUs, the decoding runs are split among up to 4 threads (contiguous groups of about equal cost, every
-    run once); the frames are still those of a full decode, and the progress count never decreases and ends at the
-    total."""
+    """With 4 decoding threads, the decoding runs are split among up to 4 threads (contiguous groups of about equal
+    cost, every run once); the frames are still those of a full decode, and the progress count never decreases and
+    ends at the total."""
     path = seek_clips(name)
     reference = full_decode(path)
     total = len(reference)
-    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(processing_stgridpool, "_decoding_threads", lambda: 4)
     plans = record_calls(monkeypatch, "_plan_runs")
     calls = record_calls(monkeypatch, "_decode_runs")
     rng = np.random.default_rng(2)
@@ -459,7 +459,7 @@ def test_failure_in_one_decoding_thread_falls_back_to_forward_pass(seek_clips, m
     path = seek_clips("h264_bframes_open_gop")  # keyframes every 24 frames
     reference = full_decode(path)
     indices = sample_frame_indices(150, 8)  # [0, 18, 37, 56, 75, 93, 112, 131]: frame 131 runs alone from 120
-    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(processing_stgridpool, "_decoding_threads", lambda: 4)
     failed = fail_seeking_at(monkeypatch, 131, error)
     forward = record_calls(monkeypatch, "_decode_forward")
     seen = []
@@ -471,12 +471,18 @@ def test_failure_in_one_decoding_thread_falls_back_to_forward_pass(seek_clips, m
 
 def test_other_error_in_a_decoding_thread_propagates(seek_clips, monkeypatch):
     path = seek_clips("h264_bframes_open_gop")
-    monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda: 4)
+    monkeypatch.setattr(processing_stgridpool, "_decoding_threads", lambda: 4)
     failed = fail_seeking_at(monkeypatch, 131, RuntimeError("not an FFmpeg error"))
     forward = record_calls(monkeypatch, "_decode_forward")
     with pytest.raises(RuntimeError, match="not an FFmpeg error"):
         read_video_pyav(path, num_frames=8)
     assert failed and failed[0] != threading.get_ident() and not forward
+
+
+def test_decoding_threads_are_one_per_usable_cpu_and_a_spare_where_there_are_several(monkeypatch):
+    for cpus, threads in [(1, 1), (2, 3), (16, 17)]:
+        monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda cpus=cpus: cpus)
+        assert processing_stgridpool._decoding_threads() == threads
 
 
 def test_split_runs_into_contiguous_groups_of_about_equal_cost():
@@ -771,7 +777,7 @@ def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
             assert sorted(set(index.keyframes) - set(demux_pass_index(path).keyframes)) == differs
         reference = full_decode(path)
         for cpus in (1, 4):
-            monkeypatch.setattr(processing_stgridpool, "_usable_cpus", lambda cpus=cpus: cpus)
+            monkeypatch.setattr(processing_stgridpool, "_decoding_threads", lambda cpus=cpus: cpus)
             for indices in ([149, 3, 90, 41, 66, 67, 68], list(range(0, 150, 7))):
                 video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata, indices=indices: indices)
                 assert np.array_equal(video, np.stack([reference[i] for i in indices])), (path.name, cpus, indices)
