@@ -547,16 +547,26 @@ def assert_same_index(index, reference) -> None:
         assert mine == theirs, field.name
 
 
-def remux(source, target, earlier: int = 0, options: dict | None = None):
+def remux(source, target, earlier: int = 0, options: dict | None = None, audio: bool = False):
     """Copy `source`'s packets into `target` (muxer `options`), every timestamp moved `earlier` frames earlier: the
     mp4 muxer then writes an edit list whose presentation starts at time 0, past those frames (FFmpeg drops them:
-    discard flags)."""
+    discard flags). audio: add an AAC track before the video (the video is then the second track, and its samples
+    lie in chunks between the sound's, as in a camera's file)."""
     with av.open(str(source)) as src:
         stream = src.streams.video[0]
         packets = [(packet, packet.pts, packet.dts) for packet in src.demux(stream) if packet.size]
         step = packets[0][0].duration * earlier
         with av.open(str(target), "w", options=options or {}) as out:
+            sound = out.add_stream("aac", rate=48000, layout="mono") if audio else None  # streams before muxing
             out_stream = out.add_stream_from_template(stream)
+            if sound is not None:
+                seconds = float(packets[-1][1] * stream.time_base) + 1
+                for start in range(0, int(seconds * 48000), 1024):
+                    wave = np.sin(np.arange(start, start + 1024, dtype=np.float32) * 0.05)[None]
+                    frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
+                    frame.sample_rate, frame.pts = 48000, start
+                    out.mux(sound.encode(frame))
+                out.mux(sound.encode())
             for packet, pts, dts in packets:
                 packet.time_base = stream.time_base
                 packet.pts, packet.dts = pts - step, dts - step
@@ -571,6 +581,7 @@ MP4_CLIPS = {  # name -> write_clip keyword arguments (and `cut`: frames an edit
     "h264_vfr": SEEK_CLIPS["vfr"][1],
     "hevc_bframes": {"codec": "libx265", "gop": 24},
     "edit_list_cuts_5_frames": {**SEEK_CLIPS["h264_bframes_open_gop"][1], "cut": 5},
+    "sound_track_first": {"bframes": 3, "gop": 24, "audio": True},
 }
 
 
@@ -587,10 +598,11 @@ def mp4_clips(tmp_path_factory, seek_clips):
         if not path.exists():
             if kwargs.get("codec") == "libx265" and "libx265" not in av.codecs_available:
                 pytest.skip("this PyAV has no libx265 encoder")
-            cut = kwargs.pop("cut", 0)
-            written = write_clip(path.with_stem(name + "_source") if cut else path, textured_frames(150), **kwargs)
-            if cut:
-                remux(written, path, earlier=cut)
+            cut, audio = kwargs.pop("cut", 0), kwargs.pop("audio", False)
+            source = path.with_stem(name + "_source") if cut or audio else path
+            written = write_clip(source, textured_frames(150), **kwargs)
+            if cut or audio:
+                remux(written, path, earlier=cut, audio=audio)
         return path
 
     return clip
@@ -602,9 +614,9 @@ MP4_NAMES = sorted(name for name, (suffix, _) in SEEK_CLIPS.items() if suffix ==
 @pytest.mark.parametrize("name", MP4_NAMES)
 def test_mp4_packets_from_the_sample_tables_are_those_demuxing_gives(mp4_clips, monkeypatch, name):
     """B-frames (open and closed GOPs), faststart, VFR, rotated, a start delay (empty edit), mov, hevc, an edit list
-    that cuts the first frames: every packet computed from the sample tables is the demuxed one, field by field, and
-    FFmpeg's own index entry (where PyAV shows them); the index is the demux pass's; the reader takes it without a
-    demux pass, and its frames are exact."""
+    that cuts the first frames, a sound track before the video: every packet computed from the sample tables is the
+    demuxed one, field by field, and FFmpeg's own index entry; the index is the demux pass's; the reader takes it
+    without a demux pass, and its frames are exact."""
     needs_index_entries()
     path = mp4_clips(name)
     tables, packets, index = table_index(path)
@@ -728,6 +740,8 @@ def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
     assert parsed.sync.tolist() == [True, False, False, False]
     assert tables(moov(stbl={b"ctts": b""}), 7).offsets.tolist() == [0, 0, 0, 0]
     assert tables(moov(stbl={b"stss": b""}), 7).sync.all()  # no stss: every sample is a sync sample
+    wide = {b"stco": b"", b"co64": box(b"co64", struct.pack(">IQQ", 2, 100, 2**33), version=0)}  # 64-bit offsets
+    assert tables(moov(stbl=wide), 7).positions.tolist() == [100, 109, 117, 2**33]
     packets = processing_stgridpool._mp4_packets(parsed, first_dts=-80)
     assert packets.dts.tolist() == [-80, -40, 0, 40] and packets.pts.tolist() == [0, -40, 0, 40]
     assert packets.discard.tolist() == [False, True, False, False]  # shown at media time 40, before the edit's 80
