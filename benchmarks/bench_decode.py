@@ -3,7 +3,8 @@
 Readers, each given the same frame indices (uniform `j * total // n`; equal to time-based sampling on these
 constant-frame-rate clips):
 - `ours`: `processing_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact; the decoding
-  runs shared among threads, one per usable CPU up to 8). `ours_one_thread`: the same held to one thread.
+  runs shared among threads, one per usable CPU plus a spare, up to 8). `ours_one_thread`: the same held to one
+  thread.
 - `old_forward_only`: the reader this project shipped before (a copy below, `old_forward_only_read_video_pyav`):
   decodes every frame from the start up to the last sampled one. It is the baseline, and its frames are the truth
   (a sequential decode) that every other reader's frames are compared to.

@@ -649,6 +649,34 @@ def test_reader_takes_the_table_index_for_mp4_and_the_demux_pass_for_others(seek
         assert bool(probes) == expected, name
 
 
+def test_packets_unlike_ffmpegs_index_past_the_first_gops_are_refused(seek_clips, monkeypatch):
+    """Packets computed wrong where the first GOPs' check cannot see them (here the last one's size, or one frame's
+    place in the file) disagree with FFmpeg's own index: the reader demuxes every packet instead, exactly."""
+    needs_index_entries()
+    path = seek_clips("h264_faststart")
+    _, packets, _ = table_index(path)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert processing_stgridpool._ffmpeg_index_agrees(stream, packets)
+        for column, at in [("sizes", -1), ("positions", 100)]:
+            wrong = getattr(packets, column).copy()
+            wrong[at] += 1
+            wrong_packets = dataclasses.replace(packets, **{column: wrong})
+            assert not processing_stgridpool._ffmpeg_index_agrees(stream, wrong_packets), column
+    compute = processing_stgridpool._mp4_packets
+
+    def last_size_wrong(tables, first_dts):
+        packets = compute(tables, first_dts)
+        packets.sizes[-1] += 1
+        return packets
+
+    monkeypatch.setattr(processing_stgridpool, "_mp4_packets", last_size_wrong)
+    probes = record_calls(monkeypatch, "_probe_stream")
+    reference = full_decode(path)
+    video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata: [149, 3, 77])
+    assert len(probes) == 1 and np.array_equal(video, np.stack([reference[i] for i in (149, 3, 77)]))
+
+
 def write_scene_cut_clip(path):
     """An h264 mp4 with I-frames at a scene cut that are not keyframes to x264 (so not in the sync table, stss), but
     are to FFmpeg's h264 parser (an I-frame of a stream with one reference frame)."""
