@@ -288,13 +288,14 @@ def _sample_positions(chunk_offsets: np.ndarray, stsc: np.ndarray, sizes: np.nda
     return chunk_offsets[chunk] + before - before[(np.cumsum(per_chunk) - per_chunk)[chunk]]
 
 
-def _mp4_sample_tables(moov: bytes, track_id: int) -> _SampleTables:
+def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTables:
     """The sample tables of track `track_id` in `moov` (the moov box's payload), where FFmpeg makes that track's
-    packets from them alone, one per sample, in order.
+    packets from them alone, one per sample, in order; `samples`: how many entries FFmpeg's index of it has.
 
     Raises _NotIndexable, naming the reason, for: a fragmented file (mvex: samples in moof boxes); a track not found
     exactly once, or not video; several sample descriptions (stsd: packets then change codec parameters); tables that
-    do not count the same samples (checked before any per-sample array is made); stts durations of 0 (FFmpeg guesses
+    do not count `samples` samples (checked before any per-sample array is made, so a table's count cannot ask for
+    more memory than FFmpeg's index already holds); stts durations of 0 (FFmpeg guesses
     one) or over 2^31 - 1 ticks (FFmpeg rewrites those); negative composition offsets (FFmpeg then shifts dts);
     compact stz2 sizes; a first sample that is not a sync sample, an empty stss (FFmpeg then finds keyframes itself),
     or keyframes from elsewhere than stss (stps, sample groups); and edit lists other than one edit at normal rate,
@@ -326,6 +327,8 @@ def _mp4_sample_tables(moov: bytes, track_id: int) -> _SampleTables:
             raise _NotIndexable(f"{why} ({kind.decode()})")
     stsz = _only(stbl, b"stsz")
     constant_size, count = _unpack(moov, stsz, 4, ">II")
+    if count != samples:
+        raise _NotIndexable(f"stsz counts {count} samples, FFmpeg's index {samples}")
     stts = _table(moov, _only(stbl, b"stts"), ">u4", 2)  # rows: (sample count, duration)
     if stts[:, 0].sum() != count or (stts[:, 1] == 0).any() or (stts[:, 1] > 2**31 - 1).any():
         raise _NotIndexable("stts: its sample count is not stsz's, or a duration of 0 or over 2^31 - 1")
@@ -427,7 +430,7 @@ def _mp4_tables(path: str, container, stream) -> _SampleTables | None:
     if not hasattr(stream, "index_entries"):  # PyAV < 18: an older FFmpeg (PyAV 15's gives VFR packets other durations)
         return None
     try:
-        tables = _mp4_sample_tables(_read_moov(path), stream.id)
+        tables = _mp4_sample_tables(_read_moov(path), stream.id, len(stream.index_entries))
     except (_NotIndexable, OSError):
         return None
     if stream.time_base != Fraction(1, tables.timescale or 1):

@@ -761,15 +761,15 @@ def moov(stbl=(), edits=None, extra=(), track_id: int = 7) -> bytes:
 
 def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
     tables = processing_stgridpool._mp4_sample_tables
-    parsed = tables(moov(edits=[(5, -1), (80, 80)]), 7)  # a start delay, then the B-frame shift (80 movie ticks)
+    parsed = tables(moov(edits=[(5, -1), (80, 80)]), 7, 4)  # a start delay, then the B-frame shift (80 movie ticks)
     assert parsed.timescale == 1000 and parsed.edit_start == 80
     assert parsed.sizes.tolist() == [9, 8, 7, 6] and parsed.durations.tolist() == [40, 40, 40, 20]
     assert parsed.offsets.tolist() == [80, 0, 0, 0] and parsed.positions.tolist() == [100, 109, 117, 500]
     assert parsed.sync.tolist() == [True, False, False, False]
-    assert tables(moov(stbl={b"ctts": b""}), 7).offsets.tolist() == [0, 0, 0, 0]
-    assert tables(moov(stbl={b"stss": b""}), 7).sync.all()  # no stss: every sample is a sync sample
+    assert tables(moov(stbl={b"ctts": b""}), 7, 4).offsets.tolist() == [0, 0, 0, 0]
+    assert tables(moov(stbl={b"stss": b""}), 7, 4).sync.all()  # no stss: every sample is a sync sample
     wide = {b"stco": b"", b"co64": box(b"co64", struct.pack(">IQQ", 2, 100, 2**33), version=0)}  # 64-bit offsets
-    assert tables(moov(stbl=wide), 7).positions.tolist() == [100, 109, 117, 2**33]
+    assert tables(moov(stbl=wide), 7, 4).positions.tolist() == [100, 109, 117, 2**33]
     packets = processing_stgridpool._mp4_packets(parsed, first_dts=-80)
     assert packets.dts.tolist() == [-80, -40, 0, 40] and packets.pts.tolist() == [0, -40, 0, 40]
     assert packets.discard.tolist() == [False, True, False, False]  # shown at media time 40, before the edit's 80
@@ -778,25 +778,26 @@ def test_mp4_sample_tables_reads_what_ffmpeg_reads_and_refuses_the_rest():
         return {kind: box(kind, struct.pack(fmt, *values), version=0)}
 
     refused = {
-        "tracks with id 8": (moov(), 8),
-        "an edit list other than one edit": (moov(edits=[(80, 0), (80, 80)]), 7),
-        "or negative entries": (moov(stbl=stbl_box(b"ctts", ">IIi", 1, 4, -40)), 7),
-        "stts: its sample count": (moov(stbl=stbl_box(b"stts", ">III", 1, 3, 40)), 7),
-        "a duration of 0": (moov(stbl=stbl_box(b"stts", ">IIIII", 2, 3, 40, 1, 0)), 7),
-        "fragmented": (moov(extra=[box(b"mvex")]), 7),
-        "compact sample sizes": (moov(stbl={b"stz2": box(b"stz2", version=0)}), 7),
-        "partial sync samples": (moov(stbl={b"stps": box(b"stps", version=0)}), 7),
-        "one sample description": (moov(stbl=stbl_box(b"stsd", ">I", 2)), 7),
-        "shorter than its entry count": (moov(stbl=stbl_box(b"stsz", ">II", 0, 4)), 7),
-        "stss: empty": (moov(stbl=stbl_box(b"stss", ">I", 0)), 7),
-        "the first is not a sync sample": (moov(stbl=stbl_box(b"stss", ">II", 1, 2)), 7),
-        "stsc puts 6 samples in chunks": (moov(stbl=stbl_box(b"stsc", ">I3I", 1, 1, 3, 1)), 7),
-        "the edit starts past the first GOP": (moov(stbl=stbl_box(b"stss", ">III", 2, 1, 2), edits=[(80, 80)]), 7),
-        "the edit ends before the last frame": (moov(edits=[(20, 80)]), 7),
+        "tracks with id 8": (moov(), 8, 4),
+        "stsz counts 4 samples, FFmpeg's index 5": (moov(), 7, 5),
+        "an edit list other than one edit": (moov(edits=[(80, 0), (80, 80)]), 7, 4),
+        "or negative entries": (moov(stbl=stbl_box(b"ctts", ">IIi", 1, 4, -40)), 7, 4),
+        "stts: its sample count": (moov(stbl=stbl_box(b"stts", ">III", 1, 3, 40)), 7, 4),
+        "a duration of 0": (moov(stbl=stbl_box(b"stts", ">IIIII", 2, 3, 40, 1, 0)), 7, 4),
+        "fragmented": (moov(extra=[box(b"mvex")]), 7, 4),
+        "compact sample sizes": (moov(stbl={b"stz2": box(b"stz2", version=0)}), 7, 4),
+        "partial sync samples": (moov(stbl={b"stps": box(b"stps", version=0)}), 7, 4),
+        "one sample description": (moov(stbl=stbl_box(b"stsd", ">I", 2)), 7, 4),
+        "shorter than its entry count": (moov(stbl=stbl_box(b"stsz", ">II", 0, 4)), 7, 4),
+        "stss: empty": (moov(stbl=stbl_box(b"stss", ">I", 0)), 7, 4),
+        "the first is not a sync sample": (moov(stbl=stbl_box(b"stss", ">II", 1, 2)), 7, 4),
+        "stsc puts 6 samples in chunks": (moov(stbl=stbl_box(b"stsc", ">I3I", 1, 1, 3, 1)), 7, 4),
+        "the edit starts past the first GOP": (moov(stbl=stbl_box(b"stss", ">III", 2, 1, 2), edits=[(80, 80)]), 7, 4),
+        "the edit ends before the last frame": (moov(edits=[(20, 80)]), 7, 4),
     }
-    for reason, (data, track_id) in refused.items():
+    for reason, (data, track_id, samples) in refused.items():
         with pytest.raises(processing_stgridpool._NotIndexable, match=reason):
-            tables(data, track_id)
+            tables(data, track_id, samples)
 
 
 def test_keyframes_unlike_the_demux_pass_change_no_frame(tmp_path, monkeypatch):
