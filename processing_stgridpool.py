@@ -199,6 +199,7 @@ class _SampleTables:
     sizes: np.ndarray  # int64 [n], stsz: bytes of each sample
     positions: np.ndarray  # int64 [n], stco/co64 and stsc: where each sample's bytes start in the file
     durations: np.ndarray  # int64 [n], stts: ticks each sample lasts
+    decode_times: np.ndarray  # int64 [n], the durations summed: when each sample is decoded, from 0
     offsets: np.ndarray  # int64 [n], ctts: pts - dts of each sample, ticks (zeros without ctts)
     sync: np.ndarray  # bool [n], stss: sync samples, where decoding can start (all without stss)
     edit_start: int  # ticks: the media time the edit list starts showing at (0 without one)
@@ -354,6 +355,7 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
         chunk_offsets = _table(moov, _only(stbl, b"stco"), ">u4", 1)[:, 0]
     positions = _sample_positions(chunk_offsets, _table(moov, _only(stbl, b"stsc"), ">u4", 3), sizes)
     durations = np.repeat(stts[:, 1], stts[:, 0])
+    decode_times = np.cumsum(durations) - durations
 
     edits = []
     if b"edts" in trak:
@@ -372,7 +374,6 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
         mvhd = _only(moov_boxes, b"mvhd")
         (movie_timescale,) = _unpack(moov, mvhd, 20 if _version(moov, mvhd) == 1 else 12, ">I")
         length = (edits[0][0] * timescale + movie_timescale // 2) // max(movie_timescale, 1)  # av_rescale rounds
-        decode_times = np.cumsum(durations) - durations
         shown = decode_times + offsets
         # It starts at the last sync sample decoded and shown by the edit's start: the first sample, or some dropped.
         starts = np.flatnonzero(sync & (decode_times <= edit_start) & (shown <= edit_start))
@@ -385,7 +386,7 @@ def _mp4_sample_tables(moov: bytes, track_id: int, samples: int) -> _SampleTable
         stop = ends[1 if ctts is not None and len(ctts) else 0 :][:1]
         if (shown >= edit_start + length).any() or (len(stop) and stop[0] != count - 1):
             raise _NotIndexable(f"the edit ends before the last frame (at {edit_start + length} ticks)")
-    return _SampleTables(timescale, sizes, positions, durations, offsets, sync, edit_start)
+    return _SampleTables(timescale, sizes, positions, durations, decode_times, offsets, sync, edit_start)
 
 
 def _read_moov(path: str, max_boxes: int = 1000) -> bytes:
@@ -445,10 +446,8 @@ def _mp4_tables(path: str, container, stream) -> _SampleTables | None:
 def _mp4_packets(tables: _SampleTables, first_dts: int) -> _Packets:
     """The packets FFmpeg demuxes from a track with these tables, the first with decoding time `first_dts` (how far
     the edit list moves every timestamp: read off the first packet)."""
-    decode_times = np.cumsum(tables.durations) - tables.durations  # from 0, in the track's own media time
-    shown = decode_times + tables.offsets
-    dts = decode_times + first_dts
-    discard = shown < tables.edit_start
+    dts = tables.decode_times + first_dts
+    discard = tables.decode_times + tables.offsets < tables.edit_start  # shown before the edit starts
     return _Packets(dts + tables.offsets, dts, tables.durations, tables.sizes, tables.positions, tables.sync, discard)
 
 
@@ -460,13 +459,10 @@ def _first_packets_agree(demuxed: list[tuple], packets: _Packets) -> bool:
 
 
 def _ffmpeg_index_agrees(stream, packets: _Packets) -> bool:
-    """Whether FFmpeg's own index of the stream (`Stream.index_entries`) has as many entries as `packets`, and the
-    same decoding time, size, place and flags at MP4_CHECKED_ENTRIES evenly spread ones (all of them would cost more
-    than demuxing: PyAV makes an object per entry)."""
-    entries = stream.index_entries
-    count = len(packets.dts)
-    if len(entries) != count:
-        return False
+    """Whether FFmpeg's own index of the stream (`Stream.index_entries`, as many entries as `packets`: checked with
+    the tables) has the same decoding time, size, place and flags at MP4_CHECKED_ENTRIES evenly spread entries (all
+    of them would cost more than demuxing: PyAV makes an object per entry)."""
+    entries, count = stream.index_entries, len(packets.dts)
     for i in np.unique(np.linspace(0, count - 1, MP4_CHECKED_ENTRIES).astype(np.int64)).tolist():
         entry = entries[i]
         flags = (packets.keyframe[i] * AVINDEX_KEYFRAME) | (packets.discard[i] * AVINDEX_DISCARD_FRAME)
