@@ -18,7 +18,10 @@ from .source import TOKENIZER_FILES, SourceCheckpoint, read_json
 
 MODEL_TYPE = "stgridpool_llava_onevision"
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
-CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
+CODE_MODULES = (
+    "configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton",
+    "video_stgridpool",
+)  # fmt: skip
 PROCESSOR_CLASS = "STGridPoolProcessor"
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
 # What the Auto classes and pipelines ("image-text-to-text": AutoModelForImageTextToText, "any-to-any":

@@ -105,13 +105,14 @@ def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
     from processing_stgridpool import STGridPoolProcessor
     from stgridpool.clips import write_sample_clip
     from stgridpool.tiny import save_tiny_stock_checkpoint
+    from video_stgridpool import DEFAULT_NUM_FRAMES
 
     try:
         stock = save_tiny_stock_checkpoint(build / "stock")
         config = STGridPoolConfig.from_pretrained(stock)
         model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(stock, config=config)
         processor = STGridPoolProcessor.from_pretrained(stock)
-        processor.video_processor.num_frames = 32
+        processor.video_processor.num_frames = DEFAULT_NUM_FRAMES
         staged = build / DEMO_VERSION
         model.save_pretrained(staged / "model")
         processor.save_pretrained(staged / "model")
@@ -202,10 +203,10 @@ def decode(video: Path, num_frames: int | None, processor):
     """Decode and sample the video with a progress bar -> (frames uint8 [T, H, W, 3], metadata, seconds)."""
     from tqdm import tqdm
 
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import DEFAULT_NUM_FRAMES, read_video_pyav
 
     if num_frames is None:
-        num_frames = getattr(processor.video_processor, "num_frames", None) or 32
+        num_frames = getattr(processor.video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
     start = time.perf_counter()
     with tqdm(desc=f"decoding {video.name}", unit="frame", leave=False, disable=None) as bar:
 
@@ -425,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # bad options: one line, exit 2
-    from processing_stgridpool import VideoDecodeError
     from stgridpool.loading import ModelLoadError
+    from video_stgridpool import VideoDecodeError
 
     try:
         return args.func(args)

@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
+BLOCKED = (
+    "configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton",
+    "video_stgridpool",
+)  # fmt: skip
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
