@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 import modeling_stgridpool_llava as m  # noqa: E402
 from benchmarks import loop_impl, plain_impl  # noqa: E402
 from configuration_stgridpool import STGridPoolConfig  # noqa: E402
-from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs  # noqa: E402
+from stgridpool.demo import build_tiny_tokenizer, tiny_config_kwargs  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "data" / "stgridpool_cases.safetensors"
 

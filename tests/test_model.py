@@ -17,7 +17,7 @@ from modeling_stgridpool_llava import (
     st_grid_pool,
 )
 from processing_stgridpool import STGridPoolProcessor
-from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
 MODES = ("stgridpool", "bilinear", "average")
 NEWLINES = ("one_token", "grid", "frame", "none")

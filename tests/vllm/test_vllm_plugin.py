@@ -1,4 +1,4 @@
-"""The vLLM plugin (stgridpool_vllm) against our Transformers model, on vLLM's CPU build (run by .ci/vllm).
+"""The vLLM plugin (stgridpool.integrations.vllm) against our Transformers model, on vLLM's CPU build (run by .ci/vllm).
 
 Each vLLM engine starts once (a child process, ~30-60 s on 2 cores) and answers a batch of two videos with different
 frame counts; our Transformers model answers the same requests in another child process. Prompt tokens must be
@@ -139,14 +139,14 @@ def test_refusals_are_one_clear_line(vllm_results, name, words):
 
 def test_video_loader_picks_our_processors_frames(tmp_path):
     """The "stgridpool" video loader returns exactly what our processor decodes from a file; vLLM's default loader
-    picks other frames (np.linspace over the frame indices), as stgridpool_vllm/video.py documents."""
+    picks other frames (np.linspace over the frame indices), as stgridpool/integrations/vllm/video.py documents."""
+    from helpers import gray_frames, index_gray_level, write_clip
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
-    import stgridpool_vllm
+    import stgridpool.integrations.vllm
     from processing_stgridpool import read_video_pyav
-    from stgridpool.clips import gray_frames, index_gray_level, write_clip
 
-    stgridpool_vllm.register()
+    stgridpool.integrations.vllm.register()
     path = write_clip(tmp_path / "clip.mp4", gray_frames([index_gray_level(i) for i in range(30)]))
     data = path.read_bytes()
     ours, metadata = VIDEO_LOADER_REGISTRY.load("stgridpool").load_bytes(data, num_frames=8)
@@ -189,7 +189,9 @@ def free_port() -> int:
 def test_openai_server_answers_a_video(repos, tmp_path):
     """The OpenAI server (`vllm serve REPO`) on 127.0.0.1 answers a chat request with a video file as our
     Transformers model does."""
-    from stgridpool.clips import moving_shapes_frames, write_clip
+    from helpers import write_clip
+
+    from stgridpool.demo import moving_shapes_frames
 
     clip = write_clip(tmp_path / "clip.mp4", moving_shapes_frames(40, 64), rate=20)
     question, num_frames = "what is happening in this video ?", 8

@@ -63,11 +63,11 @@ def run_json(script: str, job: dict, tmp: Path, timeout: int = 600) -> dict:
 
 
 def save_tiny_vllm_checkpoint(path: Path, seed: int = 0) -> Path:
-    """stgridpool.tiny's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32)."""
+    """stgridpool.demo's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32)."""
     import torch
     from transformers import GenerationConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+    from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
     tokenizer = build_tiny_tokenizer()
     kwargs = tiny_config_kwargs(tokenizer)
@@ -91,7 +91,7 @@ def save_tiny_text_checkpoint(path: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs
+    from stgridpool.demo import build_tiny_tokenizer, tiny_config_kwargs
 
     tokenizer = build_tiny_tokenizer()
     text = tiny_config_kwargs(tokenizer)["text_config"]
