@@ -163,7 +163,8 @@ def _index_video(container, stream) -> _Index:
         keys = []
     pts = sorted(raw)
     distinct = all(a < b for a, b in itertools.pairwise(pts))
-    decoding_order = stream.codec_context.has_b_frames and raw == pts
+    reorders = getattr(stream.codec_context, "has_b_frames", True)  # no codec context: FFmpeg has no decoder for it
+    decoding_order = reorders and raw == pts
     if not last_duration or last_duration <= 0:  # unknown: the median gap, or the frame rate
         gaps = sorted(b - a for a, b in itertools.pairwise(pts) if b > a)
         last_duration = gaps[len(gaps) // 2] if gaps else 1 / (rate * time_base)
@@ -233,13 +234,15 @@ def read_video_pyav(
         av = importlib.import_module("av")
     except ImportError:
         raise ImportError(f"decoding the video file {name} needs PyAV: pip install av") from None
-    open_container = _opener(av, source, name)
+    open_container, size = _opener(av, source, name)
     try:
         with open_container() as container:
-            stream = _video_stream(container, name)
+            stream = _video_stream(container, name, size)
             index = _index_video(container, stream)
             if not index.pts:
-                raise VideoDecodeError(f"{name}: damaged or truncated: it declares a video stream but holds no frames")
+                raise VideoDecodeError(
+                    f"{name}: damaged or truncated: it declares a video stream but holds no video frames ({size} bytes)"
+                )
             _check_complete(name, index, _declared_end(container, stream))
             times = _FrameTimes(index.pts, index.time_base)
             duration = index.end_time - times[0]
@@ -270,12 +273,13 @@ def read_video_pyav(
 
 
 def _opener(av, source, name: str):
-    """A function opening a new container on `source` at each call (each decoding thread opens its own), once the
-    source is known to be something FFmpeg can be given: VideoDecodeError naming what it is otherwise."""
+    """(a function opening a new container on `source` at each call: each decoding thread opens its own, the size of
+    the source in bytes), once the source is known to be something FFmpeg can be given: VideoDecodeError or TypeError
+    naming what it is otherwise."""
     if isinstance(source, (str, os.PathLike)):
         _check_regular_file(name)
         url = "file:" + os.path.abspath(name)  # never a protocol: `concat:a.mp4|b.mp4` and `http:x` are file names
-        return lambda: av.open(url)
+        return (lambda: av.open(url)), os.path.getsize(name)
     if not callable(getattr(source, "read", None)):
         raise TypeError(f"source={source!r} is invalid: allowed are a path or a binary file-like object")
     data = source.read()
@@ -283,7 +287,7 @@ def _opener(av, source, name: str):
         raise TypeError(f"source={source!r} is invalid: it is opened in text mode; allowed is binary mode ('rb')")
     if not data:
         raise VideoDecodeError(f"{name}: is empty (0 bytes), not a video file")
-    return lambda: av.open(io.BytesIO(data))
+    return (lambda: av.open(io.BytesIO(data))), len(data)
 
 
 def _check_regular_file(path: str) -> None:
@@ -317,16 +321,18 @@ def _check_regular_file(path: str) -> None:
         raise VideoDecodeError(f"{path}: is empty (0 bytes), not a video file")
 
 
-def _video_stream(container, name: str):
-    """The container's first video stream; VideoDecodeError saying what the file holds instead."""
+def _video_stream(container, name: str, size: int):
+    """The container's first video stream; VideoDecodeError saying what the file (`size` bytes) holds instead."""
     if container.streams.video:
         return container.streams.video[0]
     kinds = sorted({s.type for s in container.streams})
     if not container.streams:
-        raise VideoDecodeError(f"{name}: damaged or truncated, or not a video file: FFmpeg finds no streams in it")
+        raise VideoDecodeError(
+            f"{name}: damaged or truncated, or not a video file: FFmpeg finds no streams in its {size} bytes"
+        )
     if not {"audio", "subtitle"} & set(kinds):  # e.g. an mp4 whose header was cut off
         raise VideoDecodeError(
-            f"{name}: damaged or truncated, or not a video file: FFmpeg finds no video stream in it "
+            f"{name}: damaged or truncated, or not a video file: FFmpeg finds no video stream in its {size} bytes "
             f"(only: {', '.join(kinds)})"
         )
     raise VideoDecodeError(f"{name}: has no video stream (it has: {', '.join(kinds)})")
