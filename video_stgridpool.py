@@ -160,7 +160,6 @@ def _index_video(container, stream) -> _Index:
     rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
     if missing:  # frame numbers at the frame rate
         raw, time_base, last_duration = list(range(len(raw))), 1 / rate, 1
-        keys = []
     pts = sorted(raw)
     distinct = all(a < b for a, b in itertools.pairwise(pts))
     reorders = getattr(stream.codec_context, "has_b_frames", True)  # no codec context: FFmpeg has no decoder for it
@@ -490,12 +489,13 @@ def _in_threads(open_container, index: _Index, runs: list, threads: int):
 
     try:
         with ThreadPoolExecutor(threads) as pool:
-            futures = [pool.submit(decode, key, frames) for key, frames in runs]
+            pending = {pool.submit(decode, key, frames) for key, frames in runs}
             try:
-                for future in as_completed(futures):
+                for future in as_completed(pending):
+                    pending.discard(future)  # its frames are let go of once the caller has them
                     yield future.result()
             finally:
-                for future in futures:
+                for future in pending:
                     future.cancel()
     finally:
         for container in opened:

@@ -284,7 +284,7 @@ def test_loads_with_remote_code_only(remote_checks):
     assert out["video_pipeline_frames_seen"] == [8]
     # a video file: 50 frames, sampled to the repo's num_frames by the repo's own reader module
     assert out["file_frames"] == [1, min(50, out["file_num_frames"]), 3, 54, 54]
-    assert len(out["readers"]) == 1 and out["readers"][0].startswith("transformers_modules."), out["readers"]
+    assert out["readers"] and all(name.startswith("transformers_modules.") for name in out["readers"]), out["readers"]
     assert set(CODE_MODULES) <= set(out["resaved_files"])
     assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith(
         "STGridPoolLlavaOnevisionForConditionalGeneration"
