@@ -33,7 +33,15 @@ def vllm_installed() -> bool:
 if not vllm_installed():
     pytest.skip("needs vLLM (the vLLM venv that .ci/vllm builds)", allow_module_level=True)
 
-from vllm_cases import FRAME_COUNTS, MAX_NEW_TOKENS, PROMPT, child_env, run_json, save_tiny_text_checkpoint
+from vllm_cases import (
+    FRAME_COUNTS,
+    MAX_NEW_TOKENS,
+    PROMPT,
+    child_env,
+    run_json,
+    save_tiny_text_checkpoint,
+    save_tiny_vllm_checkpoint,
+)
 
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
 TOLERANCE = 1e-4
@@ -157,6 +165,97 @@ def test_video_loader_picks_our_processors_frames(tmp_path):
     assert list(stock_metadata["frames_indices"]) == [0, 4, 8, 12, 16, 20, 24, 29]
     decoded = [round((float(frame.mean()) - 4) / 8) for frame in stock]  # the gray level encodes the frame index
     assert decoded == [0, 4, 8, 12, 16, 20, 24, 29]
+
+
+# The README's frame counts: LLaVA-OneVision repos sample 32 frames, LLaVA-Video repos 64 (with grid newlines, as
+# the converter writes them): name -> (the repo's num_frames, converter options, the videos of one batch).
+README_REPOS = {
+    "onevision32": (32, [], ["v32"]),
+    "llava_video64": (64, ["--newline-position", "grid"], ["v64", "v32"]),
+}
+
+
+@pytest.fixture(scope="module")
+def readme_frame_counts(work) -> dict:
+    """For README_REPOS under vLLM's default engine settings: vLLM's answers to a video of the repo's frame count
+    (and the LLaVA-Video repo to a 32-frame one in the same batch), our Transformers model's, and the encoder cache
+    size vLLM computes (also with `--limit-mm-per-prompt`'s video num_frames=64 for the OneVision repo)."""
+    from stgridpool.convert.cli import main as convert
+
+    repos = {}
+    for name, (num_frames, options, _) in README_REPOS.items():
+        stock = save_tiny_vllm_checkpoint(work / f"{name}_stock", num_frames=num_frames)
+        assert convert([str(stock), str(work / name), *options]) == 0, name
+        repos[name] = str(work / name)
+    rng = np.random.default_rng(1)
+    videos = work / "readme_videos.npz"
+    np.savez(videos, **{f"v{t}": rng.integers(0, 256, (t, 48, 64, 3), dtype=np.uint8) for t in (32, 64)})
+    # The model's max_model_len (65536) instead of the test's 4096; no max_num_batched_tokens: vLLM's CPU default
+    # for LLM(...) is 4096, fewer than either video's tokens.
+    defaults = {"max_model_len": None}
+    limit64 = {**defaults, "limit_mm_per_prompt": {"image": 0, "video": {"count": 1, "num_frames": 64}}}
+    job = {
+        "runs": [
+            {"name": name, "repo": repos[name], "llm": defaults, "videos": keys}
+            for name, (_, _, keys) in README_REPOS.items()
+        ],
+        "budgets": [
+            {"name": "onevision32", "repo": repos["onevision32"], "llm": defaults},
+            {"name": "llava_video64", "repo": repos["llava_video64"], "llm": defaults},
+            {"name": "onevision32_limit64", "repo": repos["onevision32"], "llm": limit64},
+        ],
+        "videos": str(videos),
+        "prompt": PROMPT,
+        "max_new_tokens": MAX_NEW_TOKENS,
+    }
+    reference = {"repos": repos, "videos": str(videos), "prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS}
+    return {
+        "repos": repos,
+        "vllm": run_json("vllm_runner.py", job, work, timeout=1200),
+        "reference": run_json("hf_reference.py", reference, work),
+    }
+
+
+def sized_for(readme_frame_counts) -> dict:
+    """Budget name -> (frames, tokens) of the video its encoder cache must hold."""
+    from configuration_stgridpool import STGridPoolConfig
+
+    def video(repo: str, frames: int) -> tuple[int, int]:
+        settings = STGridPoolConfig.from_pretrained(readme_frame_counts["repos"][repo]).video_pooling
+        return frames, settings.num_tokens(frames, 27, 27)
+
+    return {
+        "onevision32": video("onevision32", 32),
+        "llava_video64": video("llava_video64", 64),
+        "onevision32_limit64": video("onevision32", 64),
+    }
+
+
+def test_encoder_cache_holds_the_repos_frame_count(readme_frame_counts):
+    """vLLM's encoder cache holds a video of the repo's frame count (vLLM's own profiling sized it for 16 frames,
+    below max_num_batched_tokens' 4096), or of `--limit-mm-per-prompt`'s video num_frames."""
+    expected = {budget: tokens for budget, (_, tokens) in sized_for(readme_frame_counts).items()}
+    assert min(expected.values()) > 4096  # max_num_batched_tokens alone would not hold any of them
+    assert readme_frame_counts["vllm"]["budgets"] == expected
+
+
+def test_the_plugin_says_how_to_size_for_longer_videos(readme_frame_counts):
+    """One log line says what the encoder cache holds and which setting to raise for longer videos."""
+    advice = """for longer videos start vLLM with --limit-mm-per-prompt '{"video": {"num_frames": N}}'"""
+    for frames, tokens in sized_for(readme_frame_counts).values():
+        sized = f"encoder cache is sized for videos of up to {frames} frames ({tokens} tokens)"
+        assert any(sized in line and advice in line for line in readme_frame_counts["vllm"]["plugin_log"])
+
+
+@pytest.mark.parametrize("name", README_REPOS)
+def test_readme_frame_counts_run_with_vllms_defaults(readme_frame_counts, name):
+    """A video of the repo's frame count (32 for LLaVA-OneVision, 64 for LLaVA-Video) is answered under vLLM's
+    default engine settings, as our Transformers model answers it (vLLM's own profiling refused it: HTTP 400,
+    "exceeds the pre-allocated encoder cache size")."""
+    answers = readme_frame_counts["vllm"]["runs"][name]
+    assert sorted(answers) == sorted(README_REPOS[name][2])
+    for key, answer in answers.items():
+        assert_same_answer(answer, readme_frame_counts["reference"][name][key])
 
 
 def ask_server(port: int, request: dict, server: subprocess.Popen, log_path: Path) -> dict:
