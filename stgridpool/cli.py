@@ -105,10 +105,10 @@ def decode(video: Path, num_frames: int | None, processor):
     """Decode and sample the video with a progress bar -> (frames uint8 [T, H, W, 3], metadata, seconds)."""
     from tqdm import tqdm
 
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import DEFAULT_NUM_FRAMES, read_video_pyav
 
     if num_frames is None:
-        num_frames = getattr(processor.video_processor, "num_frames", None) or 32
+        num_frames = getattr(processor.video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
     start = time.perf_counter()
     with tqdm(desc=f"decoding {video.name}", unit="frame", leave=False, disable=None) as bar:
 
@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # bad options: one line, exit 2
-    from processing_stgridpool import VideoDecodeError
     from stgridpool.loading import ModelLoadError
+    from video_stgridpool import VideoDecodeError
 
     try:
         return args.func(args)

@@ -12,7 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
+BLOCKED = (
+    "configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton",
+    "video_stgridpool",
+)  # fmt: skip
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -45,6 +48,20 @@ def origin(obj) -> dict:
 def video_prompt(processor, question: str) -> str:
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def write_clip(path: Path) -> str:
+    """A 2-second h264 mp4 of 50 noise frames, 64x48, written with PyAV (the project's test kits are blocked here)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for image in np.random.default_rng(3).integers(0, 256, (50, 48, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
 
 
 def check_full(repo: str, src: str, work: str) -> dict:
@@ -100,6 +117,14 @@ def check_full(repo: str, src: str, work: str) -> dict:
         logits = model(**inputs).logits
     out["video_new_tokens"] = int(generated.shape[1] - inputs["input_ids"].shape[1])
     out["video_answer"] = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # a video file decodes through the repo's own reader (video_stgridpool, a relative import of the processor)
+    clip = write_clip(Path(work) / "clip.mp4")
+    out["file_frames"] = list(
+        processor(text="<video>", videos=[clip], return_tensors="pt")["pixel_values_videos"].shape
+    )
+    out["readers"] = sorted(name for name in sys.modules if name.endswith("video_stgridpool"))
+    out["file_num_frames"] = processor.video_processor.num_frames
 
     # the image-text-to-text pipeline answers about a PIL image
     image = Image.fromarray(frames[0])

@@ -100,9 +100,9 @@ def test_visualize_png(cache, tmp_path, capsys):
     picture = np.asarray(Image.open(out).convert("RGB"))
     # the same figure, drawn in-process, gives the panel layout
     sys.path.insert(0, str(ROOT))
-    from processing_stgridpool import read_video_pyav
     from stgridpool.loading import load_model_and_processor, resolve_model
     from stgridpool.visualize import visualize_video
+    from video_stgridpool import read_video_pyav
 
     model, processor = load_model_and_processor(resolve_model(str(tmp / "cache" / "demo-v1" / "model")))
     frames, metadata = read_video_pyav(tmp / "cache" / "demo-v1" / "sample.mp4", num_frames=16)
@@ -126,7 +126,7 @@ def test_visualize_png(cache, tmp_path, capsys):
 
 def bad_cases(tmp_path, sample) -> dict:
     """name -> (CLI arguments after `ask`, words the one-line error must contain)."""
-    from test_video import bad_inputs
+    from test_video_stgridpool import bad_inputs
 
     cases = {name: ([str(path)], words) for name, (path, words) in bad_inputs(tmp_path).items()}
     cases["num_frames_zero"] = ([str(sample), "--num-frames", "0"], "--num-frames '0' is invalid")
@@ -345,7 +345,7 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
 
 def test_whole_video_is_decoded_before_the_model_loads(cache, tmp_path, capsys, monkeypatch):
     """A video damaged after its first frames is refused before any model is loaded."""
-    from test_video import bad_inputs
+    from test_video_stgridpool import bad_inputs
 
     import stgridpool.loading
 

@@ -282,6 +282,9 @@ def test_loads_with_remote_code_only(remote_checks):
     assert out["image_pipeline_answer"].strip()
     assert out["video_pipeline_answer"].strip()
     assert out["video_pipeline_frames_seen"] == [8]
+    # a video file: 50 frames, sampled to the repo's num_frames by the repo's own reader module
+    assert out["file_frames"] == [1, min(50, out["file_num_frames"]), 3, 54, 54]
+    assert out["readers"] and all(name.startswith("transformers_modules.") for name in out["readers"]), out["readers"]
     assert set(CODE_MODULES) <= set(out["resaved_files"])
     assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith(
         "STGridPoolLlavaOnevisionForConditionalGeneration"
@@ -615,9 +618,7 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, (
-        capsys.readouterr().err
-    )
+    assert cli.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, capsys.readouterr().err
     ((repo_id, revision, ignore),) = fetched
     assert (repo_id, revision) == ("llava-hf/tiny-ov", "v1") and "*.bin" in ignore
     text = (tmp_path / "dst" / "README.md").read_text()

@@ -573,8 +573,8 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
 def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_path, clip, expected):
     """frame_sampling=authors at max_frames_num=4 on 8 fps clips: 2.5 s -> frames 0, 8, 16 (one a second: fewer
     than 4, kept); 6 s -> one a second gives 6 > 4, so linspace(0, 47, 4) as ints. uniform always takes 4."""
-    from processing_stgridpool import read_video_pyav
     from stgridpool.integrations.lmms_eval.lmms_model import load_video
+    from video_stgridpool import read_video_pyav
 
     path = tmp_path / "clip.mp4"
     encode_clip(path, seed=3, **clip)

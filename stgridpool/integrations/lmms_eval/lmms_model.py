@@ -54,7 +54,7 @@ def load_video(path: str, max_frames_num: int, frame_sampling: str = "uniform") 
     """Decode the frames `frame_sampling` picks (see FRAME_SAMPLINGS) from the video at `path`: uint8 [T, H, W, 3].
 
     Decoding is the processor's PyAV reader; only the indices are chosen here."""
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     def indices(metadata):
         if frame_sampling == "authors":
