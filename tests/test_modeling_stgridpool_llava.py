@@ -1,23 +1,339 @@
-"""The model and processor subclasses against the stock LLaVA-OneVision classes (SPEC.md section 3)."""
+"""modeling_stgridpool_llava: the pure pooling functions (PTG, NSP) against the paper authors' reference outputs
+(tests/data, see SPEC.md), the fast path (cached PTG plans, summary bank) against the plain vectorized reading of
+SPEC.md and the authors'-style loop reference on random shapes and settings, and the model subclasses against the stock
+LLaVA-OneVision classes (SPEC.md section 3). The Triton kernels and the backend choice: test_stgridpool_triton.py."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from conftest import GOLDEN, random_features
+import hypothesis
+from hypothesis import HealthCheck, given
+from hypothesis import strategies as st
 from PIL import Image
+from safetensors import safe_open
 from transformers import GenerationMixin, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
 from transformers.utils import logging as transformers_logging
 
+from benchmarks import loop_impl, plain_impl
 from configuration_stgridpool import STGridPoolConfig
 from modeling_stgridpool_llava import (
     _TRANSFORMERS_5_17,
     STGridPoolLlavaOnevisionForConditionalGeneration,
+    _cached_device_maps,
     add_video_newlines,
     average_pool,
+    bilinear_pool,
+    norm_spatial_pool,
     pool_video,
+    ptg_plan,
+    pyramid_temporal_grid,
+    sampled_positions,
     st_grid_pool,
+    summary_layout,
 )
 from processing_stgridpool import STGridPoolProcessor
 from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pure functions against the authors' reference outputs and SPEC.md
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_cases():
+    with safe_open(str(GOLDEN), "pt") as f:
+        cases = json.loads(f.metadata()["cases"])
+        return [
+            pytest.param(
+                params,
+                f.get_tensor(f"{name}.input"),
+                f.get_tensor(f"{name}.after_ptg"),
+                f.get_tensor(f"{name}.expected"),
+                id=name,
+            )
+            for name, params in cases.items()
+        ]
+
+
+def pool_args(params):
+    return dict(
+        pyramid_levels=params["pyramid_levels"],
+        keep_ratio=params["nsp_keep_ratio"],
+        temperature=params["nsp_temperature"],
+        norm_p=params["nsp_norm_p"],
+        padding=params["nsp_padding"],
+        partial_windows=params["nsp_partial_windows"],
+    )
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize("params,frames,after_ptg,expected", load_cases())
+def test_golden_float32(params, frames, after_ptg, expected):
+    before = frames.clone()
+    gridded = pyramid_temporal_grid(frames, params["pyramid_levels"])
+    pooled = st_grid_pool(frames, **pool_args(params))
+    assert torch.equal(frames, before), "the functions must not modify their input"
+    assert gridded.dtype == pooled.dtype == torch.float32
+    assert (gridded.double() - after_ptg.double()).abs().max() <= 1e-5
+    assert pooled.shape == expected.shape
+    assert (pooled.double() - expected.double()).abs().max() <= 1e-5
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize("params,frames,after_ptg,expected", load_cases())
+def test_golden_bfloat16(params, frames, after_ptg, expected):
+    # bf16 keeps 8 significant bits: unit roundoff u = 2^-9. The input is rounded once, PTG's summaries once more,
+    # the output once, and the softmax weights move with the rounded norms; each output is a convex combination of
+    # window tokens, so each of those four costs at most ~2u * max|x|. Hence 8u * max|x| = 2^-6 * max|x|.
+    pooled = st_grid_pool(frames.bfloat16(), **pool_args(params))
+    assert pooled.dtype == torch.bfloat16
+    tolerance = 2**-6 * frames.abs().max().item()
+    assert (pooled.double() - expected.double()).abs().max().item() <= tolerance
+
+
+@pytest.mark.transformers_free
+def test_summary_layout_is_the_most_square_factor_pair():
+    layouts = {g: summary_layout(g) for g in (1, 2, 3, 4, 6, 7, 8, 9, 12)}
+    assert layouts == {
+        1: (1, 1),
+        2: (2, 1),
+        3: (3, 1),
+        4: (2, 2),
+        6: (3, 2),
+        7: (7, 1),
+        8: (4, 2),
+        9: (3, 3),
+        12: (4, 3),
+    }
+
+
+@pytest.mark.transformers_free
+def test_sampled_positions_match_spec_example():
+    # SPEC.md: T = 64, level (4, 2) samples frames 1, 3, ..., 63; level (4, 8) samples 7, 15, ..., 63.
+    assert sampled_positions(64, 2) == tuple(range(1, 64, 2))
+    assert sampled_positions(64, 8) == tuple(range(7, 64, 8))
+    assert sampled_positions(3, 4) == ()
+
+
+@pytest.mark.transformers_free
+def test_ptg_writes_summaries_where_spec_says():
+    frames = torch.randn(64, 27, 27, 3)
+    out = pyramid_temporal_grid(frames, [(4, 2), (4, 4), (4, 8)])
+    changed = {t for t in range(64) if not torch.equal(out[t], frames[t])}
+    assert changed == set(range(7, 64, 8))  # (4,2) writes 7, 15, ..., 63; (4,4) and (4,8) write subsets of those
+    assert torch.equal(pyramid_temporal_grid(frames[:7], [(4, 2), (4, 4), (4, 8)]), frames[:7])
+    assert torch.equal(pyramid_temporal_grid(frames, []), frames)
+
+
+@pytest.mark.transformers_free
+def test_ptg_summary_tiles_are_area_averages_of_the_chunk():
+    frames = torch.randn(8, 27, 27, 2)
+    out = pyramid_temporal_grid(frames, [(4, 2)])  # samples 1, 3, 5, 7 -> one summary at 7, 2x2 tiles of 14
+    tile = torch.nn.functional.adaptive_avg_pool2d(frames[5].permute(2, 0, 1), (14, 14)).permute(1, 2, 0)
+    assert torch.allclose(
+        out[7, 14:, :13], tile[:13, :13], atol=1e-6
+    )  # frame k=2 -> tile row 1, column 0, cropped to 27
+
+
+@pytest.mark.transformers_free
+def test_nsp_is_a_norm_softmax_weighted_window_sum():
+    frames = torch.randn(2, 4, 4, 5)
+    pooled = norm_spatial_pool(frames, keep_ratio=0.25, temperature=2.0, norm_p=3.0)
+    window = frames[1, 2:4, 0:2].reshape(4, 5)
+    weights = torch.softmax(2.0 * window.norm(p=3, dim=-1) / 5 ** (1 / 3), dim=0)
+    assert pooled.shape == (2, 2, 2, 5)
+    assert torch.allclose(pooled[1, 1, 0], (weights[:, None] * window).sum(0), atol=1e-6)
+
+
+@pytest.mark.transformers_free
+def test_nsp_geometry():
+    frames = torch.randn(3, 27, 27, 4)
+    assert norm_spatial_pool(frames, 0.25).shape == (3, 13, 13, 4)
+    assert norm_spatial_pool(frames, 0.25, partial_windows=True).shape == (3, 14, 14, 4)
+    assert norm_spatial_pool(frames, 1 / 9, padding=1).shape == (3, 9, 9, 4)
+    assert torch.equal(norm_spatial_pool(frames, 1.0), frames)
+    # A partial border window averages only its in-frame tokens: a 1 x 1 window is that token itself.
+    assert torch.allclose(norm_spatial_pool(frames, 0.25, partial_windows=True)[:, 13, 13], frames[:, 26, 26])
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(keep_ratio=0.3), "nsp_keep_ratio=0.3 is invalid"),
+        (dict(keep_ratio=1 / 36), "larger than the padded frame"),
+        # Issue 12 item 22: the config's words, where the argument enters.
+        (dict(padding=-1), r"nsp_padding=-1 is invalid: allowed values are integers >= 0"),
+        (dict(temperature=float("nan")), r"nsp_temperature=nan is invalid: allowed values are finite numbers > 0"),
+        (dict(temperature=-1), r"nsp_temperature=-1 is invalid"),
+        (dict(norm_p=-2), r"nsp_norm_p=-2 is invalid: allowed values are numbers > 0"),
+        (dict(norm_p=0), r"nsp_norm_p=0 is invalid"),
+        (dict(partial_windows="no"), r"nsp_partial_windows='no' is invalid: allowed values are True or False"),
+    ],
+)
+@pytest.mark.parametrize("function", ["norm_spatial_pool", "st_grid_pool"])
+def test_nsp_rejects_bad_arguments(kwargs, message, function):
+    frames = torch.randn(1, 5, 5, 2)
+    with pytest.raises(ValueError, match=message):
+        if function == "norm_spatial_pool":
+            norm_spatial_pool(frames, **{"keep_ratio": 0.25, **kwargs})
+        else:
+            st_grid_pool(frames, pyramid_levels=[], **{"keep_ratio": 0.25, **kwargs})
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize("function", [pyramid_temporal_grid, norm_spatial_pool, st_grid_pool])
+def test_a_batch_of_videos_is_refused_by_every_function(function):
+    """Issue 12 item 22: [B, T, H, W, D] is not one video; PTG returned it unchanged."""
+    batch = torch.randn(2, 8, 3, 3, 2)
+    kwargs = {pyramid_temporal_grid: dict(pyramid_levels=[(4, 2)]), norm_spatial_pool: dict(keep_ratio=0.25),
+              st_grid_pool: dict(pyramid_levels=[(4, 2)], keep_ratio=0.25)}[function]  # fmt: skip
+    with pytest.raises(ValueError, match=r"frames of shape \(2, 8, 3, 3, 2\) is invalid: allowed is one video"):
+        function(batch, **kwargs)
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize(
+    "temperature,norm_p,dim",
+    [(1e39, 2.0, 8), (1e300, 2.0, 8), (1.0, 0.05, 3584), (1.0, 0.01, 3584), (1.0, 0.001, 64), (3.0, 1e6, 16)],
+)
+def test_nsp_is_finite_for_extreme_accepted_settings(temperature, norm_p, dim):
+    """Issue 12 item 20: the softmax of scaled norms is computed stably, so accepted values never give NaN."""
+    frames = torch.randn(2, 4, 4, dim) * (1 + torch.arange(4.0).reshape(1, 4, 1, 1))
+    pooled = norm_spatial_pool(frames, 0.25, temperature=temperature, norm_p=norm_p)
+    assert torch.isfinite(pooled).all()
+    if temperature >= 1e39:  # the softmax becomes the arg-max: each window gives its largest-norm token
+        windows = frames.reshape(2, 2, 2, 2, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(2, 2, 2, 4, dim)
+        picked = windows.norm(dim=-1).argmax(-1)
+        torch.testing.assert_close(
+            pooled, windows.gather(3, picked[..., None, None].expand(-1, -1, -1, 1, dim))[..., 0, :]
+        )
+
+
+@pytest.mark.transformers_free
+def test_nsp_zero_windows_average_evenly():
+    """All-zero windows (e.g. padding) give equal weights, also at a huge temperature."""
+    frames = torch.zeros(1, 2, 2, 3)
+    for temperature in (1.0, 1e300):
+        assert torch.equal(norm_spatial_pool(frames, 0.25, temperature=temperature), torch.zeros(1, 1, 1, 3))
+
+
+@pytest.mark.transformers_free
+def test_ptg_rejects_bad_levels():
+    with pytest.raises(ValueError, match=r"level \[4, 0\] has stride 0"):
+        pyramid_temporal_grid(torch.randn(8, 3, 3, 2), [(4, 0)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fast path against the plain reading of SPEC.md and the authors'-style loop reference (float64)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def video_settings(draw):
+    """A random video and ST-GridPool settings whose NSP window fits the padded frame."""
+    height, width = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    padding = draw(st.integers(0, 2))
+    k = draw(st.integers(1, min(4, height + 2 * padding, width + 2 * padding)))
+    levels = tuple(draw(st.lists(st.tuples(st.integers(1, 9), st.integers(1, 4)), max_size=3)))
+    return dict(
+        shape=(draw(st.integers(1, 40)), height, width, draw(st.integers(1, 24))),
+        pyramid_levels=levels,
+        keep_ratio=1 / k**2,
+        temperature=draw(st.sampled_from([0.25, 1.0, 3.0])),
+        norm_p=draw(st.sampled_from([1.0, 1.5, 2.0, 3.0])),
+        padding=padding,
+        partial_windows=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _kwargs(case):
+    return {k: case[k] for k in ("pyramid_levels", "keep_ratio", "temperature", "norm_p", "padding", "partial_windows")}
+
+
+@hypothesis.settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(video_settings())
+def test_fast_path_matches_plain_and_reference(case):
+    x = random_features(case["shape"], case["seed"])
+    kwargs = _kwargs(case)
+    want = loop_impl.loop_st_grid_pool(x, **kwargs)
+    plain = plain_impl.st_grid_pool(x, **kwargs)
+    got64 = st_grid_pool(x, **kwargs)
+    assert got64.shape == want.shape == plain.shape
+    torch.testing.assert_close(got64, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)  # the plain reading computes NSP in float32
+    got32 = st_grid_pool(x.float(), **kwargs)  # the float32 path users run on the CPU
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-5)
+    ptg = pyramid_temporal_grid(x, case["pyramid_levels"])
+    torch.testing.assert_close(ptg, loop_impl.loop_ptg(x, case["pyramid_levels"]), rtol=1e-12, atol=1e-12)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@given(video_settings())
+def test_nsp_alone_matches_reference(case):
+    x = random_features(case["shape"], case["seed"])
+    args = (case["keep_ratio"], case["temperature"], case["norm_p"], case["padding"], case["partial_windows"])
+    torch.testing.assert_close(norm_spatial_pool(x, *args), loop_impl.loop_nsp(x, *args), rtol=1e-9, atol=1e-9)
+
+
+def test_plan_matches_spec_example():
+    """SPEC.md's T = 64 example: summaries at 7, 15, ..., 63; the last ones written win."""
+    plan = ptg_plan(64, 27, 27, ((4, 2), (4, 4), (4, 8)))
+    assert plan.summary_positions == (7, 15, 23, 31, 39, 47, 55, 63)
+    assert len(plan.kept_frames) == 56 and plan.num_summaries == 8 + 4 + 2
+    assert ptg_plan(7, 27, 27, ((4, 2), (4, 4), (4, 8))).num_summaries == 0  # < 8 frames: PTG does nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mode", ["stgridpool", "bilinear", "average"])
+def test_pool_video_follows_input_and_never_modifies_it(mode, dtype):
+    """Issue 8 too: the pooled video stays on the input's device (and dtype)."""
+    config = STGridPoolConfig(**tiny_config_kwargs(build_tiny_tokenizer(), 27), video_pooling_mode=mode)
+    x = random_features((17, 27, 27, 8), 1, dtype)
+    before = x.clone()
+    out = pool_video(x, config.video_pooling)
+    assert out.device == x.device and out.dtype == x.dtype
+    assert tuple(out.shape) == (17, *config.pooled_frame_size, 8)
+    assert torch.equal(x, before)
+    assert torch.isfinite(out).all()
+
+
+def test_stock_modes_match_stock_layout():
+    x = random_features((6, 27, 27, 16), 2, torch.float32)
+    stock = torch.nn.functional.interpolate(x.permute(0, 3, 1, 2).contiguous(), size=(14, 14), mode="bilinear")
+    torch.testing.assert_close(bilinear_pool(x), stock.permute(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    avg = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2).contiguous(), 2, 2)
+    torch.testing.assert_close(average_pool(x), avg.permute(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_index_maps_are_cached():
+    x = random_features((20, 6, 6, 4), 3, torch.float32)
+    st_grid_pool(x, pyramid_levels=((4, 2),), keep_ratio=0.25)
+    hits = _cached_device_maps.cache_info().hits
+    st_grid_pool(x, pyramid_levels=((4, 2),), keep_ratio=0.25)
+    assert _cached_device_maps.cache_info().hits == hits + 1
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    """torch.compile(fullgraph=True) raises on any graph break; the PyTorch path is what it compiles."""
+    import functools
+
+    kwargs = dict(
+        pyramid_levels=((4, 2), (4, 4)), keep_ratio=0.25, temperature=0.7, norm_p=2.0, padding=1, partial_windows=True
+    )
+    fn = torch.compile(functools.partial(st_grid_pool, **kwargs), fullgraph=True, dynamic=False, backend="eager")
+    x = random_features((16, 7, 7, 8), 4, torch.float32)
+    torch.testing.assert_close(fn(x), st_grid_pool(x, **kwargs), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model and processor subclasses against the stock classes
+# ---------------------------------------------------------------------------------------------------------------
+
 
 MODES = ("stgridpool", "bilinear", "average")
 NEWLINES = ("one_token", "grid", "frame", "none")
