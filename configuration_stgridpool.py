@@ -339,8 +339,10 @@ class STGridPoolConfig(LlavaOnevisionConfig):
         Where `image_newline` goes: `"one_token"` after the video (LLaVA-OneVision), `"grid"` after each row of
         each frame (LLaVA-Video), `"frame"` after each frame, `"none"` nowhere.
     pooling_backend (`str`, defaults to `"auto"`):
-        `"auto"`: the fused Triton kernels on CUDA where they apply, else plain PyTorch. `"torch"`: always plain
-        PyTorch (e.g. if a Triton release misbehaves). `"triton"`: always the kernels (CUDA tensors only).
+        `"auto"`: the fused Triton kernels on CUDA where they apply, else plain PyTorch; the kernels have no
+        backward, so wherever a gradient is needed (fine-tuning) the PyTorch path runs. `"torch"`: always plain
+        PyTorch (e.g. if a Triton release misbehaves). `"triton"`: always the kernels (CUDA tensors only; refused
+        where a gradient is needed).
 
     Invalid values are refused where they enter (constructor, assignment, `from_pretrained` overrides), naming
     the field, the value and what is allowed; a refused assignment leaves the old value.

@@ -277,41 +277,48 @@ def _whole_windows(frames: torch.Tensor, k: int, out_h: int, out_w: int, padding
     return x[:, : out_h * k, : out_w * k]
 
 
+def _token_scores(x: torch.Tensor, norm_p: float, dtype: torch.dtype) -> torch.Tensor:
+    """||x||_p / D^(1/p) of each token of x [..., D], the power mean of |x|: [...] in float64, computed in `dtype`.
+
+    Differentiable everywhere: at a zero token (padding) the gradient is the norm's subgradient 0, not 0 * inf."""
+    dim = x.shape[-1]
+    if norm_p == 2:  # the paper's L2: one fused reduction (its gradient at a zero token is 0)
+        return (torch.linalg.vector_norm(x, dim=-1, dtype=dtype) / math.sqrt(dim)).double()
+    magnitude = x.abs().to(dtype)
+    if math.isinf(norm_p):
+        return magnitude.amax(-1).double()
+    # In log space, (log mean |x|^p) / p: |x|^p itself overflows for a large p and underflows for a tiny one. A zero's
+    # log is -inf, taken from a 1 put in its place, so its gradient is 0 rather than 0 * inf = NaN.
+    nonzero = magnitude > 0
+    log_magnitude = torch.where(nonzero, magnitude.where(nonzero, 1.0).log(), -math.inf)
+    log_mean = torch.logsumexp(norm_p * log_magnitude, dim=-1) - math.log(dim)
+    return (log_mean.double() / norm_p).exp()
+
+
 def _window_weights(
     x: torch.Tensor, k: int, padded_h: int, padded_w: int, temperature: float, norm_p: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """Softmax weights of the tokens of each window of x [N, Ho*k, Wo*k, D] (from `_whole_windows`):
     [N, Ho, Wo, k*k] in `dtype`, row-major within the window. Zero padding tokens score 0 and take part; tokens past
-    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0.
+    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: weight 0.
 
-    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"), the power mean of |x|
-    times tau. It is worked
-    out in log space and relative to the window's largest score, so any finite tau and p > 0 give finite weights
-    (a huge tau picks the largest-norm token, a tiny p the largest geometric mean) instead of inf - inf = NaN."""
-    num_frames, rows, cols, dim = x.shape
-    if norm_p == 2:  # the paper's L2: one fused reduction
-        log_score = torch.linalg.vector_norm(x, dim=-1, dtype=dtype).log() - 0.5 * math.log(dim)
-    elif math.isinf(norm_p):
-        log_score = x.abs().amax(-1).to(dtype).log()
-    else:  # log of (mean |x|^p)^(1/p), never forming |x|^p or its root
-        log_score = (torch.logsumexp(norm_p * x.abs().to(dtype).log(), dim=-1) - math.log(dim)) / norm_p
-    log_score = log_score.double()  # [N, rows, cols]: small, and float64 keeps the relative scores exact
-    present = torch.ones_like(log_score, dtype=torch.bool)
-    if rows > padded_h or cols > padded_w:
-        present[:, padded_h:] = False
-        present[:, :, padded_w:] = False
-        log_score = log_score.masked_fill(~present, -math.inf)
+    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"). The softmax runs on
+    -tau * (window's largest score - score), in float64: the difference is taken before tau multiplies it, so a huge
+    tau gives -inf (weight 0), never inf - inf = NaN, and equal scores stay exactly equal."""
+    num_frames, rows, cols, _ = x.shape
+    scores = _token_scores(x, norm_p, dtype)  # [N, rows, cols]
 
     def per_window(t: torch.Tensor) -> torch.Tensor:  # [N, rows, cols] -> [N, Ho, Wo, k*k]
         t = t.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
         return t.reshape(num_frames, rows // k, cols // k, k * k)
 
-    log_score, present = per_window(log_score), per_window(present)
-    log_max = log_score.amax(-1, keepdim=True)
-    # score - max score = tau * max * (score / max - 1) <= 0; 0 for the largest (and when every score is 0).
-    ratio_minus_1 = torch.expm1(log_score - log_max).nan_to_num(0.0)
-    log_gap = math.log(temperature) + log_max + torch.log(-ratio_minus_1)
-    shifted = torch.where(ratio_minus_1 == 0, 0.0, -torch.exp(log_gap)).masked_fill(~present, -math.inf)
+    scores = per_window(scores)
+    shifted = -temperature * (scores.amax(-1, keepdim=True) - scores)  # scores >= 0: absent zeros never win the max
+    if rows > padded_h or cols > padded_w:
+        present = torch.ones(num_frames, rows, cols, dtype=torch.bool, device=x.device)
+        present[:, padded_h:] = False
+        present[:, :, padded_w:] = False
+        shifted = shifted.masked_fill(~per_window(present), -math.inf)
     return shifted.softmax(-1).to(dtype)
 
 
@@ -409,17 +416,27 @@ _TRITON_NORM_P = (1.0, 8.0)
 _TRITON_MAX_TEMPERATURE = 1e4
 
 
+def _needs_grad(frames: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and frames.requires_grad
+
+
+def _kernels_run_on(frames: torch.Tensor) -> bool:
+    """CUDA tensors; CPU tensors too while Triton runs kernels in its interpreter."""
+    return frames.is_cuda or _triton_interpreting()
+
+
 def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
     """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
-    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself), else
-    "torch"."""
+    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself) and no
+    gradient is asked for, else "torch". The kernels have no backward: where `frames` requires grad (training), the
+    PyTorch path runs, whose gradients are exact. (Under Triton's interpreter, CPU tensors count as CUDA ones.)"""
     if torch.compiler.is_compiling() or not _triton_installed():  # first: dynamo cannot trace find_spec
         return "torch"
-    if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+    if _needs_grad(frames) or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
         return "torch"
     if not _TRITON_NORM_P[0] <= norm_p <= _TRITON_NORM_P[1] or temperature > _TRITON_MAX_TEMPERATURE:
         return "torch"
-    return "triton"
+    return "triton" if _kernels_run_on(frames) else "torch"
 
 
 def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
@@ -430,12 +447,16 @@ def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0, te
     if backend == "triton":
         if not _triton_installed():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed here; use 'torch'")
-        on_device = frames.is_cuda or _triton_interpreting()  # Triton's CPU interpreter runs them on CPU tensors
-        if not on_device or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+        if not _kernels_run_on(frames) or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
             raise ValueError(
                 f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with "
                 f"norm_p={norm_p!r}: the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite "
                 f"norm_p; use 'auto' or 'torch'"
+            )
+        if _needs_grad(frames):
+            raise ValueError(
+                "backend='triton' is invalid for frames that require grad: the Triton kernels have no backward; use "
+                "'auto' (the PyTorch path wherever a gradient is needed) or 'torch'"
             )
     return backend
 

@@ -5,11 +5,11 @@ LLaVA-OneVision classes (SPEC.md section 3). The Triton kernels and the backend 
 
 import json
 
+import hypothesis
 import numpy as np
 import pytest
 import torch
 from conftest import GOLDEN, random_features
-import hypothesis
 from hypothesis import HealthCheck, given
 from hypothesis import strategies as st
 from PIL import Image
@@ -224,6 +224,72 @@ def test_nsp_zero_windows_average_evenly():
 def test_ptg_rejects_bad_levels():
     with pytest.raises(ValueError, match=r"level \[4, 0\] has stride 0"):
         pyramid_temporal_grid(torch.randn(8, 3, 3, 2), [(4, 0)])
+
+
+def features_with_zeros(shape, k, dtype=torch.float64, seed=0):
+    """random_features with frame 0's top-left k x k window all zero tokens and one zero token (frame -1, last row,
+    first column) among non-zero ones: where a norm has no derivative."""
+    frames = random_features(shape, seed, dtype)
+    frames[0, :k, :k] = 0
+    frames[-1, -1, 0] = 0
+    return frames
+
+
+# (keep ratio, temperature, norm p, padding, partial windows) on 5 x 5 frames: whole and partial windows, padding,
+# the 1 x 1 window (no pooling), each norm.
+NSP_GRAD_CASES = [
+    (0.25, 1.0, 2.0, 0, False),
+    (0.25, 0.5, 1.0, 1, True),
+    (0.25, 3.0, 3.0, 0, True),
+    (1 / 9, 1.0, 3.0, 0, True),
+    (1 / 9, 2.0, 2.0, 1, False),
+    (1 / 9, 1.0, 1.0, 2, True),
+    (1.0, 1.0, 2.0, 0, False),
+]
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize("keep_ratio,temperature,norm_p,padding,partial_windows", NSP_GRAD_CASES)
+def test_nsp_gradcheck(keep_ratio, temperature, norm_p, padding, partial_windows):
+    """NSP is differentiable everywhere, an all-zero window and a zero token included (the norm's subgradient 0)."""
+    k = round(keep_ratio**-0.5)
+    frames = features_with_zeros((2, 5, 5, 3), k).requires_grad_()
+    kwargs = dict(temperature=temperature, norm_p=norm_p, padding=padding, partial_windows=partial_windows)
+    assert torch.autograd.gradcheck(lambda x: norm_spatial_pool(x, keep_ratio, **kwargs), (frames,))
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize(
+    "keep_ratio,norm_p,partial_windows", [(0.25, 2.0, False), (1 / 9, 3.0, True), (1.0, 2.0, False)]
+)
+def test_st_grid_pool_gradcheck(keep_ratio, norm_p, partial_windows):
+    """Through PTG's area resizes and index copies too: two levels, the second reading the first's summaries (keep
+    ratio 1: NSP keeps every token, so the gradient is PTG's alone). gradcheck's fast mode (random projections of
+    the Jacobian) keeps it quick on 320 inputs."""
+    frames = features_with_zeros((8, 5, 4, 2), round(keep_ratio**-0.5)).requires_grad_()
+    kwargs = dict(
+        pyramid_levels=[(2, 1), (4, 2)], keep_ratio=keep_ratio, norm_p=norm_p, partial_windows=partial_windows
+    )
+    assert ptg_plan(8, 5, 4, ((2, 1), (4, 2))).levels[1].bank_slots  # the second level reads summaries
+    assert torch.autograd.gradcheck(lambda x: st_grid_pool(x, **kwargs), (frames,), fast_mode=True)
+
+
+@pytest.mark.transformers_free
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_p", [1.0, 2.0, 3.0])
+def test_gradients_are_finite_on_random_input_and_zero_windows(dtype, norm_p):
+    frames = features_with_zeros((9, 27, 27, 16), 2, dtype).requires_grad_()
+    pooled = st_grid_pool(frames, pyramid_levels=[(4, 2)], keep_ratio=0.25, norm_p=norm_p, padding=1)
+    upstream = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    (pooled * upstream).sum().backward()
+    assert torch.isfinite(frames.grad).all() and frames.grad.abs().sum() > 0
+    # An all-zero video: every window averages evenly and the norms add nothing (their subgradient 0 at zero), so
+    # each token's gradient is its window's upstream gradient / k^2.
+    zeros = torch.zeros(2, 4, 4, 3, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(2, 2, 2, 3, generator=torch.Generator().manual_seed(2)).to(dtype)
+    (norm_spatial_pool(zeros, 0.25, norm_p=norm_p) * upstream).sum().backward()
+    expected = upstream.repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
+    torch.testing.assert_close(zeros.grad, expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -621,6 +687,34 @@ def test_mismatch_error_derives_the_processor_settings(tiny_stock_dir, processor
         ours(**inputs)
     message = str(error.value)
     assert named in message and not_named not in message, message
+
+
+def test_fine_tuning_steps_through_st_grid_pool(sweep_tokenizer):
+    """Projector and language model trained with ST-GridPool (PTG and NSP) in the forward: every gradient finite, the
+    projector's non-zero (it flows through the pooling), and the loss falls."""
+    torch.manual_seed(0)
+    model = STGridPoolLlavaOnevisionForConditionalGeneration(
+        STGridPoolConfig(**tiny_config_kwargs(sweep_tokenizer, SWEEP_FRAME_SIZE), pyramid_levels=[[2, 1], [4, 2]])
+    ).train()
+    model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    processor = sweep_processor(sweep_tokenizer, "stgridpool", "one_token")
+    inputs = processor(
+        text=chat(processor, {"type": "video"}) + " a dog is moving", videos=[random_video(8, 14, 14)],
+        return_tensors="pt",
+    )  # fmt: skip
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.video_token_id, -100)
+    optimizer = torch.optim.Adam(trainable, lr=3e-3)
+    losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in trainable), "a non-finite gradient"
+        assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
 
 
 def test_generate_on_a_video_a_batch_of_two_and_an_image_with_a_video(tiny_stock_dir):

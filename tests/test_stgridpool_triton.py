@@ -113,6 +113,7 @@ def test_compiled_nsp_kernels_match_pytorch_for_any_norm_p(keep_ratio, norm_p): 
 
 
 @pytest.mark.transformers_free
+@pytest.mark.skipif(not m._triton_installed(), reason="triton not installed")
 def test_triton_kernels_in_interpreter():
     """The Triton kernels themselves, run by Triton's CPU interpreter on small random cases (fresh process: the
     interpreter is chosen when the kernels are defined)."""
@@ -132,6 +133,57 @@ for seed, (shape, levels, r, tau, p, pad, part) in enumerate(cases):
     got = m.st_grid_pool(x, backend="triton", **kw)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 1e-5, (shape, err)
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.transformers_free
+@pytest.mark.skipif(not m._triton_installed(), reason="triton not installed")
+def test_gradients_hand_over_to_pytorch_in_interpreter():
+    """The kernels have no backward: "auto" takes them only where no gradient is needed (with the interpreter on, on
+    CPU tensors too, as on CUDA), else the PyTorch path, whose gradients are the same as backend="torch"'s; "triton"
+    asked for explicitly with a gradient needed is refused."""
+    script = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import modeling_stgridpool_llava as m
+calls = []
+kernels = m._triton_kernels
+m._triton_kernels = lambda: calls.append(1) or kernels()
+g = torch.Generator().manual_seed(0)
+x = torch.randn(9, 5, 5, 16, generator=g) * (0.5 + 3 * torch.rand(9, 5, 5, 1, generator=g))
+kw = dict(pyramid_levels=((4, 2),), keep_ratio=0.25, norm_p=3.0, padding=1)
+with torch.no_grad():
+    m.st_grid_pool(x.clone().requires_grad_(), **kw)
+m.st_grid_pool(x, **kw)  # grad mode, but nothing asks for a gradient
+assert len(calls) == 2, calls
+calls.clear()
+levels = [(2, 1), (4, 2)]
+for name, pool in [("st_grid_pool", lambda t, b: m.st_grid_pool(t, backend=b, **kw)),
+                   ("norm_spatial_pool", lambda t, b: m.norm_spatial_pool(t, 1 / 9, backend=b)),
+                   # PTG has no backend argument: its "torch" reference is ST-GridPool keeping every token
+                   ("pyramid_temporal_grid", lambda t, b: m.pyramid_temporal_grid(t, levels) if b == "auto"
+                    else m.st_grid_pool(t, pyramid_levels=levels, keep_ratio=1.0, backend="torch"))]:
+    grads = []
+    for backend in ("auto", "torch"):
+        leaf = x.clone().requires_grad_()
+        out = pool(leaf, backend)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        grads.append(leaf.grad)
+    assert not calls, name
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0, name
+    torch.testing.assert_close(grads[0], grads[1])
+try:
+    m.st_grid_pool(x.clone().requires_grad_(), backend="triton", **kw)
+except ValueError as error:
+    assert "backend='triton' is invalid for frames that require grad" in str(error), error
+else:
+    raise AssertionError("backend='triton' with a gradient needed was not refused")
 print("ok")
 """
     env = dict(os.environ, TRITON_INTERPRET="1")
