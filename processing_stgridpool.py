@@ -38,9 +38,9 @@ from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 from transformers.video_utils import VideoMetadata
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
-    from .configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from .configuration_stgridpool import VideoPoolingSettings
 except ImportError:  # installed as top-level modules of this project
-    from configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from configuration_stgridpool import VideoPoolingSettings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1058,8 +1058,8 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
     Takes the stock arguments plus the geometry fields of `STGridPoolConfig`, under the same names
     (`video_pooling_mode`, `nsp_keep_ratio`, `nsp_padding`, `nsp_partial_windows`, `video_newline_position`);
     they are saved in `processor_config.json`. Keep them equal to the model's config: the converter does.
-    `video_pooling` gives them as a `VideoPoolingSettings`, which validates them (the window-fits check included,
-    against the frame size `num_image_tokens` implies) and counts the tokens.
+    They are validated once, here (the window-fits check included, against the frame size `num_image_tokens`
+    implies), into `video_pooling`, a `VideoPoolingSettings`, which counts the tokens.
     """
 
     def __init__(
@@ -1090,6 +1090,7 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         )
         if num_image_tokens is not None:  # the window-fits check, as the config does it
             settings.check_frame_size(_frame_side(num_image_tokens))
+        self._video_pooling = settings  # validated here, where the values enter: counts use it as it is
         for name, value in settings.geometry().items():  # saved under these names in processor_config.json
             setattr(self, name, value)
         video_processor = as_stgridpool_video_processor(video_processor)  # PyAV decoding of paths
@@ -1108,14 +1109,14 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
 
     @property
     def video_pooling(self) -> VideoPoolingSettings:
-        """The ST-GridPool geometry settings (the other fields at their defaults: they do not change token counts)."""
-        return VideoPoolingSettings.from_config({name: getattr(self, name) for name in GEOMETRY_FIELDS})
+        """The ST-GridPool geometry settings given at construction (the other fields at their defaults: they do not
+        change token counts)."""
+        return self._video_pooling
 
     def num_video_tokens(self, num_frames: int) -> int:
         """<video> placeholders for one video of `num_frames` frames under this processor's settings."""
-        settings, side = self.video_pooling, _frame_side(self.num_image_tokens)
-        settings.check_frame_size(side)
-        return settings.num_tokens(num_frames, side, side)
+        side = _frame_side(self.num_image_tokens)
+        return self._video_pooling.num_tokens(num_frames, side, side)
 
     def replace_video_token(self, video_inputs: dict, video_idx: int, **kwargs) -> str:
         video = video_inputs["pixel_values_videos"][video_idx]
