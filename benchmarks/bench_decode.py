@@ -132,7 +132,7 @@ def camera_frames(num_frames: int, height: int, width: int, seed: int = 0):
 
 def clip_path(folder: Path, name: str, spec: dict) -> Path:
     """The clip, generated into `folder` unless already there (the name records what it holds)."""
-    from stgridpool.clips import write_clip
+    from tests.helpers import write_clip
 
     height, width = spec["size"]
     gop = spec.get("gop", 250)

@@ -1,13 +1,13 @@
 """lmms-eval's `--model stgridpool` data-parallel on several GPUs (issue 14): a local multiple-choice task (clips
 encoded here with PyAV) on a converted checkpoint, run with one process and under `accelerate launch`, directly and
-through `stgridpool_eval.compare`. Checks that each process keeps its model on its own GPU, that the results merge,
+through `stgridpool-compare`. Checks that each process keeps its model on its own GPU, that the results merge,
 and that scores and per-document answers equal the one-process run's. Writes JSON and the logs.
 
     python benchmarks/eval_multi_gpu.py --checkpoint TINY_CONVERTED --work /tmp/evalgpu --json eval.json    # GPUs
     python benchmarks/eval_multi_gpu.py --checkpoint TINY_CONVERTED --work /tmp/evalcpu --cpu              # dry run
 
-Runs: (1) `stgridpool_eval.compare` with one process (`python -m`: stock bilinear, then stgridpool); (2) `accelerate
-launch --num_processes N -m lmms_eval --model stgridpool ...`; (3) `stgridpool_eval.compare --launcher "accelerate
+Runs: (1) `stgridpool-compare` with one process (`python -m`: stock bilinear, then stgridpool); (2) `accelerate
+launch --num_processes N -m lmms_eval --model stgridpool ...`; (3) `stgridpool-compare --launcher "accelerate
 launch --num_processes N -m"`. With --cpu the launcher is `python -m torch.distributed.run --nproc_per_node N -m`
 (gloo; `accelerate launch --cpu` starts one process only).
 
@@ -141,11 +141,12 @@ def encode_clip(path: Path, seed: int, num_frames: int = 12, size: int = 48) -> 
 
 def build_checkpoint(path: Path) -> Path:
     """A tiny stock checkpoint (stgridpool/tiny.py) with its matrices scaled by WEIGHT_SCALE, so that a random
-    model's greedy answers change from clip to clip and between poolings, converted by `python -m convert`."""
+    model's greedy answers change from clip to clip and between poolings, converted by
+    `python -m stgridpool.convert`."""
     import torch
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from stgridpool.tiny import save_tiny_stock_checkpoint
+    from stgridpool.demo import save_tiny_stock_checkpoint
 
     stock = path.with_name(path.name + "-stock")
     save_tiny_stock_checkpoint(stock)
@@ -156,7 +157,7 @@ def build_checkpoint(path: Path) -> Path:
                 weight.mul_(WEIGHT_SCALE)
     model.save_pretrained(stock)
     subprocess.run(
-        [sys.executable, "-m", "convert", str(stock), str(path), "--copy"],
+        [sys.executable, "-m", "stgridpool.convert", str(stock), str(path), "--copy"],
         check=True,
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -379,7 +380,7 @@ def main(argv=None) -> int:
     compare = [
         sys.executable,
         "-m",
-        "stgridpool_eval.compare",
+        "stgridpool.integrations.lmms_eval.compare",
         "--pretrained",
         str(checkpoint),
         "--tasks",

@@ -1,14 +1,5 @@
-"""Convert a LLaVA-OneVision checkpoint (Transformers format) into an ST-GridPool model repo for the Hub.
+"""Convert a LLaVA-OneVision checkpoint (Transformers format, or an original LLaVA-NeXT one) into an ST-GridPool model
+repo for the Hub: `stgridpool-convert SRC DST [options]` or `python -m stgridpool.convert ...`; see `cli`.
 
-`python -m convert SRC DST [options]` or `stgridpool-convert SRC DST [options]`; see `convert.cli`.
+Installed as `stgridpool.convert` (the folder keeps its top-level place in the source tree).
 """
-
-
-def main(argv=None) -> int:
-    """Run the converter's command line with `argv` (default: sys.argv[1:]); returns the exit code."""
-    from .cli import main as cli_main
-
-    return cli_main(argv)
-
-
-__all__ = ["main"]

@@ -1,8 +1,8 @@
-"""`python -m convert SRC DST [options]`, also the `stgridpool-convert` console script."""
+"""`python -m stgridpool.convert SRC DST [options]`, also the `stgridpool-convert` console script."""
 
 import sys
 
-from convert.cli import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command line: `python -m convert SRC DST [options]` (console script `stgridpool-convert`).
+"""Command line: `python -m stgridpool.convert SRC DST [options]` (console script `stgridpool-convert`).
 
 Every refusal is one line on stderr naming the input, the value and what is allowed, exit code 2, and DST is left
 as it was (not even created): all checks run before anything is written.

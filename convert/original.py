@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConversionError
+from .source import TOKENIZER_FILES
 
-ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)
 # SigLIP towers LLaVA-NeXT uses, by `mm_vision_tower`; the layer count comes from the weights (the original drops the
 # tower's last layer). Other towers: pass --vision-config.
 KNOWN_VISION_TOWERS = {
@@ -49,14 +49,6 @@ KEY_PREFIXES = (
 )
 # Frames the video processor samples by default: LLaVA-Video 64, LLaVA-OneVision 32.
 NUM_FRAMES = {"llava_video": 64, "onevision": 32}
-
-
-def is_original_layout(config: dict) -> bool:
-    """True for an original LLaVA-NeXT (LlavaQwenForCausalLM) config.json."""
-    architectures = config.get("architectures") or []
-    return config.get("model_type") == "llava" and (
-        any(a in ORIGINAL_ARCHITECTURES for a in architectures) or "mm_vision_tower" in config
-    )
 
 
 def flavour(config: dict) -> str:
@@ -184,7 +176,6 @@ def load_tokenizer(src: Path, tokenizer_source: str | None):
     """The tokenizer SRC ships (or `--tokenizer`), with `<image>` and `<video>` added as special tokens if absent."""
     from transformers import AutoTokenizer
 
-    from .source import TOKENIZER_FILES
 
     where = tokenizer_source or str(src)
     if tokenizer_source is None and not any((src / name).is_file() for name in TOKENIZER_FILES):

@@ -4,7 +4,6 @@ The repo is built in a temporary directory next to DST and renamed into place at
 nothing half-written. Weights are hard-linked or copied byte for byte, never loaded.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,13 +11,13 @@ import tempfile
 from pathlib import Path
 
 from configuration_stgridpool import STGRIDPOOL_FIELDS, VideoPoolingSettings
+from stgridpool import CODE_MODULES, code_file
 
 from .errors import ConversionError
 from .source import TOKENIZER_FILES, SourceCheckpoint, read_json
 
 MODEL_TYPE = "stgridpool_llava_onevision"
 ARCHITECTURE = "STGridPoolLlavaOnevisionForConditionalGeneration"
-CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
 PROCESSOR_CLASS = "STGridPoolProcessor"
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_stgridpool.STGridPoolProcessor"}
 # What the Auto classes and pipelines ("image-text-to-text": AutoModelForImageTextToText, "any-to-any":
@@ -103,17 +102,6 @@ def check_destination(dst: Path, source: Path, overwrite: bool) -> None:
             f"DST={str(dst)!r} is invalid: it is a non-empty directory; allowed is a new or empty directory, "
             f"or pass --overwrite to replace it"
         )
-
-
-def code_file(module: str) -> Path:
-    """Path of one of this project's top-level modules, as installed. `CODE_MODULES` is the one list of them: the
-    converter copies these into a repo byte for byte, and stgridpool.loading compares a repo's copies with them."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ConversionError(
-            f"module {module!r} is not installed; allowed is running the converter from an installed stgridpool-llava"
-        )
-    return Path(spec.origin)
 
 
 def carried_files(source: SourceCheckpoint) -> list[str]:

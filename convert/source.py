@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConversionError
-from .original import is_original_layout
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -18,6 +17,7 @@ WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SUPPORTED_MODEL_TYPES = ("llava_onevision",)
 # A checkpoint ships its tokenizer if it has one of these.
+ORIGINAL_ARCHITECTURES = ("LlavaQwenForCausalLM",)  # original LLaVA-NeXT checkpoints
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
@@ -163,6 +163,14 @@ def check_weight_headers(path: Path, weight_files: list[str]) -> None:
                 f"({type(error).__name__}: "
                 f"{reason}); allowed are complete safetensors files"
             ) from None
+
+
+def is_original_layout(config: dict) -> bool:
+    """True for an original LLaVA-NeXT (LlavaQwenForCausalLM) config.json."""
+    architectures = config.get("architectures") or []
+    return config.get("model_type") == "llava" and (
+        any(a in ORIGINAL_ARCHITECTURES for a in architectures) or "mm_vision_tower" in config
+    )
 
 
 def inspect_source(src: str, revision: str | None = None) -> SourceCheckpoint:

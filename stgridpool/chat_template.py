@@ -1,7 +1,7 @@
 """LLaVA-OneVision's chat template (as in the llava-hf repos): images and videos first, then the text.
 
 One copy, used by the converter (for sources whose tokenizer has no multimodal template) and by the tiny test
-checkpoints (stgridpool.tiny)."""
+checkpoints (stgridpool.demo)."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"

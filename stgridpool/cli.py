@@ -21,106 +21,18 @@ Bad input (missing or unreadable video, bad option values, an unusable --model) 
 """
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from stgridpool.demo import DemoCacheError, default_cache_dir, ensure_demo
+
 DEFAULT_QUESTION = "What is happening in this video?"
 REAL_MODEL_HINT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
-DEMO_VERSION = "demo-v1"
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/stgridpool, else ~/.cache/stgridpool."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "stgridpool"
-
-
-DEMO_FILES = (
-    "model/config.json",
-    "model/model.safetensors",
-    "model/processor_config.json",
-    "model/tokenizer.json",
-    "sample.mp4",
-)
-
-
-def demo_is_complete(root: Path) -> bool:
-    """Every file of the embedded default is there and its weights' header reads."""
-    if not all((root / name).is_file() for name in DEMO_FILES):
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(root / "model" / "model.safetensors", "pt"):
-            return True
-    except Exception:  # truncated or damaged: rebuild
-        return False
-
-
-def _remove_stale_builds(cache_dir: Path) -> None:
-    """Remove build folders (`.build-PID-*`) whose process is gone (a build killed mid-way)."""
-    for entry in cache_dir.glob(".build-*"):
-        pid = entry.name.split("-")[1] if entry.name.count("-") >= 2 else ""
-        if not pid.isdigit() or not entry.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
-    """Build (once) the embedded default: a tiny random ST-GridPool checkpoint and a sample clip. Returns (model
-    dir, clip path), both under `cache_dir/demo-v1`. Built in a temporary folder and renamed, so a crash leaves
-    nothing half-written; an incomplete or damaged one (files deleted) is rebuilt."""
-    cache_dir = Path(cache_dir)
-    root = cache_dir / DEMO_VERSION
-    model_dir, clip = root / "model", root / "sample.mp4"
-    if demo_is_complete(root):
-        return model_dir, clip
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise UsageError(f"--cache-dir {cache_dir}: it is a file; allowed is a folder (new or existing)")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(cache_dir)
-        build = Path(tempfile.mkdtemp(prefix=f".build-{os.getpid()}-", dir=cache_dir))
-    except OSError as error:
-        raise UsageError(
-            f"--cache-dir {cache_dir}: cannot write there ({type(error).__name__}: {error.strerror or error}); "
-            "allowed is a writable folder"
-        ) from None
-    print(f"[stgridpool] building the embedded default (tiny random weights, offline) in {root} ...", file=sys.stderr)
-    from configuration_stgridpool import STGridPoolConfig
-    from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
-    from processing_stgridpool import STGridPoolProcessor
-    from stgridpool.clips import write_sample_clip
-    from stgridpool.tiny import save_tiny_stock_checkpoint
-
-    try:
-        stock = save_tiny_stock_checkpoint(build / "stock")
-        config = STGridPoolConfig.from_pretrained(stock)
-        model = STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(stock, config=config)
-        processor = STGridPoolProcessor.from_pretrained(stock)
-        processor.video_processor.num_frames = 32
-        staged = build / DEMO_VERSION
-        model.save_pretrained(staged / "model")
-        processor.save_pretrained(staged / "model")
-        write_sample_clip(staged / "sample.mp4")
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staged, root)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
-    return model_dir, clip
 
 
 def resolve_inputs(args) -> tuple[str, Path | None, bool]:
@@ -179,15 +91,6 @@ def pick_device_dtype(device: str, dtype: str):
     if dtype == "auto":
         dtype = "float32" if device == "cpu" else "bfloat16"
     return device, getattr(torch, dtype)
-
-
-def load(model_id: str, device: str, dtype, device_map: str | None = None, trust_remote_code: bool = False):
-    """(model on `device`, processor) through the shared loader (stgridpool.loading)."""
-    from stgridpool.loading import load_model_and_processor, resolve_model
-
-    source = resolve_model(model_id, trust_remote_code=trust_remote_code)
-    model, processor = load_model_and_processor(source, **model_kwargs(dtype, device_map))
-    return place(model, device, device_map), processor
 
 
 def model_kwargs(dtype, device_map: str | None) -> dict:
@@ -430,7 +333,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (UsageError, VideoDecodeError, ModelLoadError) as error:
+    except (UsageError, DemoCacheError, VideoDecodeError, ModelLoadError) as error:
         print(f"stgridpool: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -2,7 +2,7 @@
 -> (model, processor) with the ST-GridPool settings applied to both.
 
 Trust rule: no code from a repo runs unless the user says so. A repo whose code files (the modules its `auto_map`s
-name) are byte-identical to this project's installed modules (`convert.repo.CODE_MODULES`), or that has none (a
+name) are byte-identical to this project's installed modules (`stgridpool.CODE_MODULES`), or that has none (a
 stock llava_onevision checkpoint), loads with the installed classes. Anything else (a changed copy, another
 module, another repo's code) needs `trust_remote_code=True`, and then loads through the Auto classes and the
 repo's own code.
@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from configuration_stgridpool import VideoPoolingSettings
+from stgridpool import CODE_MODULES, code_file
 from stgridpool.options import parse_setting
 
 SUPPORTED_MODEL_TYPES = ("llava_onevision", "stgridpool_llava_onevision")
@@ -72,13 +73,6 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def installed_code_file(module: str) -> Path:
-    """The installed file of one of this project's code modules."""
-    from convert.repo import code_file
-
-    return code_file(module)
-
-
 def code_references(model_id: str, revision: str | None, prefix: str) -> list[tuple[str, str]]:
     """(config file, code reference) for every `auto_map` entry of the repo's configs, e.g.
     ("config.json", "modeling_stgridpool_llava.STGridPoolLlavaOnevisionForConditionalGeneration")."""
@@ -101,8 +95,6 @@ def code_references(model_id: str, revision: str | None, prefix: str) -> list[tu
 def untrusted_code(model_id: str, revision: str | None, prefix: str) -> list[str]:
     """Why loading this repo through its `auto_map`s would run code that is not this project's installed code: one
     reason per offending file (empty: every referenced module is a byte-identical copy, or there is none)."""
-    from convert.repo import CODE_MODULES
-
     reasons = {}
     for config_name, reference in code_references(model_id, revision, prefix):
         module = reference.rsplit(".", 1)[0]
@@ -112,7 +104,7 @@ def untrusted_code(model_id: str, revision: str | None, prefix: str) -> list[str
             reasons[module] = f"{config_name} names code {module}.py, which is not this project's"
     for module in CODE_MODULES:  # every copy the repo holds, named or not: a code file that differs is suspect
         path = _repo_file(model_id, f"{module}.py", revision)
-        if path is not None and path.read_bytes() != installed_code_file(module).read_bytes():
+        if path is not None and path.read_bytes() != code_file(module).read_bytes():
             reasons[module] = (
                 f"its {module}.py differs from the installed stgridpool-llava's (changed, or another version)"
             )

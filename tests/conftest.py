@@ -27,6 +27,6 @@ def random_features(shape, seed, dtype=torch.float64) -> torch.Tensor:
 def tiny_stock_dir(tmp_path_factory) -> Path:
     """A tiny random stock LLaVA-OneVision checkpoint + processor (27 x 27 tokens a frame): a stand-in for
     llava-hf/llava-onevision-qwen2-0.5b-ov-hf."""
-    from stgridpool.tiny import save_tiny_stock_checkpoint
+    from stgridpool.demo import save_tiny_stock_checkpoint
 
     return save_tiny_stock_checkpoint(tmp_path_factory.mktemp("tiny_stock"))

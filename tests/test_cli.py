@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import gray_frames, index_gray_level, write_clip
 from PIL import Image
-
-from stgridpool.clips import gray_frames, index_gray_level, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 # One pytest-xdist worker for the whole file (`--dist loadgroup`): the embedded default (`cache`) is built once.
@@ -42,8 +41,8 @@ def run_in_process(args, capsys) -> subprocess.CompletedProcess:
 
 
 def convert_in_process(src: Path, dst: Path) -> None:
-    """`python -m convert SRC DST` through `convert.main` in this process."""
-    from convert import main
+    """`python -m stgridpool.convert SRC DST` through its `main` in this process."""
+    from stgridpool.convert.cli import main
 
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -74,7 +73,7 @@ def test_ask_with_model_dirs_and_a_video(cache, tmp_path, capsys):
     tmp, _ = cache
     clip = write_clip(tmp_path / "clip.webm", gray_frames([index_gray_level(i) for i in range(20)]))
     stgridpool_dir = tmp / "cache" / "demo-v1" / "model"  # saved with the ST-GridPool classes
-    from stgridpool.tiny import save_tiny_stock_checkpoint
+    from stgridpool.demo import save_tiny_stock_checkpoint
 
     stock_dir = save_tiny_stock_checkpoint(tmp_path / "stock")
     converted_dir = tmp_path / "converted"  # a Hub-style repo: loads through the Auto classes and remote code
@@ -102,10 +101,10 @@ def test_visualize_png(cache, tmp_path, capsys):
     # the same figure, drawn in-process, gives the panel layout
     sys.path.insert(0, str(ROOT))
     from processing_stgridpool import read_video_pyav
-    from stgridpool.cli import load
+    from stgridpool.loading import load_model_and_processor, resolve_model
     from stgridpool.visualize import visualize_video
 
-    model, processor = load(str(tmp / "cache" / "demo-v1" / "model"), "cpu", __import__("torch").float32, None)
+    model, processor = load_model_and_processor(resolve_model(str(tmp / "cache" / "demo-v1" / "model")))
     frames, metadata = read_video_pyav(tmp / "cache" / "demo-v1" / "sample.mp4", num_frames=16)
     image, layout = visualize_video(model, processor, frames, metadata.frames_indices, title="t")
     assert picture.shape[:2] == (image.size[1], image.size[0]) == (layout["size"][1], layout["size"][0])
@@ -199,7 +198,7 @@ def one_line(stderr: str) -> str:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """A converter-made repo (this project's code, byte for byte) of a tiny stock checkpoint."""
-    from stgridpool.tiny import save_tiny_stock_checkpoint
+    from stgridpool.demo import save_tiny_stock_checkpoint
 
     tmp = tmp_path_factory.mktemp("converted")
     stock = save_tiny_stock_checkpoint(tmp / "stock")
@@ -381,7 +380,7 @@ def test_unexpected_errors_are_one_line_unless_debug(cache, capsys, monkeypatch)
 
 def test_embedded_default_is_rebuilt_when_damaged(tmp_path):
     """Weights deleted, and a build folder left by a killed build: the next run rebuilds and cleans up."""
-    from stgridpool.cli import ensure_demo
+    from stgridpool.demo import ensure_demo
 
     cache_dir = tmp_path / "cache"
     model_dir, clip = ensure_demo(cache_dir)

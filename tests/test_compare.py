@@ -1,4 +1,4 @@
-"""stgridpool_eval.compare reads lmms-eval result files and prints the stock vs ST-GridPool table (no lmms-eval
+"""stgridpool-compare reads lmms-eval result files and prints the stock vs ST-GridPool table (no lmms-eval
 needed)."""
 
 import json
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from stgridpool_eval.compare import Score, format_table, lmms_eval_command, main, task_score
+from stgridpool.integrations.lmms_eval.compare import Score, format_table, lmms_eval_command, main, task_score
 
 
 def write_results(run_dir, results, group_subtasks=None):

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+import stgridpool
+
 PROJECT = Path(__file__).resolve().parents[1]
 REMOTE_CHECK = Path(__file__).with_name("remote_check.py")
 # The code files a repo carries: the converter's one list (it grows when the project adds a module).
-CODE_MODULES = tuple(f"{module}.py" for module in __import__("convert.repo").repo.CODE_MODULES)
+CODE_MODULES = tuple(f"{module}.py" for module in stgridpool.CODE_MODULES)
 SOURCE_CARD = "---\nlicense: apache-2.0\nlanguage:\n- en\n---\n\n# tiny llava-onevision\n"
 # Non-default settings for the main conversion, so the test sees that every option lands in config and processor.
 OPTIONS = {
@@ -55,19 +57,19 @@ def env(tmp: Path) -> dict:
 
 
 def cli_command(*args) -> list[str]:
-    return [sys.executable, "-m", "convert", *map(str, args)]
+    return [sys.executable, "-m", "stgridpool.convert", *map(str, args)]
 
 
 def run_cli_process(tmp: Path, *args) -> subprocess.CompletedProcess:
-    """`python -m convert ARGS` in a child process, as a user runs it (cwd: the project, so `-m convert` resolves)."""
+    """`python -m stgridpool.convert ARGS` in a child process, as a user runs it."""
     return subprocess.run(cli_command(*args), cwd=PROJECT, env=env(tmp), capture_output=True, text=True, timeout=300)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    """The converter's command line in this process: `convert.main(ARGS)`, what `python -m convert` runs, without
+    """The converter's command line in this process: `main(ARGS)`, what `python -m stgridpool.convert` runs, without
     the seconds a child process spends importing Transformers. Exit code and what it printed, as from a process
     (the `converted` fixture and `test_refusals` run real processes too)."""
-    from convert import main
+    from stgridpool.convert.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -149,7 +151,7 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def stock(workdir) -> Path:
     """A tiny stock LLaVA-OneVision checkpoint with a model card carrying a license."""
-    from stgridpool.tiny import save_tiny_stock_checkpoint
+    from stgridpool.demo import save_tiny_stock_checkpoint
 
     path = save_tiny_stock_checkpoint(workdir / "stock")
     (path / "README.md").write_text(SOURCE_CARD)
@@ -419,15 +421,14 @@ def test_non_empty_destination_and_overwrite(stock, tmp_path):
 
 
 def test_failure_leaves_nothing(stock, tmp_path, monkeypatch):
-    import convert
-    import convert.repo
+    from stgridpool.convert import cli, repo
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(convert.repo, "transfer_weights", broken)  # called while filling the temporary directory
+    monkeypatch.setattr(repo, "transfer_weights", broken)  # called while filling the temporary directory
     with pytest.raises(OSError, match="disk full"):
-        convert.main([str(stock), str(tmp_path / "dst")])
+        cli.main([str(stock), str(tmp_path / "dst")])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -451,13 +452,12 @@ class FakeHfApi:
 
 def test_push_to_hub(stock, tmp_path, monkeypatch, capsys):
     import huggingface_hub
-
-    import convert
+    from stgridpool.convert import cli
 
     FakeHfApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     dst = tmp_path / "dst"
-    code = convert.main([str(stock), str(dst), "--push-to-hub", "me/tiny-stgridpool", "--private", "--revision", "dev"])
+    code = cli.main([str(stock), str(dst), "--push-to-hub", "me/tiny-stgridpool", "--private", "--revision", "dev"])
     assert code == 0, capsys.readouterr().err
     (create, repo_id, kwargs), branch, upload = FakeHfApi.calls
     assert (create, repo_id, kwargs["private"], kwargs.get("repo_type", "model")) == (
@@ -581,8 +581,7 @@ def test_interrupted_conversion_leaves_nothing(stock, tmp_path, monkeypatch, cap
     import signal
     import time
 
-    import convert
-    import convert.repo
+    from stgridpool.convert import cli, repo
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".dst.{int(dead.stdout)}.abc.partial"
@@ -596,8 +595,8 @@ def test_interrupted_conversion_leaves_nothing(stock, tmp_path, monkeypatch, cap
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
 
-        monkeypatch.setattr(convert.repo, "transfer_weights", broken)
-        assert convert.main([str(stock), str(tmp_path / "dst"), "--copy"]) == 130
+        monkeypatch.setattr(repo, "transfer_weights", broken)
+        assert cli.main([str(stock), str(tmp_path / "dst"), "--copy"]) == 130
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "interrupted" in err[0], err
         assert list(tmp_path.iterdir()) == [], interrupt  # the stale folder went too
@@ -606,8 +605,7 @@ def test_interrupted_conversion_leaves_nothing(stock, tmp_path, monkeypatch, cap
 def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
     """A Hub model id is fetched with snapshot_download (pickles skipped) and becomes the card's base_model."""
     import huggingface_hub
-
-    import convert
+    from stgridpool.convert import cli
 
     fetched = []
 
@@ -617,7 +615,7 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    assert convert.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, (
+    assert cli.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, (
         capsys.readouterr().err
     )
     ((repo_id, revision, ignore),) = fetched
@@ -672,7 +670,7 @@ def save_original_checkpoint(path: Path, *, video: bool, vision_model_prefix: bo
     from safetensors.torch import save_file
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs
+    from stgridpool.demo import build_tiny_tokenizer, tiny_config_kwargs
 
     path.mkdir()
     tokenizer = build_tiny_tokenizer()
@@ -894,15 +892,14 @@ def test_original_refusals(tmp_path):
 
 def test_push_failure_keeps_the_written_repo(stock, tmp_path, monkeypatch, capsys):
     import huggingface_hub
-
-    import convert
+    from stgridpool.convert import cli
 
     class Offline(FakeHfApi):
         def upload_folder(self, **kwargs):
             raise ConnectionError("no network")
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Offline)
-    assert convert.main([str(stock), str(tmp_path / "dst"), "--push-to-hub", "me/x"]) == 1
+    assert cli.main([str(stock), str(tmp_path / "dst"), "--push-to-hub", "me/x"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "me/x" in err and "ConnectionError: no network" in err
     assert (tmp_path / "dst" / "config.json").is_file()

@@ -18,7 +18,7 @@ av = pytest.importorskip("av")
 # two-process test compares with the answers of the single-process run before it.
 pytestmark = pytest.mark.xdist_group("lmms_eval")
 
-from stgridpool.tiny import save_tiny_stock_checkpoint  # noqa: E402
+from stgridpool.demo import save_tiny_stock_checkpoint  # noqa: E402
 
 NUM_CLIPS = 4
 TASK_UTILS = '''
@@ -104,13 +104,13 @@ def read_samples(run_dir: Path, task: str) -> dict:
 def test_entry_point_registers_the_model():
     from lmms_eval.models import get_model
 
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     assert get_model("stgridpool") is STGridPoolLMM
 
 
 def test_model_args_reach_model_and_processor(bench):
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     lm = STGridPoolLMM.create_from_arg_string(
         f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,video_pooling_mode=stgridpool,"
@@ -154,7 +154,7 @@ def test_model_args_reach_model_and_processor(bench):
     ],
 )
 def test_bad_model_args_are_named(bench, model_args, message):
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     with pytest.raises(ValueError, match="allowed") as error:
         STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device=cpu,{model_args}")
@@ -171,7 +171,7 @@ def _requests(request_type: str, arguments: list[tuple]):
 def test_loglikelihood_scores_choices_as_lmms_eval_expects(bench):
     """loglikelihood returns (summed NLL, is_greedy): the model's own greedy answer gets the lowest NLL and is the
     only one marked greedy (lmms-eval's multiple-choice scoring takes the argmin), and the pooling mode matters."""
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     docs = {"t": {"test": [{"video": str(bench["root"] / "clip1.mp4")}]}}
     to_visual = lambda doc: [doc["video"]]  # noqa: E731
@@ -193,11 +193,11 @@ def test_loglikelihood_scores_choices_as_lmms_eval_expects(bench):
 
 
 def test_cli_runs_both_modes_and_compare_prints_the_table(bench):
-    """`stgridpool_eval.compare` runs `python -m lmms_eval --model stgridpool` twice (bilinear, stgridpool) on the
+    """`stgridpool-compare` runs `python -m lmms_eval --model stgridpool` twice (bilinear, stgridpool) on the
     local task; each results file scores every document, in the mode asked for, and the table comes out."""
     out = bench["root"] / "compare"
     command = [
-        sys.executable, "-m", "stgridpool_eval.compare", "--pretrained", str(bench["checkpoint"]),
+        sys.executable, "-m", "stgridpool.integrations.lmms_eval.compare", "--pretrained", str(bench["checkpoint"]),
         "--tasks", "stgp_tiny_gen", "--stock-mode", "bilinear", "--model-args", "device=cpu,max_frames_num=8",
         "--lmms-eval-args", f"--include_path {bench['tasks']} --log_samples --verbosity WARNING",
         "--output-dir", str(out),
@@ -258,7 +258,7 @@ def test_two_processes_shard_documents_and_merge_results(bench):
 
 def test_device_map_auto_loads_one_spread_copy(bench):
     """device_map=auto (one process, the model spread over the visible devices; here only the CPU) answers."""
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     lm = STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device_map=auto,max_frames_num=2")
     assert lm.world_size == 1 and lm.device == lm.model.device
@@ -276,12 +276,12 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
 
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from processing_stgridpool import STGridPoolProcessor
-    from stgridpool_eval.lmms_model import STGridPoolLMM
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
     repo = tmp_path / "repo"
     STGridPoolLlavaOnevisionForConditionalGeneration.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
     STGridPoolProcessor.from_pretrained(bench["checkpoint"]).save_pretrained(repo)
-    from convert.repo import CODE_MODULES
+    from stgridpool import CODE_MODULES
 
     for module in CODE_MODULES:
         shutil.copy(Path(__file__).parents[1] / f"{module}.py", repo / f"{module}.py")
@@ -323,7 +323,7 @@ def task_manager(bench):
     import lmms_eval.tasks
     from lmms_eval.tasks import TaskManager
 
-    from stgridpool_eval.tasks import TASKS_DIR
+    from stgridpool.integrations.lmms_eval.tasks import TASKS_DIR
 
     stock_dir = Path(lmms_eval.tasks.__file__).parent
     folders = [str(stock_dir / name) for name in LMMS_EVAL_TASK_DIRS] + [str(TASKS_DIR)]
@@ -341,7 +341,7 @@ def paper_task_names(task_manager) -> list[str]:
 def test_paper_task_configs_load_offline_with_the_eval_extra(task_manager):
     """Every paper task's config loads in full (its utils imported: longvideobench's needs decord, which the `[eval]`
     extra installs), and so does each offline copy; compare's METRICS names each task's own headline metric."""
-    from stgridpool_eval.compare import METRICS
+    from stgridpool.integrations.lmms_eval.compare import METRICS
 
     names = paper_task_names(task_manager)
     assert len(names) == len(PAPER_TASKS) - 1 + 20
@@ -352,7 +352,8 @@ def test_paper_task_configs_load_offline_with_the_eval_extra(task_manager):
         assert config["metric_list"][0]["metric"] == METRICS[name][0], name
         local = task_manager._get_config(f"{name}_local")
         assert task_manager.task_index[f"{name}_local"]["type"] == "python_task"
-        assert callable(local["doc_to_visual"]) and local["doc_to_visual"].__module__ == "stgridpool_eval.tasks.local"
+        assert callable(local["doc_to_visual"])
+        assert local["doc_to_visual"].__module__ == "stgridpool.integrations.lmms_eval.tasks.local"
     stock_group = task_manager._get_config("mvbench")["task"]
     assert task_manager._get_config("mvbench_local")["task"] == [f"{t}_local" for t in stock_group]
 
@@ -490,7 +491,7 @@ def test_metric_scales_match_the_task_code(task_manager, paper_copies):
     from lmms-eval's own process_results and aggregation, not assumed."""
     from lmms_eval.api.registry import get_aggregation
 
-    from stgridpool_eval.compare import METRICS
+    from stgridpool.integrations.lmms_eval.compare import METRICS
 
     for name in paper_task_names(task_manager):
         if name == "egoschema":
@@ -508,8 +509,8 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
     """One `python -m lmms_eval --model stgridpool` run over every offline paper task (mvbench: its 20 subtasks),
     frame_sampling=authors: every document answered, with lmms-eval's own prompt (the `default` block) and scoring;
     egoschema_local writes the submission file; compare reads the results with each metric's own scale."""
-    from stgridpool_eval.compare import METRICS
-    from stgridpool_eval.tasks import TASKS_DIR
+    from stgridpool.integrations.lmms_eval.compare import METRICS
+    from stgridpool.integrations.lmms_eval.tasks import TASKS_DIR
 
     judge = JudgeStub()
     out = bench["root"] / "paper"
@@ -558,8 +559,9 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
         (bench["root"] / "paper_compare" / run).mkdir(parents=True)
         (bench["root"] / "paper_compare" / run / results_file.name).write_text(results_file.read_text())
     run_main = subprocess.run(
-        [sys.executable, "-m", "stgridpool_eval.compare", "--no-run", "--tasks", ",".join(local_tasks),
-         "--output-dir", str(bench["root"] / "paper_compare")], capture_output=True, text=True, env=bench["env"])
+        [sys.executable, "-m", "stgridpool.integrations.lmms_eval.compare", "--no-run",
+         "--tasks", ",".join(local_tasks), "--output-dir", str(bench["root"] / "paper_compare")],
+        capture_output=True, text=True, env=bench["env"])
     assert run_main.returncode == 0, run_main.stderr
     for name in ("videomme", "longvideobench_val_v", "egoschema_subset", "nextqa_mc_test", "tempcompass_multi_choice"):
         percent = results["results"][f"{name}_local"][f"{METRICS[name][0]},none"] * METRICS[name][1]
@@ -572,7 +574,7 @@ def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_
     """frame_sampling=authors at max_frames_num=4 on 8 fps clips: 2.5 s -> frames 0, 8, 16 (one a second: fewer
     than 4, kept); 6 s -> one a second gives 6 > 4, so linspace(0, 47, 4) as ints. uniform always takes 4."""
     from processing_stgridpool import read_video_pyav
-    from stgridpool_eval.lmms_model import load_video
+    from stgridpool.integrations.lmms_eval.lmms_model import load_video
 
     path = tmp_path / "clip.mp4"
     encode_clip(path, seed=3, **clip)
@@ -588,7 +590,7 @@ def test_offline_tasks_name_what_is_missing(tmp_path, monkeypatch):
     where it is found, naming the variable or the path and what is allowed."""
     import datasets
 
-    from stgridpool_eval.tasks.local import local_dataset, videomme_doc_to_visual
+    from stgridpool.integrations.lmms_eval.tasks.local import local_dataset, videomme_doc_to_visual
 
     monkeypatch.delenv("STGRIDPOOL_EVAL_DATA", raising=False)
     with pytest.raises(ValueError, match=r"STGRIDPOOL_EVAL_DATA is not set"):

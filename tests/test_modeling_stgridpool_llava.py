@@ -35,7 +35,7 @@ from modeling_stgridpool_llava import (
     summary_layout,
 )
 from processing_stgridpool import STGridPoolProcessor
-from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
 # ---------------------------------------------------------------------------------------------------------------
 # The pure functions against the authors' reference outputs and SPEC.md

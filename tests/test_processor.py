@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import gray_frames, index_gray_level, write_clip
 
 from configuration_stgridpool import VideoPoolingSettings
 from processing_stgridpool import (
@@ -19,7 +20,6 @@ from processing_stgridpool import (
     VideoDecodeError,
     read_video_pyav,
 )
-from stgridpool.clips import gray_frames, index_gray_level, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [index_gray_level(i) for i in range(30)]
@@ -222,7 +222,7 @@ def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp
 
 
 def test_processor_geometry_is_validated_like_the_config(tiny_stock_dir):
-    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
+    from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     with pytest.raises(
@@ -246,7 +246,7 @@ def test_processor_geometry_is_validated_like_the_config(tiny_stock_dir):
 
 
 def test_processor_counts_and_saved_keys_through_settings(tiny_stock_dir, tmp_path):
-    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer
+    from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer
 
     geometry = {
         "video_pooling_mode": "stgridpool",
@@ -312,7 +312,7 @@ def test_wrong_reasons_are_now_right(tmp_path):
 
 def test_file_cut_short_warns(tmp_path):
     """12.13: a file cut at 95% decodes what it has, with a warning naming the file; an intact one does not warn."""
-    from stgridpool.clips import moving_shapes_frames
+    from stgridpool.demo import moving_shapes_frames
 
     data = write_clip(tmp_path / "whole.mp4", moving_shapes_frames(100, 64), faststart=True).read_bytes()
     (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 95 // 100])

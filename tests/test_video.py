@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from helpers import gray_frames, index_gray_level, write_clip
 
 import processing_stgridpool
 from configuration_stgridpool import VideoPoolingSettings
@@ -23,8 +24,7 @@ from processing_stgridpool import (
     sample_frame_indices,
     sample_frame_times,
 )
-from stgridpool.clips import gray_frames, index_gray_level, write_clip
-from stgridpool.tiny import save_tiny_stock_checkpoint
+from stgridpool.demo import save_tiny_stock_checkpoint
 from stgridpool.visualize import nsp_token_weights, ptg_images, ptg_trace
 
 LEVELS = [index_gray_level(i) for i in range(30)]

@@ -32,7 +32,7 @@ def stock_repo(work) -> Path:
 @pytest.fixture(scope="session")
 def repos(work, stock_repo) -> dict:
     """name -> converted repo (CASES), plus "paper_<layout>": the paper repo in each other weight layout."""
-    from convert.cli import main as convert
+    from stgridpool.convert.cli import main as convert
 
     out = {}
     for name, options in CASES.items():

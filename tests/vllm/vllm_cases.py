@@ -62,12 +62,13 @@ def run_json(script: str, job: dict, tmp: Path, timeout: int = 600) -> dict:
     return json.loads(out_file.read_text())
 
 
-def save_tiny_vllm_checkpoint(path: Path, seed: int = 0) -> Path:
-    """stgridpool.tiny's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32)."""
+def save_tiny_vllm_checkpoint(path: Path, seed: int = 0, num_frames: int = 8) -> Path:
+    """stgridpool.demo's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32); its video
+    processor samples `num_frames` frames."""
     import torch
     from transformers import GenerationConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    from stgridpool.tiny import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
+    from stgridpool.demo import build_tiny_processor, build_tiny_tokenizer, tiny_config_kwargs
 
     tokenizer = build_tiny_tokenizer()
     kwargs = tiny_config_kwargs(tokenizer)
@@ -82,7 +83,7 @@ def save_tiny_vllm_checkpoint(path: Path, seed: int = 0) -> Path:
         eos_token_id=config.text_config.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=8
     )
     model.save_pretrained(path)
-    build_tiny_processor(tokenizer).save_pretrained(path)
+    build_tiny_processor(tokenizer, num_frames=num_frames).save_pretrained(path)
     return path
 
 
@@ -91,7 +92,7 @@ def save_tiny_text_checkpoint(path: Path) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from stgridpool.tiny import build_tiny_tokenizer, tiny_config_kwargs
+    from stgridpool.demo import build_tiny_tokenizer, tiny_config_kwargs
 
     tokenizer = build_tiny_tokenizer()
     text = tiny_config_kwargs(tokenizer)["text_config"]
