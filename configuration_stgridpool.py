@@ -374,7 +374,8 @@ class STGridPoolConfig(LlavaOnevisionConfig):
 
     @property
     def video_pooling(self) -> VideoPoolingSettings:
-        """The ST-GridPool settings as one validated value."""
+        """The ST-GridPool settings as one `VideoPoolingSettings` (built on each access, for tools that pass the
+        settings around; the model pools with the config's own values)."""
         return VideoPoolingSettings.from_config(self)
 
     @property
