@@ -19,7 +19,7 @@ from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
-    from .configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from .configuration_stgridpool import VideoPoolingSettings
     from .video_stgridpool import (
         DEFAULT_NUM_FRAMES,
         _check_num_frames_and_fps,
@@ -28,7 +28,7 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
         sample_frame_times,
     )
 except ImportError:  # installed as top-level modules of this project
-    from configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from configuration_stgridpool import VideoPoolingSettings
     from video_stgridpool import (
         DEFAULT_NUM_FRAMES,
         _check_num_frames_and_fps,
@@ -180,8 +180,8 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
     Takes the stock arguments plus the geometry fields of `STGridPoolConfig`, under the same names
     (`video_pooling_mode`, `nsp_keep_ratio`, `nsp_padding`, `nsp_partial_windows`, `video_newline_position`);
     they are saved in `processor_config.json`. Keep them equal to the model's config: the converter does.
-    `video_pooling` gives them as a `VideoPoolingSettings`, which validates them (the window-fits check included,
-    against the frame size `num_image_tokens` implies) and counts the tokens.
+    They are validated once, here (the window-fits check included, against the frame size `num_image_tokens`
+    implies), into `video_pooling`, a `VideoPoolingSettings`, which counts the tokens.
     """
 
     def __init__(
@@ -213,6 +213,7 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
         side = _frame_side(num_image_tokens)  # stock takes any num_image_tokens: only a video needs one
         if side is not None:  # the window-fits check, as the config does it
             settings.check_frame_size(side)
+        self._video_pooling = settings  # validated here, where the values enter: counts use it as it is
         for name, value in settings.geometry().items():  # saved under these names in processor_config.json
             setattr(self, name, value)
         video_processor = as_stgridpool_video_processor(video_processor)  # PyAV decoding of paths
@@ -231,12 +232,13 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
 
     @property
     def video_pooling(self) -> VideoPoolingSettings:
-        """The ST-GridPool geometry settings (the other fields at their defaults: they do not change token counts)."""
-        return VideoPoolingSettings.from_config({name: getattr(self, name) for name in GEOMETRY_FIELDS})
+        """The ST-GridPool geometry settings given at construction (the other fields at their defaults: they do not
+        change token counts)."""
+        return self._video_pooling
 
     def num_video_tokens(self, num_frames: int) -> int:
         """<video> placeholders for one video of `num_frames` frames under this processor's settings."""
-        settings, side = self.video_pooling, _frame_side(self.num_image_tokens)
+        settings, side = self._video_pooling, _frame_side(self.num_image_tokens)
         if side is None:
             raise ValueError(
                 f"num_image_tokens={self.num_image_tokens!r} cannot give a video's token count: allowed are integers "

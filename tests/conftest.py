@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the project's modules, when the project is not installed
@@ -12,6 +13,14 @@ if str(ROOT) not in sys.path:  # the project's modules, when the project is not 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOLDEN = ROOT / "tests" / "data" / "stgridpool_cases.safetensors"
+
+
+def random_features(shape, seed, dtype=torch.float64) -> torch.Tensor:
+    """Random projected features of one video [T, H, W, D], each token scaled by its own factor in [0.5, 3.5] (varied
+    norms: a non-flat NSP softmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 0.5 + 3 * torch.rand(*shape[:3], 1, generator=gen, dtype=torch.float64)
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 @pytest.fixture(scope="session")
