@@ -286,9 +286,16 @@ def test_unusable_models_exit_2_with_one_line(cache, tmp_path, capsys):
         assert code == 2 and line.startswith(f"stgridpool: error: --model {model}: ") and words in line, line
 
 
-def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
+def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, monkeypatch):
+    """Each bad option is refused in one line, exit 2, before any model loads."""
     import torch
 
+    import stgridpool.loading
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(stgridpool.loading, "load_model", must_not_load)
     tmp, _ = cache
     sample = str(tmp / "cache" / "demo-v1" / "sample.mp4")
     common = ["--cache-dir", str(tmp / "cache")]
@@ -296,6 +303,10 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
     cases = [
         (["ask", sample, "--max-new-tokens", "0"], "--max-new-tokens '0' is invalid"),
         (["ask", sample, "--max-new-tokens=-1"], "--max-new-tokens '-1' is invalid"),
+        # above the model's context (the embedded default's max_position_embeddings): it could generate forever
+        (["ask", sample, "--max-new-tokens", "99999999999999999999999"],
+         "--max-new-tokens 99999999999999999999999 is invalid: allowed are integers 1 to 65536 (the context of"),
+        (["ask", sample, "--max-new-tokens", "65537"], "--max-new-tokens 65537 is invalid: allowed are integers 1 to"),
         (["ask", sample, "--device", "foo"], "--device 'foo' is invalid"),
         (
             ["ask", sample, "--device", "cuda:7"] if torch.cuda.device_count() < 8 else None,
