@@ -16,10 +16,10 @@ import os
 
 import numpy as np
 from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-from transformers.video_utils import VideoMetadata
+from transformers.video_utils import VideoMetadata, default_sample_indices_fn
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
-    from .configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from .configuration_stgridpool import VideoPoolingSettings
     from .video_stgridpool import (
         DEFAULT_NUM_FRAMES,
         _check_num_frames_and_fps,
@@ -28,7 +28,7 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
         sample_frame_times,
     )
 except ImportError:  # installed as top-level modules of this project
-    from configuration_stgridpool import GEOMETRY_FIELDS, VideoPoolingSettings
+    from configuration_stgridpool import VideoPoolingSettings
     from video_stgridpool import (
         DEFAULT_NUM_FRAMES,
         _check_num_frames_and_fps,
@@ -47,10 +47,11 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
     never decoded whole by accident; a video shorter than `num_frames` keeps all its frames instead of failing.
     Arrays and tensors are processed exactly as stock: every frame given is used (`do_sample_frames=False`), or with
     `do_sample_frames=True` the frames stock's `sample_frames` picks (by `num_frames`, or by `fps` with the video's
-    frame rate from `video_metadata`).
+    frame rate from `video_metadata`), with stock's error when that asks for more frames than the array has.
 
     `num_frames` and `fps` given together in one call are refused; the stored `num_frames` is only a default and
-    gives way to an `fps` passed in the call (and the reverse).
+    gives way to an `fps` passed in the call (and the reverse). Videos of different frame counts in one call with
+    `return_tensors` set are refused in one line naming each video's count (stock fails to stack them).
 
     Saving: `video_processor_type` stays the stock `LlavaOnevisionVideoProcessor` and `auto_map` names this class
     for `AutoVideoProcessor`: loaded with `trust_remote_code=True` from a repo holding this file it comes back as
@@ -89,10 +90,36 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
             kwargs["fps"] = None
         return super().preprocess(videos, **kwargs)
 
+    def _preprocess(self, videos: list, return_tensors=None, **kwargs):
+        # Stock stacks the sampled videos [T, C, H, W] into one tensor; different T fail there, in a message that
+        # names neither the videos nor what is allowed.
+        counts = [len(video) for video in videos]
+        if return_tensors is not None and len(set(counts)) > 1:
+            videos_of = {}
+            for i, count in enumerate(counts):
+                videos_of.setdefault(count, []).append(str(i))
+            said = ", ".join(
+                f"video {names[0]} has {count} frames"
+                if len(names) == 1
+                else f"videos {', '.join(names[:-1])} and {names[-1]} have {count} frames"
+                for count, names in videos_of.items()
+            )
+            raise ValueError(
+                f"{said}: videos of different frame counts cannot be stacked into one tensor "
+                f"(return_tensors={return_tensors!r}); allowed: the same frame count for every video of a call. "
+                f"Pass them in separate calls, or sample each to the same count (do_sample_frames=True, "
+                f"num_frames={min(counts)} or fewer)"
+            )
+        return super()._preprocess(videos, return_tensors=return_tensors, **kwargs)
+
     def sample_frames(self, metadata: VideoMetadata, num_frames: int | None = None, fps: float | None = None, **kwargs):
-        """Indices of the frames to keep: evenly spaced in time over the duration (`sample_frame_times`) when the
-        metadata carries frame times (videos decoded from files), else stock's indices (`fps` needs the frame rate
-        in the metadata); never more frames than the video has. `num_frames` / `fps` default to this processor's."""
+        """Indices of the frames to keep; `num_frames` / `fps` default to this processor's (`fps` needs the frame
+        rate in the metadata).
+
+        Frame arrays: stock's indices, and stock's error when more frames are asked for than the video has. Video
+        files keep every frame of a video shorter than asked: evenly spaced in time over the duration
+        (`sample_frame_times`) where `read_video_pyav` gave the frame times, else (a stock decoder: torchcodec, URLs)
+        stock's indices."""
         if num_frames is None and fps is None:
             num_frames, fps = self.num_frames, self.fps
             if num_frames is not None and fps is not None:
@@ -101,12 +128,14 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         if frame_times:
             return np.array(sample_frame_times(frame_times, metadata.end_time, num_frames, fps))
         _check_num_frames_and_fps(num_frames, fps, "sample_frames")
+        if fps is not None and not metadata.fps:
+            raise ValueError(
+                f"fps={fps!r} sampling needs the video's frame rate: pass video_metadata with its fps "
+                f"(e.g. video_metadata={{'fps': 30}}), or num_frames instead"
+            )
+        if metadata.video_backend is None:  # frames given as arrays: stock's sampling, without its stored defaults
+            return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
         if fps is not None:
-            if not metadata.fps:
-                raise ValueError(
-                    f"fps={fps!r} sampling needs the video's frame rate: pass video_metadata with its fps "
-                    f"(e.g. video_metadata={{'fps': 30}}), or num_frames instead"
-                )
             num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))  # stock's formula
         return np.array(sample_frame_indices(metadata.total_num_frames, num_frames))
 
@@ -127,15 +156,13 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
         return read_video_pyav(source, sample_indices_fn=sample_indices_fn)
 
 
-def _frame_side(num_image_tokens) -> int:
-    """Tokens per frame side as the vision tower emits them (27 for SigLIP-384/14's 729)."""
-    side = math.isqrt(num_image_tokens) if isinstance(num_image_tokens, int) and num_image_tokens > 0 else 0
-    if side * side != num_image_tokens or side == 0:
-        raise ValueError(
-            f"num_image_tokens={num_image_tokens!r} is invalid: allowed are square numbers of tokens of one frame "
-            f"(729 = 27 x 27 for SigLIP-384/14)"
-        )
-    return side
+def _frame_side(num_image_tokens) -> int | None:
+    """Tokens per frame side as the vision tower emits them, counted as stock counts them: the integer square root
+    of `num_image_tokens` (27 for SigLIP-384/14's 729; 24 for CLIP-336/14's 577, whose extra token is the class
+    token the "default" feature selection drops). None unless `num_image_tokens` is a positive integer."""
+    if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+        return None
+    return math.isqrt(num_image_tokens)
 
 
 def as_stgridpool_video_processor(video_processor):
@@ -153,8 +180,8 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
     Takes the stock arguments plus the geometry fields of `STGridPoolConfig`, under the same names
     (`video_pooling_mode`, `nsp_keep_ratio`, `nsp_padding`, `nsp_partial_windows`, `video_newline_position`);
     they are saved in `processor_config.json`. Keep them equal to the model's config: the converter does.
-    `video_pooling` gives them as a `VideoPoolingSettings`, which validates them (the window-fits check included,
-    against the frame size `num_image_tokens` implies) and counts the tokens.
+    They are validated once, here (the window-fits check included, against the frame size `num_image_tokens`
+    implies), into `video_pooling`, a `VideoPoolingSettings`, which counts the tokens.
     """
 
     def __init__(
@@ -183,8 +210,10 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
             nsp_partial_windows=nsp_partial_windows,
             video_newline_position=video_newline_position,
         )
-        if num_image_tokens is not None:  # the window-fits check, as the config does it
-            settings.check_frame_size(_frame_side(num_image_tokens))
+        side = _frame_side(num_image_tokens)  # stock takes any num_image_tokens: only a video needs one
+        if side is not None:  # the window-fits check, as the config does it
+            settings.check_frame_size(side)
+        self._video_pooling = settings  # validated here, where the values enter: counts use it as it is
         for name, value in settings.geometry().items():  # saved under these names in processor_config.json
             setattr(self, name, value)
         video_processor = as_stgridpool_video_processor(video_processor)  # PyAV decoding of paths
@@ -203,12 +232,18 @@ class STGridPoolProcessor(LlavaOnevisionProcessor):
 
     @property
     def video_pooling(self) -> VideoPoolingSettings:
-        """The ST-GridPool geometry settings (the other fields at their defaults: they do not change token counts)."""
-        return VideoPoolingSettings.from_config({name: getattr(self, name) for name in GEOMETRY_FIELDS})
+        """The ST-GridPool geometry settings given at construction (the other fields at their defaults: they do not
+        change token counts)."""
+        return self._video_pooling
 
     def num_video_tokens(self, num_frames: int) -> int:
         """<video> placeholders for one video of `num_frames` frames under this processor's settings."""
-        settings, side = self.video_pooling, _frame_side(self.num_image_tokens)
+        settings, side = self._video_pooling, _frame_side(self.num_image_tokens)
+        if side is None:
+            raise ValueError(
+                f"num_image_tokens={self.num_image_tokens!r} cannot give a video's token count: allowed are integers "
+                f">= 1, the tokens of one frame (729 = 27 x 27 for SigLIP-384/14)"
+            )
         settings.check_frame_size(side)
         return settings.num_tokens(num_frames, side, side)
 

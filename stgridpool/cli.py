@@ -10,10 +10,12 @@ default is used: a tiny RANDOM-weight ST-GridPool checkpoint built offline on fi
 clip) under --cache-dir (default: $XDG_CACHE_HOME/stgridpool, else ~/.cache/stgridpool). Its answers are noise; it
 exists so the whole path runs on any machine, offline.
 
-Model loading (`stgridpool.loading`): a stock `llava_onevision` checkpoint, or an ST-GridPool repo whose code files
-are byte-identical to this project's installed modules, loads with the installed classes: no code from the repo
-runs. A repo with other code (a changed modeling file, another module or repo in an `auto_map`) is refused unless
-`--trust-remote-code` is given; then it loads through the Auto classes and its own code.
+--model is a model folder or a Hub model id (ORG/NAME; offline, HF_HUB_OFFLINE=1, from the Hub cache). Model loading
+(`stgridpool.loading`): a stock `llava_onevision` checkpoint, or an ST-GridPool repo whose code files are
+byte-identical to this project's installed modules, loads with the installed classes: no code from the repo runs. A
+repo with other code (a changed modeling file, another module or repo in an `auto_map` of any of its JSON files) is
+refused unless `--trust-remote-code` is given; then it loads through the Auto classes and its own code. Nothing asks
+on the terminal.
 
 Bad input (missing or unreadable video, bad option values, an unusable --model) prints one line
 `stgridpool: error: ...` and exits 2, before the model is loaded. Anything unexpected prints one line and exits 1;
@@ -152,6 +154,18 @@ def positive_int(flag: str):
 check_num_frames = positive_int("--num-frames")
 
 
+def check_max_new_tokens(value: int, source) -> None:
+    """--max-new-tokens, once the model is known: no more than its language model's context."""
+    from stgridpool.loading import context_length
+
+    limit = context_length(source)
+    if value > limit:
+        raise UsageError(
+            f"--max-new-tokens {value} is invalid: allowed are integers 1 to {limit} (the context of {source.name}, "
+            "its text config's max_position_embeddings)"
+        )
+
+
 def check_output(output: Path) -> None:
     """-o: a new or existing image file Pillow can write, in an existing folder."""
     from PIL import Image
@@ -215,6 +229,7 @@ def cmd_ask(args) -> int:
             file=sys.stderr,
         )
     source = resolve_model(model_id, trust_remote_code=args.trust_remote_code)
+    check_max_new_tokens(args.max_new_tokens, source)
     processor = load_processor(source)
     frames, frames_meta, decode_s = decode(video, args.num_frames, processor)  # the whole sample, before the model
     model = place(load_model(source, **model_kwargs(dtype, args.device_map)), device, args.device_map)

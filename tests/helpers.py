@@ -1,6 +1,12 @@
-"""Test kits: synthetic video clips written with PyAV (every container and codec feature the reader must handle)."""
+"""Test kits: synthetic video clips written with PyAV (every container and codec feature the reader must handle);
+model repos: copies to change, a repo carrying foreign code, and a Hub cache holding repos as `huggingface_hub`
+downloads them (model ids that resolve offline)."""
 
+import hashlib
 import itertools
+import json
+import os
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -190,3 +196,83 @@ def with_box_in_moov(data: bytes, box: bytes, at_end: bool) -> bytes:
         (offset,) = struct.unpack_from(">I", out, stco + 12 + 4 * k)
         struct.pack_into(">I", out, stco + 12 + 4 * k, offset + len(box))
     return bytes(out)
+
+
+def add_to_hub_cache(cache: Path, repo_id: str, folder: Path, refs: tuple[str, ...] = ("main",)) -> str:
+    """Lay `folder`'s files out in the Hub cache `cache` (what HF_HUB_CACHE names) as `huggingface_hub` leaves a
+    downloaded model repo: `models--ORG--NAME/blobs/<sha256>`, `snapshots/<commit>/<path>` linking to the blobs,
+    and `refs/<ref>` holding the commit for each ref in `refs`. With HF_HUB_OFFLINE=1, `repo_id` then loads from
+    there at any of `refs` (or the commit). Returns the commit: 40 hex digits, a digest of the files."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    blobs = {}  # path in the repo -> blob name
+    for path in sorted(path for path in Path(folder).rglob("*") if path.is_file()):
+        data = path.read_bytes()
+        blobs[path.relative_to(folder).as_posix()] = blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+    commit = hashlib.sha1(f"{repo_id} {sorted(blobs.items())}".encode()).hexdigest()
+    for name, blob in blobs.items():
+        link = repo / "snapshots" / commit / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
+def use_hub_cache(monkeypatch, cache: Path) -> None:
+    """Point this process's `huggingface_hub` (read at call time) and its child processes (the environment) at the
+    Hub cache `cache`, offline."""
+    from huggingface_hub import constants
+
+    for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
+        monkeypatch.setattr(constants, name, value)
+        monkeypatch.setenv(name, "1" if value is True else value)
+
+
+def copy_repo(repo: Path, dst: Path) -> Path:
+    """A copy of `repo` whose files can be changed (hard links: replace a file, never write through one)."""
+    shutil.copytree(repo, dst, copy_function=os.link)
+    return dst
+
+
+def write_json(path: Path, data) -> None:
+    """Write `data` as JSON to `path` as a new file (never through a hard link of `copy_repo`)."""
+    path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+EVIL_CODE = """from pathlib import Path
+
+Path({marker!r}).write_text("ran")
+from transformers import LlavaOnevisionVideoProcessor, PreTrainedTokenizerFast
+
+
+class EvilVideoProcessor(LlavaOnevisionVideoProcessor):
+    pass
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+"""
+
+
+def evil_repo(stock: Path, dst: Path, marker: Path, where: str) -> Path:
+    """A copy of `stock` whose `where` (processor_config.json's `video_processor` entry, or tokenizer_config.json)
+    names the class of its own evil.py in an `auto_map`, with a class type Transformers does not know, so
+    Transformers would ask whether to run evil.py (which writes `marker` when imported)."""
+    repo = copy_repo(stock, dst)
+    (repo / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    if where == "video_processor":
+        data = json.loads((stock / "processor_config.json").read_text())
+        data["video_processor"].update(
+            video_processor_type="EvilVideoProcessor", auto_map={"AutoVideoProcessor": "evil.EvilVideoProcessor"}
+        )
+        write_json(repo / "processor_config.json", data)
+    else:
+        data = json.loads((stock / "tokenizer_config.json").read_text())
+        data.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": [None, "evil.EvilTokenizer"]})
+        write_json(repo / "tokenizer_config.json", data)
+    return repo

@@ -2,8 +2,9 @@
 
 The project's modules must not be importable here, so everything ST-GridPool comes from each repo's own code
 (transformers_modules). Usage: python remote_check.py PROJECT_DIR JOBS, JOBS a JSON list of {"name", "check"
-(full, stock or original), "repo", "src", "work"}; prints one JSON line: {name: results}. One process checks every
-repo: each process spends about 5 CPU seconds importing Transformers before it checks anything.
+(full, stock, original or pipeline), "repo" (a folder or a Hub id), "src", "work"}; prints one JSON line: {name:
+results}. One process checks every repo: each process spends about 5 CPU seconds importing Transformers before it
+checks anything.
 """
 
 import importlib
@@ -295,7 +296,27 @@ def check_original(repo: str, src: str, work: str) -> dict:
     return out
 
 
-CHECKS = {"full": check_full, "stock": compare_with_stock, "original": check_original}
+def check_pipeline(repo: str, src: str, work: str) -> dict:
+    """The image-text-to-text pipeline on a repo as a user names it (a Hub id: resolved from the Hub cache)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(54, 54, 3), dtype=np.uint8))
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}
+    ]
+    result = pipe(text=messages, max_new_tokens=3, return_full_text=False)
+    return {
+        "model": origin(pipe.model),
+        "processor": origin(pipe.processor),
+        "name_or_path": pipe.model.config.name_or_path,
+        "answer": result[0]["generated_text"],
+    }
+
+
+CHECKS = {"full": check_full, "stock": compare_with_stock, "original": check_original, "pipeline": check_pipeline}
 
 if __name__ == "__main__":
     isolate(Path(sys.argv[1]))

@@ -305,3 +305,78 @@ def test_processor_counts_and_saved_keys_through_settings(tiny_stock_dir, tmp_pa
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert {name: saved[name] for name in geometry} == geometry  # the keys existing repos carry
     assert STGridPoolProcessor.from_pretrained(tmp_path).video_pooling == settings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transformers' own llava_onevision tests as the contract: what they caught
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_num_image_tokens_not_square_counts_video_tokens_as_stock(processor):
+    """Stock takes any num_image_tokens and counts a frame's side as its integer square root (CLIP towers' 577 =
+    24 x 24 + the class token); with stock pooling ours counts the same. Only a video needs num_image_tokens: one
+    without it is refused then, naming it."""
+    from transformers import LlavaOnevisionProcessor
+
+    video = [gray_frames(LEVELS[:3])]
+    parts = dict(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        video_processor=processor.video_processor,
+    )
+    for num_image_tokens in (6, 27 * 27 + 1):
+        stock = LlavaOnevisionProcessor(num_image_tokens=num_image_tokens, **parts)
+        ours = STGridPoolProcessor(num_image_tokens=num_image_tokens, video_pooling_mode="bilinear", **parts)
+        theirs = stock(text="<video>", videos=video, return_tensors="pt")["input_ids"]
+        mine = ours(text="<video>", videos=video, return_tensors="pt")["input_ids"]
+        assert mine.tolist() == theirs.tolist()
+    side = 27  # the default geometry: 27 x 27 + 1 tokens counted as a 27 x 27 frame
+    assert STGridPoolProcessor(num_image_tokens=side * side + 1, **parts).num_video_tokens(3) == (
+        VideoPoolingSettings().num_tokens(3, side, side)
+    )
+    unset = STGridPoolProcessor(**parts)
+    assert unset(text="no video here")["input_ids"]
+    with pytest.raises(ValueError, match=r"num_image_tokens=None cannot give a video's token count: allowed are"):
+        unset(text="<video>", videos=video, return_tensors="pt")
+
+
+def test_arrays_asking_for_more_frames_than_they_have_fail_as_stock_files_keep_every_frame(processor, tmp_path):
+    """Frame arrays sampled to more frames than they hold (by num_frames, or by fps and their frame rate) are refused
+    as stock refuses them; a short video file keeps every frame (the PyAV reader, and a stock decoder's metadata)."""
+    from transformers import LlavaOnevisionVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    stock = LlavaOnevisionVideoProcessor(size={"height": 54, "width": 54})
+    eight = gray_frames(LEVELS[:8])
+    too_many = [
+        {"num_frames": 10},
+        {"num_frames": None, "fps": 5, "video_metadata": [{"fps": 4.0, "total_num_frames": 8}]},  # 8 / 4 * 5 = 10
+    ]
+    for asked in too_many:
+        for video_processor in (stock, processor.video_processor):
+            with pytest.raises(ValueError, match=r"exceeds total_num_frames=8"):
+                video_processor(videos=[eight], do_sample_frames=True, return_tensors="pt", **asked)
+    with pytest.raises(ValueError, match=r"exceeds total_num_frames=8"):
+        processor(text="<video>", videos=[eight], do_sample_frames=True, num_frames=10, return_tensors="pt")
+    short = write_clip(tmp_path / "short.mp4", gray_frames(LEVELS[:5]))
+    out = processor.video_processor(videos=[str(short)], do_sample_frames=True, num_frames=10, return_tensors="pt")
+    assert gray_indices(out["pixel_values_videos"][0]) == [0, 1, 2, 3, 4]
+    decoded = VideoMetadata(total_num_frames=5, fps=25.0, video_backend="torchcodec")
+    assert list(processor.video_processor.sample_frames(decoded, num_frames=10)) == [0, 1, 2, 3, 4]
+
+
+def test_videos_of_different_frame_counts_in_one_call_get_a_one_line_error(processor):
+    """Stock cannot stack videos of different lengths into one tensor and says so in a multi-line message naming
+    neither video; ours names each video's frame count and what is allowed. Without tensors both give lists."""
+    videos = [gray_frames(LEVELS[:8]), gray_frames(LEVELS[:5]), gray_frames(LEVELS[:8])]
+    for call in (processor.video_processor, lambda **kw: processor(text="<video>" * 3, **kw)):
+        with pytest.raises(ValueError) as info:
+            call(videos=videos, return_tensors="pt")
+        message = str(info.value)
+        assert "\n" not in message, message
+        assert "videos 0 and 2 have 8 frames, video 1 has 5" in message, message
+        assert "allowed: the same frame count for every video of a call" in message, message
+    listed = processor.video_processor(videos=videos)["pixel_values_videos"]
+    assert [len(video) for video in listed] == [8, 5, 8]
+    sampled = processor(text="<video>" * 3, videos=videos, do_sample_frames=True, num_frames=4, return_tensors="pt")
+    assert tuple(sampled["pixel_values_videos"].shape[:2]) == (3, 4)
