@@ -148,7 +148,11 @@ def camera_frames(num_frames: int, height: int, width: int, seed: int = 0):
 
 def clip_path(folder: Path, name: str, spec: dict) -> Path:
     """The clip, generated into `folder` unless already there (the name records what it holds)."""
-    from tests.helpers import write_clip
+    # The test kits, imported as the tests import them: a `tests` package installed elsewhere (latex2sympy2, an
+    # lmms-eval dependency, ships one) would hide `tests.helpers`.
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import write_clip
 
     height, width = spec["size"]
     gop = spec.get("gop", 250)
