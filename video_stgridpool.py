@@ -144,7 +144,7 @@ def _index_video(container, stream) -> _Index:
     demuxing order, cannot all ascend; where they do, they count packets in decoding order (AVI). Packets without a
     timestamp are counted at the stream's frame rate."""
     raw, keys = [], []  # raw: pts in demuxing order; keys: (pts, dts) of keyframe packets
-    missing, last_pts, last_duration = False, None, 0  # last: the frame shown last, and for how long
+    missing, last_pts, last = False, -math.inf, None  # last: the packet of the frame shown last
     for packet in container.demux(stream):
         if not packet.size or packet.is_discard:  # the flush packet at the end; frames the decoder drops
             continue
@@ -152,10 +152,11 @@ def _index_video(container, stream) -> _Index:
         if pts is None:
             missing, pts = True, len(raw)
         raw.append(pts)
-        if last_pts is None or pts >= last_pts:
-            last_pts, last_duration = pts, packet.duration
         if packet.is_keyframe:
             keys.append((pts, packet.dts))
+        if pts >= last_pts:
+            last_pts, last = pts, packet
+    last_duration = last.duration if last is not None else 0  # how long the last frame is shown
     time_base = stream.time_base or Fraction(1, 1)
     rate = Fraction(stream.average_rate or stream.guessed_rate or 25)
     if missing:  # frame numbers at the frame rate
@@ -440,9 +441,10 @@ def _plan_runs(frames: list[int], keyframes: list[int]) -> list[tuple[int | None
 
 def _decoding_threads() -> int:
     """Threads to decode seeking runs with: one per CPU this process may use (its affinity mask, which containers and
-    `taskset` narrow), at most MAX_DECODE_THREADS."""
+    `taskset` narrow) and a spare where it may use several, at most MAX_DECODE_THREADS. PyAV takes the GIL back
+    between FFmpeg calls, and a thread waiting for it leaves its CPU idle: the spare fills those gaps."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_DECODE_THREADS, cpus)
+    return min(MAX_DECODE_THREADS, cpus + 1 if cpus > 1 else 1)
 
 
 def _seeking(av, open_container, container, index: _Index, video: _Video, progress) -> bool:

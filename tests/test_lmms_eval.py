@@ -617,8 +617,8 @@ def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_
 def test_uniform_sampling_takes_each_frame_at_most_once(tmp_path):
     """frame_sampling=uniform with max_frames_num above a clip's frame count (100 on 12 frames): each frame once,
     in order, not 100 frames with repeats; below it, lmms-eval's linspace as before."""
-    from processing_stgridpool import read_video_pyav
     from stgridpool.integrations.lmms_eval.lmms_model import load_video, uniform_indices
+    from video_stgridpool import read_video_pyav
 
     path = tmp_path / "clip.mp4"
     encode_clip(path, seed=4, num_frames=12)
