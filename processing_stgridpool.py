@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 from transformers import LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-from transformers.video_utils import VideoMetadata, default_sample_indices_fn
+from transformers.video_utils import VideoMetadata
 
 try:  # inside a Hub repo, loaded by Transformers' remote-code loader
     from .configuration_stgridpool import VideoPoolingSettings
@@ -133,8 +133,12 @@ class STGridPoolVideoProcessor(LlavaOnevisionVideoProcessor):
                 f"fps={fps!r} sampling needs the video's frame rate: pass video_metadata with its fps "
                 f"(e.g. video_metadata={{'fps': 30}}), or num_frames instead"
             )
-        if metadata.video_backend is None:  # frames given as arrays: stock's sampling, without its stored defaults
-            return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+        if metadata.video_backend is None:  # frames given as arrays: stock's own sampling (it differs by version),
+            # on a copy without the stored defaults it would fill in: the call's num_frames / fps resolved above rule
+            stock = object.__new__(type(self))
+            stock.__dict__.update(vars(self), num_frames=None, fps=None)
+            indices = super(STGridPoolVideoProcessor, stock).sample_frames(metadata, num_frames=num_frames, fps=fps)
+            return np.asarray(indices)  # 5.17 gives a tensor, which indexes a one-frame sample as a scalar
         if fps is not None:
             num_frames = max(1, int(metadata.total_num_frames / metadata.fps * fps))  # stock's formula
         return np.array(sample_frame_indices(metadata.total_num_frames, num_frames))
