@@ -664,11 +664,15 @@ def lmms_requests(bench, n: int, request_type: str):
     docs = {"t": {"test": [{"video": str(bench["root"] / f"clip{i % NUM_CLIPS}.mp4")} for i in range(n)]}}
     words = ["what", "color", "how many", "where", "who", "describe", "left", "right"]
     if request_type == "generate_until":
-        args = [(f"{words[i % len(words)]} {i}", {"max_new_tokens": 4, "until": []}, to_visual, i, "t", "test")
-                for i in range(n)]
+        args = [
+            (f"{words[i % len(words)]} {i}", {"max_new_tokens": 4, "until": []}, to_visual, i, "t", "test")
+            for i in range(n)
+        ]
     else:
-        args = [(f"{words[i % len(words)]} {i}", f" {words[(i + 3) % len(words)]}", to_visual, i, "t", "test")
-                for i in range(n)]
+        args = [
+            (f"{words[i % len(words)]} {i}", f" {words[(i + 3) % len(words)]}", to_visual, i, "t", "test")
+            for i in range(n)
+        ]
     return docs, _requests(request_type, args)
 
 
@@ -715,8 +719,9 @@ def count_in_flight(monkeypatch, lm, request_type: str = "generate_until") -> di
 
 
 @pytest.mark.parametrize("request_type", ["generate_until", "loglikelihood"])
-def test_prefetch_gives_the_sequential_answers_in_order_with_a_bounded_queue(bench, prefetch_lm, monkeypatch,
-                                                                           request_type):
+def test_prefetch_gives_the_sequential_answers_in_order_with_a_bounded_queue(
+    bench, prefetch_lm, monkeypatch, request_type
+):
     """prefetch=2 answers 9 requests exactly as prefetch=0 does, in the same order, with at most 3 requests decoded
     and not yet answered at any time (2 waiting and the one the model runs); the processor runs on the model's
     device (the CPU here)."""
