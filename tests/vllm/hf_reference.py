@@ -1,7 +1,8 @@
 """Our Transformers model's greedy generation, the reference the vLLM plugin must reproduce (child process).
 
 `python hf_reference.py JOB.json OUT.json`. JOB: {"repos": {name: path}, "videos": .npz of uint8 [T, H, W, 3] arrays,
-"prompt": text with one <video>, "max_new_tokens": n, optional "files": {name: [repo name, video path, num_frames]}}.
+"prompt": text with one <video>, "max_new_tokens": n, optional "files": {name: [repo path, video path, sampling]}}
+(sampling: read_video_pyav's {"num_frames": n} or {"fps": f}).
 OUT: {name: {video key: {"prompt_token_ids", "token_ids", "logprobs", "text"}}}; "files" entries decode the file with
 our processor (PyAV) and render the prompt with the repo's chat template, as `vllm serve` does.
 """
@@ -47,11 +48,11 @@ def main(job_path: str, out_path: str) -> None:
             key: generate(model, processor, job["prompt"], video, job["max_new_tokens"])
             for key, video in videos.items()
         }
-    for name, (repo, path, num_frames) in job.get("files", {}).items():
+    for name, (repo, path, sampling) in job.get("files", {}).items():
         model, processor = load(repo)
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": job["question"]}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        frames, _ = read_video_pyav(path, num_frames=num_frames)
+        frames, _ = read_video_pyav(path, **sampling)
         results[name] = {"file": generate(model, processor, prompt, frames, job["max_new_tokens"])}
     Path(out_path).write_text(json.dumps(results))
 

@@ -62,8 +62,9 @@ def run_json(script: str, job: dict, tmp: Path, timeout: int = 600) -> dict:
     return json.loads(out_file.read_text())
 
 
-def save_tiny_vllm_checkpoint(path: Path, seed: int = 0) -> Path:
-    """stgridpool.demo's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32)."""
+def save_tiny_vllm_checkpoint(path: Path, seed: int = 0, num_frames: int = 8) -> Path:
+    """stgridpool.demo's stock checkpoint, widened to heads of 32 dims (vLLM's CPU attention needs >= 32); its video
+    processor samples `num_frames` frames."""
     import torch
     from transformers import GenerationConfig, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -82,7 +83,7 @@ def save_tiny_vllm_checkpoint(path: Path, seed: int = 0) -> Path:
         eos_token_id=config.text_config.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=8
     )
     model.save_pretrained(path)
-    build_tiny_processor(tokenizer).save_pretrained(path)
+    build_tiny_processor(tokenizer, num_frames=num_frames).save_pretrained(path)
     return path
 
 

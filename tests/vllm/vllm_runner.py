@@ -1,13 +1,16 @@
 """vLLM's side of the tests (child process): `LLM(model=...)` with the plugin, as a user runs it.
 
-`python vllm_runner.py JOB.json OUT.json`. JOB: {"runs": [{"name", "repo", "llm": {extra LLM kwargs}}], "videos": .npz,
-"prompt", "max_new_tokens", "refusals": [{"name", "repo", "llm"}]}. Each run answers every video of the .npz in ONE
-`generate` call (a batch with different frame counts). OUT: {"runs": {name: {video key: {"prompt_token_ids",
-"token_ids", "logprobs"}}}, "refusals": {name: "ExceptionType: message"}}.
+`python vllm_runner.py JOB.json OUT.json`. JOB: {"runs": [{"name", "repo", "llm": {extra LLM kwargs}, optional
+"videos": [keys]}], "videos": .npz, "prompt", "max_new_tokens", "refusals": [{"name", "repo", "llm"}], "budgets":
+[{"name", "repo", "llm"}]}. Each run answers every video of the .npz (or those keys) in ONE `generate` call (a batch
+with different frame counts). OUT: {"runs": {name: {video key: {"prompt_token_ids", "token_ids", "logprobs"}}},
+"refusals": {name: "ExceptionType: message"}, "budgets": {name: the encoder cache size, in tokens, vLLM's engine
+would allocate (no engine is started)}, "plugin_log": [the plugin's log messages]}.
 """
 
 import gc
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -44,6 +47,7 @@ def answer(run: dict, job: dict) -> dict:
     from vllm import SamplingParams
 
     videos = dict(np.load(job["videos"]))
+    videos = {key: videos[key] for key in run.get("videos", videos)}
     llm = make_llm(run["repo"], run.get("llm", {}))
     params = SamplingParams(temperature=0.0, max_tokens=job["max_new_tokens"], logprobs=0)
     requests = [{"prompt": job["prompt"], "multi_modal_data": {"video": video}} for video in videos.values()]
@@ -69,15 +73,40 @@ def refusal_message(refusal: dict) -> str:
     return "loaded"
 
 
+def encoder_cache_size(budget: dict) -> int:
+    """The encoder cache size (tokens) vLLM computes for `LLM(model=budget["repo"], ...)`, from the engine config
+    alone: what bounds the largest video a request may carry."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.encoder_budget import MultiModalBudget
+    from vllm.usage.usage_lib import UsageContext
+
+    args = EngineArgs(model=budget["repo"], **{**LLM_DEFAULTS, **budget.get("llm", {})})
+    config = args.create_engine_config(usage_context=UsageContext.LLM_CLASS)
+    return MultiModalBudget(config, MULTIMODAL_REGISTRY).encoder_cache_size
+
+
 def main(job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    out = {"runs": {}, "refusals": {}}
+    plugin_log = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        plugin_log.append(record.getMessage())
+        return True
+
+    # A filter, not a handler: each engine applies vLLM's logging configuration again, which drops the handlers of
+    # vLLM's loggers (the plugin's is one), not their filters.
+    logging.getLogger("vllm.stgridpool.integrations.vllm.model").addFilter(keep)
+    out = {"runs": {}, "refusals": {}, "budgets": {}}
+    for budget in job.get("budgets", []):
+        out["budgets"][budget["name"]] = encoder_cache_size(budget)
     for run in job.get("runs", []):
         out["runs"][run["name"]] = answer(run, job)
         free_engine()
     for refusal in job.get("refusals", []):
         out["refusals"][refusal["name"]] = refusal_message(refusal)
         free_engine()
+    out["plugin_log"] = plugin_log
     Path(out_path).write_text(json.dumps(out))
 
 

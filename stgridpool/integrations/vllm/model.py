@@ -3,6 +3,8 @@
 What changes from vLLM's `LlavaOnevisionForConditionalGeneration` (vLLM 0.32), and nothing else:
 - the video token count (`STGridPoolProcessingInfo.get_num_video_tokens`) comes from `VideoPoolingSettings.num_tokens`,
   the geometry our processor and Transformers model use;
+- the video vLLM profiles with (`get_num_frames_with_most_features`), which sizes its encoder cache, has the repo's
+  frame count (stock: at most 16 frames, so vLLM's defaults refused the 32 or 64 frames a repo samples);
 - each video's features (`_process_video_pixels`) are the projected frames pooled by `pool_video` (PTG + NSP, or a
   stock mode) and laid out by `add_video_newlines`, one video at a time (PTG mixes the frames of one video only);
 - weight names: Transformers 5.x (5.17 and 5.19 alike) saves the vision tower as `vision_tower.embeddings...`, vLLM's
@@ -14,6 +16,7 @@ Images and text run through the stock code unchanged.
 import re
 
 import torch
+from vllm.logger import init_logger
 from vllm.model_executor.models.llava_onevision import (
     LlavaOnevisionDummyInputsBuilder,
     LlavaOnevisionForConditionalGeneration,
@@ -27,6 +30,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from configuration_stgridpool import VideoPoolingSettings
 from modeling_stgridpool_llava import add_video_newlines, pool_video
 from processing_stgridpool import STGridPoolProcessor
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm.", so vLLM's log configuration shows it
 
 
 def video_pooling_settings(hf_config) -> VideoPoolingSettings:
@@ -49,8 +54,8 @@ def video_pooling_settings(hf_config) -> VideoPoolingSettings:
 
 
 class STGridPoolProcessingInfo(LlavaOnevisionProcessingInfo):
-    """Video token counts from this project's geometry; pixels through this project's processor (same as stock
-    for decoded frames)."""
+    """Video token counts from this project's geometry, profiling with the repo's frame count; pixels through this
+    project's processor (same as stock for decoded frames)."""
 
     def get_hf_config(self):
         video_pooling_settings(self.ctx.model_config.hf_config)  # a config that is not ours: one line, before stock's
@@ -66,6 +71,10 @@ class STGridPoolProcessingInfo(LlavaOnevisionProcessingInfo):
         return video_pooling_settings(self.get_hf_config()).num_tokens(num_frames, side, side)
 
     def get_num_frames_with_most_features(self, seq_len: int, mm_counts) -> int:
+        """Frames of the video vLLM profiles with, which sizes its encoder cache: vLLM refuses a video of more
+        tokens than max(this video's, max_num_batched_tokens). The repo's frame count (its video processor's
+        `num_frames`), or `--limit-mm-per-prompt`'s video `num_frames` where given, as far as `seq_len` holds them
+        (`mm_counts` videos in one prompt)."""
         # Stock answers at least one frame even when one frame does not fit: vLLM's profiling then fails far from
         # the cause. Refuse here, in one line, with the numbers.
         one_frame = self.get_num_video_tokens(image_width=0, image_height=0, num_frames=1)
@@ -75,7 +84,19 @@ class STGridPoolProcessingInfo(LlavaOnevisionProcessingInfo):
                 f"max_model_len={seq_len} is too small for one video frame under {settings.geometry()} "
                 f"({one_frame} tokens): allowed are max_model_len >= {one_frame}, or settings with fewer tokens"
             )
-        return super().get_num_frames_with_most_features(seq_len, mm_counts)
+        options = self.ctx.model_config.get_multimodal_config().limit_per_prompt.get("video")
+        frames = (options and options.num_frames) or self.get_hf_processor().video_processor.num_frames
+        fitting = self._get_max_video_frames(seq_len) // max(mm_counts.get("video", 0), 1)
+        if frames <= fitting:  # else such a video is longer than max_model_len, and vLLM's refusal says so
+            tokens = self.get_num_video_tokens(image_width=0, image_height=0, num_frames=frames)
+            logger.info_once(
+                "ST-GridPool: vLLM's encoder cache is sized for videos of up to %d frames (%d tokens); for longer "
+                'videos start vLLM with --limit-mm-per-prompt \'{"video": {"num_frames": N}}\', N the most '
+                "frames a video will have",
+                frames,
+                tokens,
+            )
+        return max(1, min(frames, fitting))
 
 
 _SIGLIP_WITHOUT_VISION_MODEL = re.compile(r"^((?:model\.)?vision_tower\.)(?!vision_model\.)")

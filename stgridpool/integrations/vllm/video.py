@@ -22,22 +22,22 @@ from . import VIDEO_LOADER
 
 @VIDEO_LOADER_REGISTRY.register(VIDEO_LOADER)
 class STGridPoolVideoLoader(VideoLoader):
-    """Frames of a video file as `read_video_pyav` picks them: `num_frames` evenly spaced in time, or (with
-    `num_frames=-1`) one every 1/`fps` seconds, or (both -1) every frame. vLLM passes num_frames=32 unless
-    `--media-io-kwargs` says otherwise; our processor's default is 32 too."""
+    """Frames of a video file as `read_video_pyav` picks them: with an `fps`, one every 1/`fps` seconds (by time,
+    as our processor's `fps`); else `num_frames` evenly spaced in time; with neither (both -1), every frame.
+    vLLM passes a num_frames with every call (32 unless `--media-io-kwargs` or the request sets one; our processor's
+    default is 32 too), an fps only when one is set: so an fps decides, and a num_frames set beside it is ignored."""
 
     @classmethod
     def load_bytes(cls, data: bytes, num_frames: int = -1, fps: float = -1, **kwargs: Any) -> tuple[np.ndarray, dict]:
         """Raw file bytes -> (frames uint8 [T, H, W, 3] RGB, metadata dict as vLLM's loaders return it)."""
+        sampling = {"fps": fps} if fps > 0 else {"num_frames": num_frames} if num_frames > 0 else {}
         # read_video_pyav reads a path (it checks the file before FFmpeg does): the bytes go to a private temporary
         # file, removed on return.
         with tempfile.TemporaryDirectory(prefix="stgridpool-video-") as folder:
             path = os.path.join(folder, "video")
             with open(path, "wb") as file:
                 file.write(data)
-            frames, metadata = read_video_pyav(
-                path, num_frames=num_frames if num_frames > 0 else None, fps=fps if num_frames <= 0 < fps else None
-            )
+            frames, metadata = read_video_pyav(path, **sampling)
         return frames, {
             "total_num_frames": metadata.total_num_frames,
             "fps": metadata.fps,
