@@ -1,7 +1,8 @@
 """`stgridpool`: ask a video question with an ST-GridPool model, or draw what ST-GridPool does to a video.
 
     stgridpool ask [VIDEO [QUESTION]] [--model REPO_OR_DIR] [--trust-remote-code] [--num-frames N] [--max-new-tokens N]
-                   [--device D] [--dtype auto|float32|bfloat16|float16] [--device-map auto] [--cache-dir DIR] [--debug]
+                   [--device D] [--dtype auto|float32|bfloat16|float16] [--device-map auto]
+                   [--attn-implementation sdpa|eager|flash_attention_2|...] [--cache-dir DIR] [--debug]
     stgridpool visualize [VIDEO] -o out.png [--model REPO_OR_DIR] [--trust-remote-code] [--num-frames N] [--thumb PX]
                    [--device D] [--cache-dir DIR] [--debug]
 
@@ -17,6 +18,8 @@ repo with other code (a changed modeling file, another module or repo in an `aut
 refused unless `--trust-remote-code` is given; then it loads through the Auto classes and its own code. Nothing asks
 on the terminal.
 
+On a GPU the video processor (resize, normalise) runs on the model's device (`stgridpool.prompt.processor_device`).
+
 Bad input (missing or unreadable video, bad option values, an unusable --model) prints one line
 `stgridpool: error: ...` and exits 2, before the model is loaded. Anything unexpected prints one line and exits 1;
 `--debug` shows its traceback.
@@ -31,6 +34,11 @@ from stgridpool.demo import DemoCacheError, default_cache_dir, ensure_demo
 
 DEFAULT_QUESTION = "What is happening in this video?"
 REAL_MODEL_HINT = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
+# Transformers' (>= 5.17) names for the language model's and the vision tower's attention; the flash_attention_*
+# ones need their package installed (flash-attn, or flash-attn-4 for flash_attention_4) and a GPU.
+ATTN_IMPLEMENTATIONS = (
+    "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
+)  # fmt: skip
 
 
 class UsageError(Exception):
@@ -95,8 +103,9 @@ def pick_device_dtype(device: str, dtype: str):
     return device, getattr(torch, dtype)
 
 
-def model_kwargs(dtype, device_map: str | None) -> dict:
-    return {"dtype": dtype, **({"device_map": device_map} if device_map else {})}
+def model_kwargs(dtype, device_map: str | None, attn_implementation: str | None = None) -> dict:
+    kwargs = {"dtype": dtype, "device_map": device_map, "attn_implementation": attn_implementation}
+    return {name: value for name, value in kwargs.items() if value is not None}
 
 
 def place(model, device: str, device_map: str | None):
@@ -218,7 +227,7 @@ def cmd_ask(args) -> int:
     from transformers import TextStreamer
 
     from stgridpool.loading import load_model, load_processor, resolve_model
-    from stgridpool.prompt import video_question_inputs
+    from stgridpool.prompt import processor_device, video_question_inputs
 
     model_id, video, demo = resolve_inputs(args)
     device, dtype = pick_device_dtype(args.device, args.dtype)
@@ -232,9 +241,10 @@ def cmd_ask(args) -> int:
     check_max_new_tokens(args.max_new_tokens, source)
     processor = load_processor(source)
     frames, frames_meta, decode_s = decode(video, args.num_frames, processor)  # the whole sample, before the model
-    model = place(load_model(source, **model_kwargs(dtype, args.device_map)), device, args.device_map)
+    loading = model_kwargs(dtype, args.device_map, args.attn_implementation)
+    model = place(load_model(source, **loading), device, args.device_map)
     question = args.question or DEFAULT_QUESTION
-    inputs = video_question_inputs(processor, frames, question, do_sample_frames=False)
+    inputs = video_question_inputs(processor, frames, question, do_sample_frames=False, device=processor_device(model))
     inputs = inputs.to(model.device)
     inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(model.dtype)
     num_frames = frames.shape[0]
@@ -331,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-new-tokens", type=positive_int("--max-new-tokens"), default=128)
     ask.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     ask.add_argument("--device-map", choices=["auto"], help="spread the model over all GPUs (accelerate)")
+    ask.add_argument(
+        "--attn-implementation", choices=ATTN_IMPLEMENTATIONS, metavar="NAME",
+        help=f"attention kernels (default: Transformers' own, sdpa); one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+    )  # fmt: skip
     ask.set_defaults(func=cmd_ask)
     vis = commands.add_parser("visualize", help="draw the sampled frames, PTG summary frames and NSP weights")
     common(vis)

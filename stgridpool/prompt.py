@@ -1,4 +1,5 @@
-"""Model inputs for one video and one user question, where the question is only ever text.
+"""Model inputs for one video and one user question, where the question is only ever text; and where the processors
+run (`processor_device`).
 
 A processor expands every `<video>` / `<image>` it finds in the prompt, and a tokenizer turns `<|im_end|>` written in
 text into the special token, so a question that mentions them ("How is the <video> tag used in HTML?") would add a
@@ -10,6 +11,15 @@ into plain text, then spliced in where the marker was.
 import torch
 
 MARKER = "\ue000stgridpool-question\ue000"  # private-use characters: no template or tokenizer produces them
+
+
+def processor_device(model) -> torch.device:
+    """Where the processors resize and normalise frames (the `device=` of Transformers' fast image and video
+    processors): the model's device when it is a CUDA GPU, where this is several times faster than on the CPU and
+    the pixels are already where the model reads them; anywhere else the CPU, as stock Transformers does. A model
+    spread over devices (`device_map`) gives its first one, where its inputs go."""
+    device = torch.device(model.device)
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def video_question_inputs(processor, frames, question: str, **processor_kwargs):

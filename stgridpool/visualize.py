@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from configuration_stgridpool import VideoPoolingSettings
 from modeling_stgridpool_llava import nsp_window_weights, sampled_positions, summary_layout
+from stgridpool.prompt import processor_device
 
 LEVEL_COLORS = [(230, 120, 0), (150, 60, 200), (0, 150, 90), (200, 30, 90), (30, 110, 220)]
 BACKGROUND, TEXT, GRAY = (255, 255, 255), (20, 20, 20), (110, 110, 110)
@@ -179,9 +180,9 @@ def visualize_video(model, processor, frames: np.ndarray, frame_indices, *, titl
     Returns (image, layout) as `render`."""
     settings = VideoPoolingSettings.from_config(model.config)
     code = sys.modules[type(model).__module__]
-    pixel_values = processor.video_processor(videos=[frames], do_sample_frames=False, return_tensors="pt")[
-        "pixel_values_videos"
-    ]
+    pixel_values = processor.video_processor(
+        videos=[frames], do_sample_frames=False, return_tensors="pt", device=processor_device(model)
+    )["pixel_values_videos"]
     parameter = next(model.parameters())
     with torch.no_grad():
         projected = model.model.project_video_frames(pixel_values.to(parameter.device, parameter.dtype))

@@ -22,3 +22,31 @@ def test_bench_smoke(tmp_path):
         assert row["err_stgridpool_vs_f64"] < 1e-5
         assert row["bilinear_bit_identical"] and row["input_unchanged"]
         assert {"copy", "stock_apply_pooling", "ours_stgridpool", "plain", "reference"} <= set(row["ms"])
+
+
+def test_bench_file_to_answer_smoke(tmp_path):
+    """benchmarks/bench_file_to_answer.py on a tiny model and tiny clips: every path runs, the lmms-eval model gives
+    the same answers with and without prefetching, and eager attention the same tokens as sdpa."""
+    import pytest
+
+    pytest.importorskip("lmms_eval")
+    from benchmarks import bench_file_to_answer as bench
+
+    out = tmp_path / "fta.json"
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--json", str(out), "--reps", "1", "--attn", "sdpa,eager"]
+    assert bench.main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["sections"] == ["ftft", "eval", "attn"] and results["processor_device"] == "cpu"
+    frames = bench.SMOKE["frames"]
+    shapes = {name: results["ftft"][name]["frames_shape"] for name in ("ours", "ours_cpu_processor", "stock")}
+    assert all(shape[0] == frames for shape in shapes.values()), shapes
+    assert results["ftft"]["ours"]["prompt_tokens"] < results["ftft"]["stock"]["prompt_tokens"]  # pooled video
+    assert results["ftft"]["processor_gpu_vs_cpu"]["max_abs_diff"] == 0.0  # both on the CPU here
+    for kind in ("generate_until", "loglikelihood"):
+        row = results["eval"][kind]
+        assert row["answers_identical"] and row["distinct_answers"] > 1, row
+        assert len(row["prefetch_2"]["answers"]) == len(bench.SMOKE["eval_seconds"])
+    eager = results["attn"]["eager"]
+    assert eager["text_attn"] == eager["vision_attn"] == "eager" and results["attn"]["sdpa"]["text_attn"] == "sdpa"
+    assert eager["same_tokens_as_sdpa"] and eager["first_logits_max_abs_diff_vs_sdpa"] < 1e-4
+    assert eager["padded_batch_vs_alone_max_abs_diff"] < 1e-4

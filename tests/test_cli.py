@@ -314,6 +314,7 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, monkeypatch):
         ),
         (["ask", sample, "--device", "cuda"] if not torch.cuda.is_available() else None, "no cuda device"),
         (["ask", ""], "VIDEO '' is invalid"),
+        (["ask", sample, "--attn-implementation", "flash"], "--attn-implementation: invalid choice: 'flash'"),
         (["visualize", sample, "-o", str(tmp_path / "v.png"), "--thumb", "0"], "--thumb '0' is invalid"),
         (["visualize", sample, "-o", str(tmp_path / "v.png"), "--thumb=-5"], "--thumb '-5' is invalid"),
         (["visualize", sample, "-o", str(tmp_path / "folder.png")], "is a folder"),
@@ -417,3 +418,86 @@ def test_question_text_is_never_a_placeholder(tiny_stock_dir):
         0
     ].tolist()
     assert plain_ids == stock
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU speed (issue 25): the processors run where the model is on a GPU; --attn-implementation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_processor_device_is_the_models_gpu_else_the_cpu(tiny_stock_dir):
+    """The choice reads only `model.device`: a CUDA device (any index) is kept, anything else gives the CPU."""
+    import types
+
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from stgridpool.prompt import processor_device
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(tiny_stock_dir)
+    assert processor_device(model) == torch.device("cpu")
+    for device, expected in (("cuda:1", "cuda:1"), ("cuda", "cuda"), ("meta", "cpu"), ("mps", "cpu")):
+        assert processor_device(types.SimpleNamespace(device=torch.device(device))) == torch.device(expected)
+
+
+def test_processor_device_cpu_gives_the_default_inputs(tiny_stock_dir):
+    """`device="cpu"` passed explicitly (what a CPU model gets) changes nothing: the same pixels, images too."""
+    import torch
+    from PIL import Image
+
+    from processing_stgridpool import STGridPoolProcessor
+    from stgridpool.prompt import video_question_inputs
+
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+    frames = np.random.default_rng(0).integers(0, 256, (4, 72, 128, 3), dtype=np.uint8)
+    plain = video_question_inputs(processor, frames, "what", do_sample_frames=False)
+    on_cpu = video_question_inputs(processor, frames, "what", do_sample_frames=False, device=torch.device("cpu"))
+    assert plain.keys() == on_cpu.keys()
+    assert all(torch.equal(plain[key], on_cpu[key]) for key in plain)
+    image = Image.fromarray(frames[0])
+    plain, on_cpu = (
+        processor(text="<image> what", images=[image], return_tensors="pt", **kw) for kw in ({}, {"device": "cpu"})
+    )
+    assert torch.equal(plain["pixel_values"], on_cpu["pixel_values"])
+
+
+def spy_video_device(monkeypatch) -> list:
+    """The `device` every fast video processor call prepares its frames on (the real method still runs)."""
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    seen, prepare = [], BaseVideoProcessor._prepare_input_videos
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("device"))
+        return prepare(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseVideoProcessor, "_prepare_input_videos", spy)
+    return seen
+
+
+def test_attn_implementation_reaches_the_model_and_eager_answers_as_sdpa(cache, capsys, monkeypatch):
+    """`--attn-implementation eager` and `sdpa` load the model with that attention and give the same greedy answer;
+    the video processor is told the model's device (the CPU here)."""
+    import torch
+
+    import stgridpool.loading
+
+    tmp, _ = cache
+    loaded, load_model = [], stgridpool.loading.load_model
+
+    def recording_load_model(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        loaded.append(model.config._attn_implementation)
+        return model
+
+    monkeypatch.setattr(stgridpool.loading, "load_model", recording_load_model)
+    devices = spy_video_device(monkeypatch)
+    answers = {}
+    for name in ("eager", "sdpa"):
+        args = ["ask", "--cache-dir", str(tmp / "cache"), "--num-frames", "4", "--max-new-tokens", "5"]
+        result = run_in_process([*args, "--attn-implementation", name], capsys)
+        assert result.returncode == 0, result.stderr
+        answers[name] = result.stdout.strip()
+    assert loaded == ["eager", "sdpa"]
+    assert answers["eager"] == answers["sdpa"] != ""
+    assert devices == [torch.device("cpu")] * 2

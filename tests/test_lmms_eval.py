@@ -148,6 +148,7 @@ def test_model_args_reach_model_and_processor(bench):
         ("pyramid_levels=4x2", "model_args pyramid_levels='4x2' is invalid"),
         ("pooling=average", "model_args pooling='average' not understood"),
         ("max_frames_num=0", "model_args max_frames_num=0 is invalid"),
+        ("prefetch=1.5", "model_args prefetch=1.5 is invalid"),
         ("frame_sampling=fps", "model_args frame_sampling='fps' is invalid"),
         ("dtype=fp8", "model_args dtype='fp8' is invalid"),
         ("batch_size=auto", "model_args batch_size='auto' is invalid"),
@@ -648,3 +649,167 @@ def test_offline_tasks_name_what_is_missing(tmp_path, monkeypatch):
         local_dataset(tmp_path / "single", "test")
     (tmp_path / "test.jsonl").write_text('{"a": 1}\n')
     assert local_dataset(tmp_path, "test") == ("json", {"data_files": {"test": str(tmp_path / "test.jsonl")}})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefetching (issue 25): the next requests are decoded and processed while the model runs the current one
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_prefetched_keeps_order_and_a_bounded_queue():
+    """`prefetched` yields in order; preparation runs ahead of the consumer, but never more than `depth` items."""
+    import threading
+    import time
+
+    from stgridpool.integrations.lmms_eval.lmms_model import prefetched
+
+    for depth in (0, 1, 2, 3):
+        lock, live, most, started = threading.Lock(), [0], [0], []
+
+        def prepare(item):
+            with lock:
+                live[0] += 1
+                most[0] = max(most[0], live[0])
+                started.append(item)
+            return item * item
+
+        out = []
+        for result in prefetched(prepare, range(12), depth):
+            time.sleep(0.05)  # the model's turn: room for the preparers to run ahead as far as they may
+            out.append(result)
+            with lock:
+                live[0] -= 1
+        assert out == [i * i for i in range(12)] and sorted(started) == list(range(12))
+        assert most[0] == depth + 1, (depth, most[0])
+
+
+def test_prefetched_raises_at_the_failing_item_and_stops_preparing():
+    from stgridpool.integrations.lmms_eval.lmms_model import prefetched
+
+    started = []
+
+    def prepare(item):
+        started.append(item)
+        if item == 2:
+            raise ValueError("item 2 is bad")
+        return item
+
+    got = []
+    with pytest.raises(ValueError, match="item 2 is bad"):
+        for result in prefetched(prepare, range(100), 2):
+            got.append(result)
+    assert got == [0, 1] and max(started) <= 4
+
+
+def lmms_requests(bench, n: int, request_type: str):
+    """`n` requests over the test's clips, each context different (so the answers differ and order shows)."""
+    to_visual = lambda doc: [doc["video"]]  # noqa: E731
+    docs = {"t": {"test": [{"video": str(bench["root"] / f"clip{i % NUM_CLIPS}.mp4")} for i in range(n)]}}
+    words = ["what", "color", "how many", "where", "who", "describe", "left", "right"]
+    if request_type == "generate_until":
+        args = [
+            (f"{words[i % len(words)]} {i}", {"max_new_tokens": 4, "until": []}, to_visual, i, "t", "test")
+            for i in range(n)
+        ]
+    else:
+        args = [
+            (f"{words[i % len(words)]} {i}", f" {words[(i + 3) % len(words)]}", to_visual, i, "t", "test")
+            for i in range(n)
+        ]
+    return docs, _requests(request_type, args)
+
+
+@pytest.fixture(scope="module")
+def prefetch_lm(bench):
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
+
+    return STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4")
+
+
+def count_in_flight(monkeypatch, lm, request_type: str = "generate_until") -> dict:
+    """Instrument the real reader and the real model (`generate`, or `forward` for scoring): `in_flight` counts the
+    requests decoded whose model call has not ended (the one being answered included); `most` its largest value;
+    `model_calls` the model calls ended; `seen` what each model call was given (token ids, pixel sum), in order."""
+    import threading
+
+    from stgridpool.integrations.lmms_eval import lmms_model
+
+    state, lock = {"in_flight": 0, "most": 0, "model_calls": 0, "seen": []}, threading.Lock()
+    read = lmms_model.load_video
+
+    def counting_read(*args, **kwargs):
+        frames = read(*args, **kwargs)
+        with lock:
+            state["in_flight"] += 1
+            state["most"] = max(state["most"], state["in_flight"])
+        return frames
+
+    def counting(call):
+        def wrapper(*args, **kwargs):
+            state["seen"].append((kwargs["input_ids"].tolist(), float(kwargs["pixel_values_videos"].double().sum())))
+            out = call(*args, **kwargs)
+            with lock:
+                state["in_flight"] -= 1
+                state["model_calls"] += 1
+            return out
+
+        return wrapper
+
+    method = "generate" if request_type == "generate_until" else "forward"
+    monkeypatch.setattr(lmms_model, "load_video", counting_read)
+    monkeypatch.setattr(lm.model, method, counting(getattr(lm.model, method)))
+    return state
+
+
+@pytest.mark.parametrize("request_type", ["generate_until", "loglikelihood"])
+def test_prefetch_gives_the_sequential_answers_in_order_with_a_bounded_queue(
+    bench, prefetch_lm, monkeypatch, request_type
+):
+    """prefetch=2 answers 9 requests exactly as prefetch=0 does, in the same order, with at most 3 requests decoded
+    and not yet answered at any time (2 waiting and the one the model runs); the processor runs on the model's
+    device (the CPU here)."""
+    import torch
+
+    from stgridpool.integrations.lmms_eval import lmms_model
+
+    lm = prefetch_lm
+    docs, requests = lmms_requests(bench, 9, request_type)
+    lm.task_dict = docs
+    run = getattr(lm, request_type)
+    answers, most, seen = {}, {}, {}
+    devices = []
+    call = lmms_model.STGridPoolLMM._inputs
+
+    def spy_inputs(self, *args, **kwargs):
+        devices.append(self.processor_device)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(lmms_model.STGridPoolLMM, "_inputs", spy_inputs)
+    for prefetch in (0, 2):
+        with monkeypatch.context() as patch:
+            state = count_in_flight(patch, lm, request_type)
+            lm.prefetch = prefetch
+            answers[prefetch] = run(requests)
+            most[prefetch], seen[prefetch] = state["most"], state["seen"]
+            assert state["model_calls"] == 9 and state["in_flight"] == 0
+    assert answers[2] == answers[0], answers
+    assert seen[2] == seen[0] and len({str(s) for s in seen[0]}) == 9  # the model got every request, in order
+    assert most == {0: 1, 2: 3}, most
+    assert devices == [torch.device("cpu")] * 18
+
+
+def test_prefetch_error_surfaces_at_its_request(bench, prefetch_lm, monkeypatch, tmp_path):
+    """A request whose video cannot be decoded raises its error when its turn comes: the requests before it are
+    answered first (their model calls ran), even though it was decoded while the model ran the first one."""
+    from processing_stgridpool import VideoDecodeError
+
+    lm = prefetch_lm
+    docs, requests = lmms_requests(bench, 6, "generate_until")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 100)
+    docs["t"]["test"][2]["video"] = str(bad)
+    lm.task_dict, lm.prefetch = docs, 2
+    state = count_in_flight(monkeypatch, lm)
+    with pytest.raises(VideoDecodeError, match="bad.mp4"):
+        lm.generate_until(requests)
+    assert state["model_calls"] == 2

@@ -7,9 +7,16 @@ overridable from `--model_args`.
 
 Under `accelerate launch` each process holds its own copy of the model on its own device and lmms-eval shards the
 documents and gathers the results; `device_map=auto` instead spreads one copy over all visible GPUs (one process).
+
+While the model answers one request, background threads decode and process the next `prefetch` ones (default 2):
+a bounded queue, so memory does not grow with the number of requests, and the answers come in the requests' order.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch
@@ -21,10 +28,11 @@ from tqdm import tqdm
 
 from configuration_stgridpool import STGRIDPOOL_FIELDS
 from stgridpool.options import parse_bool, parse_setting
+from stgridpool.prompt import processor_device
 
 LOADER_ARGS = (
     "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
-    "frame_sampling", "trust_remote_code",
+    "frame_sampling", "trust_remote_code", "prefetch",
 )
 # `uniform`: `max_frames_num` frames evenly spaced (lmms-eval's llava_onevision / llava_hf models), every frame of a
 # shorter video. `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the
@@ -67,6 +75,26 @@ def load_video(path: str, max_frames_num: int, frame_sampling: str = "uniform") 
     return read_video_pyav(path, sample_indices_fn=indices)[0]
 
 
+def prefetched(prepare, items, depth: int):
+    """Yield `prepare(item)` for each of `items`, in order, while up to `depth` of the next items are prepared in
+    `depth` background threads: at most `depth` results wait besides the one in use, however many items there are.
+    An exception raised by `prepare(item)` is raised here when that item's turn comes. `depth` 0: no threads."""
+    if depth == 0:
+        yield from map(prepare, items)
+        return
+    items = iter(items)
+    with ThreadPoolExecutor(max_workers=depth, thread_name_prefix="stgridpool-prepare") as pool:
+        pending = deque(pool.submit(prepare, item) for item in islice(items, depth))
+        try:
+            while pending:
+                result = pending.popleft().result()
+                pending.extend(pool.submit(prepare, item) for item in islice(items, 1))
+                yield result
+        finally:  # stopped early (an error here or in the caller): start nothing more
+            for future in pending:
+                future.cancel()
+
+
 def max_frames_in_context(source) -> int:
     """The most frames of one video whose tokens fit in the language model's context, for a repo checked by
     `stgridpool.loading.resolve_model` (a video's tokens grow by the same count with each frame)."""
@@ -96,6 +124,8 @@ def check_max_new_tokens(value, context: int, task: str) -> int:
 class STGridPoolLMM(lmms):
     """lmms-eval model `stgridpool`: generation (`generate_until`) and multiple-choice (`loglikelihood`) tasks on
     videos (decoded with PyAV, frames picked by `frame_sampling`, at most `max_frames_num`) and images, batch size 1.
+    The next `prefetch` requests are decoded and processed while the model runs (0: one after the other); the
+    processors run on the model's GPU when it is on one (`stgridpool.prompt.processor_device`).
 
     Prompts are the task's own (`doc_to_text` with the `default` block of its `lmms_eval_specific_kwargs`: this
     model has no block of its own), as in the paper's runs."""
@@ -115,6 +145,7 @@ class STGridPoolLMM(lmms):
         frame_sampling: str = "uniform",
         max_frames_num: int = 32,
         trust_remote_code: bool = False,
+        prefetch: int = 2,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -129,6 +160,8 @@ class STGridPoolLMM(lmms):
             raise ValueError(f"model_args batch_size={batch_size!r} is invalid: allowed is 1")
         if isinstance(max_frames_num, bool) or not isinstance(max_frames_num, int) or max_frames_num < 1:
             raise ValueError(f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers >= 1")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ValueError(f"model_args prefetch={prefetch!r} is invalid: allowed are integers >= 0 (0: none)")
         if frame_sampling not in FRAME_SAMPLINGS:
             allowed = ", ".join(FRAME_SAMPLINGS)
             raise ValueError(f"model_args frame_sampling={frame_sampling!r} is invalid: allowed are {allowed}")
@@ -193,6 +226,8 @@ class STGridPoolLMM(lmms):
         self.pretrained = pretrained
         self.max_frames_num = max_frames_num
         self.frame_sampling = frame_sampling
+        self.prefetch = prefetch
+        self.processor_device = processor_device(self._model)
         self.batch_size_per_gpu = 1
 
     @property
@@ -225,7 +260,7 @@ class STGridPoolLMM(lmms):
         content.append({"type": "text", "text": context})
         prompt = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         text = prompt if continuation is None else prompt + continuation
-        media = {"videos": videos or None, "images": images or None}
+        media = {"videos": videos or None, "images": images or None, "device": self.processor_device}
         inputs = self.processor(text=[text], return_tensors="pt", **media).to(self.device)
         for key in ("pixel_values", "pixel_values_videos"):
             if key in inputs and inputs[key].is_floating_point():
@@ -239,19 +274,28 @@ class STGridPoolLMM(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
         return [v for v in (visuals or []) if v is not None]
 
+    def _generation_inputs(self, request: Instance) -> tuple:
+        """(context, gen_kwargs without `until`, until strings, max_new_tokens, processor inputs) of a
+        `generate_until` request."""
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        gen_kwargs = dict(gen_kwargs or {})
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = check_max_new_tokens(gen_kwargs.get("max_new_tokens"), self.context_length, task)
+        inputs, _ = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id))
+        return context, gen_kwargs, until, max_new_tokens, inputs
+
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy (or sampled, if the task asks) answers, cut at the task's `until` strings."""
         answers = []
-        for request in tqdm(requests, disable=self.rank != 0, desc="stgridpool generate"):
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            gen_kwargs = dict(gen_kwargs or {})
-            until = gen_kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            inputs, _ = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id))
+        prepared = prefetched(self._generation_inputs, requests, self.prefetch)
+        for context, gen_kwargs, until, max_new_tokens, inputs in tqdm(
+            prepared, total=len(requests), disable=self.rank != 0, desc="stgridpool generate"
+        ):
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             do_sample = temperature > 0  # lmms-eval tasks say temperature 0 for greedy
             generate_kwargs = dict(
-                max_new_tokens=check_max_new_tokens(gen_kwargs.get("max_new_tokens"), self.context_length, task),
+                max_new_tokens=max_new_tokens,
                 num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
                 do_sample=do_sample,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -268,6 +312,13 @@ class STGridPoolLMM(lmms):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return answers
 
+    def _scoring_inputs(self, request: Instance) -> tuple:
+        """(processor inputs of prompt + continuation, prompt length in tokens) of a `loglikelihood` request."""
+        context, continuation, doc_to_visual, doc_id, task, split = request.args
+        if not isinstance(continuation, str):
+            continuation = continuation(self.task_dict[task][split][doc_id])
+        return self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id), continuation)
+
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(negative log-likelihood of the continuation, summed over its tokens; whether greedy decoding gives it).
 
@@ -275,11 +326,10 @@ class STGridPoolLMM(lmms):
         return losses), so this returns the summed NLL, not the log-probability.
         """
         results = []
-        for request in tqdm(requests, disable=self.rank != 0, desc="stgridpool loglikelihood"):
-            context, continuation, doc_to_visual, doc_id, task, split = request.args
-            if not isinstance(continuation, str):
-                continuation = continuation(self.task_dict[task][split][doc_id])
-            inputs, prompt_len = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id), continuation)
+        prepared = prefetched(self._scoring_inputs, requests, self.prefetch)
+        for inputs, prompt_len in tqdm(
+            prepared, total=len(requests), disable=self.rank != 0, desc="stgridpool loglikelihood"
+        ):
             with torch.inference_mode():
                 logits = self.model(**inputs).logits[0].float()
             targets = inputs["input_ids"][0, prompt_len:]
