@@ -801,7 +801,7 @@ def test_prefetch_gives_the_sequential_answers_in_order_with_a_bounded_queue(
 def test_prefetch_error_surfaces_at_its_request(bench, prefetch_lm, monkeypatch, tmp_path):
     """A request whose video cannot be decoded raises its error when its turn comes: the requests before it are
     answered first (their model calls ran), even though it was decoded while the model ran the first one."""
-    from processing_stgridpool import VideoDecodeError
+    from video_stgridpool import VideoDecodeError
 
     lm = prefetch_lm
     docs, requests = lmms_requests(bench, 6, "generate_until")
