@@ -49,29 +49,6 @@ QUESTION = "what is happening in this video ?"
 SECTIONS = ("ftft", "eval", "attn")
 
 
-def numbered_tokenizer(vocab_size: int):
-    """The tiny demo tokenizer's special tokens and words, then `w<id>` up to `vocab_size`: every id the random
-    language model can emit decodes to its own word, so answers that differ read differently."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from stgridpool.demo import SPECIAL_TOKENS, WORDS
-
-    known = SPECIAL_TOKENS + WORDS + list("0123456789.,?!:\n")
-    vocab = {token: i for i, token in enumerate(known + [f"w{i}" for i in range(len(known), vocab_size)])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    backend.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-        model_max_length=1_000_000,
-    )
-
-
 def build_config(tokenizer, smoke: bool):
     """The 7B-shaped config (or the demo's tiny one), its special token ids the tokenizer's."""
     from configuration_stgridpool import STGridPoolConfig
@@ -479,7 +456,9 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
 
-    tokenizer = numbered_tokenizer(1000 if args.smoke else 152064)
+    from stgridpool.demo import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(1000 if args.smoke else 152064)  # Qwen2-7B's vocabulary
     config = build_config(tokenizer, args.smoke)
     if "attn" in sections:
         results["attn"] = attention(config, attn_names, device, dtype, spec["frames"], args.reps, new_tokens)

@@ -36,12 +36,14 @@ WORDS = (
 ).split()
 
 
-def build_tiny_tokenizer():
-    """A word-level tokenizer with Qwen2's special tokens; any unknown word maps to <|endoftext|>."""
+def build_tiny_tokenizer(vocab_size: int = 0):
+    """A word-level tokenizer with Qwen2's special tokens; any unknown word maps to <|endoftext|>. With a
+    `vocab_size`, the words `w<id>` fill the ids up to it, so every id a random language model emits reads apart."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + WORDS + list("0123456789.,?!:\n"))}
+    known = SPECIAL_TOKENS + WORDS + list("0123456789.,?!:\n")
+    vocab = {token: i for i, token in enumerate(known + [f"w{i}" for i in range(len(known), vocab_size)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
@@ -178,15 +180,6 @@ def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/stgridpool, else ~/.cache/stgridpool."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "stgridpool"
-
-
-DEMO_FILES = (
-    "model/config.json",
-    "model/model.safetensors",
-    "model/processor_config.json",
-    "model/tokenizer.json",
-    "sample.mp4",
-)
 
 
 def demo_is_complete(root: Path) -> bool:
