@@ -35,7 +35,11 @@ try:  # inside a Hub repo, loaded by Transformers' remote-code loader
         STGridPoolConfig,
         VideoPoolingSettings,
         check_pooling_backend,
+        geometry_of,
+        pooled_size_of,
         validate_pyramid_levels,
+        video_token_count,
+        window_size,
     )
 except ImportError:  # installed as top-level modules of this project
     from configuration_stgridpool import (
@@ -43,8 +47,15 @@ except ImportError:  # installed as top-level modules of this project
         STGridPoolConfig,
         VideoPoolingSettings,
         check_pooling_backend,
+        geometry_of,
+        pooled_size_of,
         validate_pyramid_levels,
+        video_token_count,
+        window_size,
     )
+
+# Validated ST-GridPool settings under the config's field names: a config or a `VideoPoolingSettings`.
+Settings = STGridPoolConfig | VideoPoolingSettings
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,26 +256,19 @@ def _check_frames(frames: torch.Tensor) -> None:
         )
 
 
-def _nsp_geometry(
-    frames: torch.Tensor, keep_ratio: float, temperature: float, norm_p: float, padding: int, partial_windows: bool
-) -> tuple[int, int, int]:
-    """(k, Ho, Wo) for NSP of `frames` [T, H, W, D]; raises ValueError, with the config's words, for an invalid
-    argument or a window that does not fit."""
+def _checked_settings(frames: torch.Tensor, **fields) -> VideoPoolingSettings:
+    """The public functions' arguments, checked where they enter, in the config's words: `frames` one video
+    [T, H, W, D], the settings (`fields`, under the config's names) valid, the NSP window fitting the padded frame.
+    Plain Python on the arguments: under torch.compile it runs once, while tracing."""
     _check_frames(frames)
-    # Plain Python on the arguments: under torch.compile it runs once, while tracing (constants of the graph).
-    settings = VideoPoolingSettings(
-        nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
-        nsp_partial_windows=partial_windows,
-    )  # fmt: skip
-    height, width = frames.shape[1:3]
-    k = settings.window_size
-    out_h, out_w = settings.pooled_size(height, width)
-    if out_h <= 0 or out_w <= 0:
-        raise ValueError(
-            f"keep_ratio={keep_ratio!r} is invalid for {height}x{width} frames with padding={padding}: its {k}x{k} "
-            f"window is larger than the padded frame"
-        )
-    return k, out_h, out_w
+    settings = VideoPoolingSettings(**fields)
+    settings.check_frame_size(min(frames.shape[1:3]))
+    return settings
+
+
+def _nsp_geometry(height: int, width: int, settings: Settings) -> tuple[int, int, int]:
+    """(k, Ho, Wo) of NSP on `height x width` frames under validated `settings` (no checks)."""
+    return window_size(settings.nsp_keep_ratio), *pooled_size_of(settings, height, width)
 
 
 def _whole_windows(frames: torch.Tensor, k: int, out_h: int, out_w: int, padding: int) -> torch.Tensor:
@@ -277,41 +281,48 @@ def _whole_windows(frames: torch.Tensor, k: int, out_h: int, out_w: int, padding
     return x[:, : out_h * k, : out_w * k]
 
 
+def _token_scores(x: torch.Tensor, norm_p: float, dtype: torch.dtype) -> torch.Tensor:
+    """||x||_p / D^(1/p) of each token of x [..., D], the power mean of |x|: [...] in float64, computed in `dtype`.
+
+    Differentiable everywhere: at a zero token (padding) the gradient is the norm's subgradient 0, not 0 * inf."""
+    dim = x.shape[-1]
+    if norm_p == 2:  # the paper's L2: one fused reduction (its gradient at a zero token is 0)
+        return (torch.linalg.vector_norm(x, dim=-1, dtype=dtype) / math.sqrt(dim)).double()
+    magnitude = x.abs().to(dtype)
+    if math.isinf(norm_p):
+        return magnitude.amax(-1).double()
+    # In log space, (log mean |x|^p) / p: |x|^p itself overflows for a large p and underflows for a tiny one. A zero's
+    # log is -inf, taken from a 1 put in its place, so its gradient is 0 rather than 0 * inf = NaN.
+    nonzero = magnitude > 0
+    log_magnitude = torch.where(nonzero, magnitude.where(nonzero, 1.0).log(), -math.inf)
+    log_mean = torch.logsumexp(norm_p * log_magnitude, dim=-1) - math.log(dim)
+    return (log_mean.double() / norm_p).exp()
+
+
 def _window_weights(
     x: torch.Tensor, k: int, padded_h: int, padded_w: int, temperature: float, norm_p: float, dtype: torch.dtype
 ) -> torch.Tensor:
     """Softmax weights of the tokens of each window of x [N, Ho*k, Wo*k, D] (from `_whole_windows`):
     [N, Ho, Wo, k*k] in `dtype`, row-major within the window. Zero padding tokens score 0 and take part; tokens past
-    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: score -inf, weight 0.
+    the padded frame (`padded_h x padded_w`; only with partial windows) are not there: weight 0.
 
-    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"), the power mean of |x|
-    times tau. It is worked
-    out in log space and relative to the window's largest score, so any finite tau and p > 0 give finite weights
-    (a huge tau picks the largest-norm token, a tiny p the largest geometric mean) instead of inf - inf = NaN."""
-    num_frames, rows, cols, dim = x.shape
-    if norm_p == 2:  # the paper's L2: one fused reduction
-        log_score = torch.linalg.vector_norm(x, dim=-1, dtype=dtype).log() - 0.5 * math.log(dim)
-    elif math.isinf(norm_p):
-        log_score = x.abs().amax(-1).to(dtype).log()
-    else:  # log of (mean |x|^p)^(1/p), never forming |x|^p or its root
-        log_score = (torch.logsumexp(norm_p * x.abs().to(dtype).log(), dim=-1) - math.log(dim)) / norm_p
-    log_score = log_score.double()  # [N, rows, cols]: small, and float64 keeps the relative scores exact
-    present = torch.ones_like(log_score, dtype=torch.bool)
-    if rows > padded_h or cols > padded_w:
-        present[:, padded_h:] = False
-        present[:, :, padded_w:] = False
-        log_score = log_score.masked_fill(~present, -math.inf)
+    The score of a token is tau * ||x||_p / D^(1/p) (paper: "Norm-based Spatial Pooling"). The softmax runs on
+    -tau * (window's largest score - score), in float64: the difference is taken before tau multiplies it, so a huge
+    tau gives -inf (weight 0), never inf - inf = NaN, and equal scores stay exactly equal."""
+    num_frames, rows, cols, _ = x.shape
+    scores = _token_scores(x, norm_p, dtype)  # [N, rows, cols]
 
     def per_window(t: torch.Tensor) -> torch.Tensor:  # [N, rows, cols] -> [N, Ho, Wo, k*k]
         t = t.reshape(num_frames, rows // k, k, cols // k, k).permute(0, 1, 3, 2, 4)
         return t.reshape(num_frames, rows // k, cols // k, k * k)
 
-    log_score, present = per_window(log_score), per_window(present)
-    log_max = log_score.amax(-1, keepdim=True)
-    # score - max score = tau * max * (score / max - 1) <= 0; 0 for the largest (and when every score is 0).
-    ratio_minus_1 = torch.expm1(log_score - log_max).nan_to_num(0.0)
-    log_gap = math.log(temperature) + log_max + torch.log(-ratio_minus_1)
-    shifted = torch.where(ratio_minus_1 == 0, 0.0, -torch.exp(log_gap)).masked_fill(~present, -math.inf)
+    scores = per_window(scores)
+    shifted = -temperature * (scores.amax(-1, keepdim=True) - scores)  # scores >= 0: absent zeros never win the max
+    if rows > padded_h or cols > padded_w:
+        present = torch.ones(num_frames, rows, cols, dtype=torch.bool, device=x.device)
+        present[:, padded_h:] = False
+        present[:, :, padded_w:] = False
+        shifted = shifted.masked_fill(~per_window(present), -math.inf)
     return shifted.softmax(-1).to(dtype)
 
 
@@ -326,8 +337,12 @@ def nsp_window_weights(
     """NSP's softmax weight of every token of every window: frames [T, H, W, D] -> [T, Ho, Wo, k, k] (float32, or
     float64 for float64 input), in the padded frame's coordinates: token (i, j) of window (r, c) is padded-frame
     token (r*k + i, c*k + j). For inspecting what NSP does (`stgridpool visualize`)."""
-    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
+    settings = _checked_settings(
+        frames, nsp_keep_ratio=keep_ratio, nsp_temperature=temperature, nsp_norm_p=norm_p, nsp_padding=padding,
+        nsp_partial_windows=partial_windows,
+    )  # fmt: skip
     num_frames, height, width, _ = frames.shape
+    k, out_h, out_w = _nsp_geometry(height, width, settings)
     x = _whole_windows(frames, k, out_h, out_w, padding)
     dtype = torch.promote_types(frames.dtype, torch.float32)
     weights = _window_weights(x, k, height + 2 * padding, width + 2 * padding, temperature, norm_p, dtype)
@@ -366,12 +381,10 @@ def norm_spatial_pool(
     frames: [T, H, W, D] -> [T, Ho, Wo, D] (see `configuration_stgridpool.pooled_frame_size`), in frames.dtype;
     the arithmetic runs in float32. backend: "auto" (see `nsp_backend`), "torch" or "triton".
     """
-    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
-    num_frames, height, width, dim = frames.shape
-    if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
-        plan = ptg_plan(num_frames, height, width, ())
-        return _triton_kernels().st_grid_pool(frames, plan, (), k, out_h, out_w, temperature, norm_p, padding)
-    return _nsp_torch(frames, k, out_h, out_w, temperature, norm_p, padding)
+    return st_grid_pool(
+        frames, pyramid_levels=(), keep_ratio=keep_ratio, temperature=temperature, norm_p=norm_p, padding=padding,
+        partial_windows=partial_windows, backend=backend,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,33 +422,46 @@ _TRITON_NORM_P = (1.0, 8.0)
 _TRITON_MAX_TEMPERATURE = 1e4
 
 
+def _needs_grad(frames: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and frames.requires_grad
+
+
+def _kernels_run_on(frames: torch.Tensor) -> bool:
+    """CUDA tensors; CPU tensors too while Triton runs kernels in its interpreter."""
+    return frames.is_cuda or _triton_interpreting()
+
+
 def nsp_backend(frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
     """ "triton" where the fused kernels can run on `frames` (Triton installed, a CUDA tensor of float32/bf16/fp16,
-    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself), else
-    "torch"."""
+    norm p in [1, 8] and temperature <= 1e4, not inside torch.compile, which fuses the PyTorch path itself) and no
+    gradient is asked for, else "torch". The kernels have no backward: where `frames` requires grad (training), the
+    PyTorch path runs, whose gradients are exact. (Under Triton's interpreter, CPU tensors count as CUDA ones.)"""
     if torch.compiler.is_compiling() or not _triton_installed():  # first: dynamo cannot trace find_spec
         return "torch"
-    if not frames.is_cuda or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+    if _needs_grad(frames) or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
         return "torch"
     if not _TRITON_NORM_P[0] <= norm_p <= _TRITON_NORM_P[1] or temperature > _TRITON_MAX_TEMPERATURE:
         return "torch"
-    return "triton"
+    return "triton" if _kernels_run_on(frames) else "torch"
 
 
 def _resolve_backend(backend: str, frames: torch.Tensor, norm_p: float = 2.0, temperature: float = 1.0) -> str:
     """The backend `backend` ("auto", "torch" or "triton") means for `frames`; raises where "triton" cannot run."""
-    check_pooling_backend(backend, name="backend")
     if backend == "auto":
         return nsp_backend(frames, norm_p, temperature)
     if backend == "triton":
         if not _triton_installed():
             raise RuntimeError("backend='triton' needs the triton package, which is not installed here; use 'torch'")
-        on_device = frames.is_cuda or _triton_interpreting()  # Triton's CPU interpreter runs them on CPU tensors
-        if not on_device or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
+        if not _kernels_run_on(frames) or frames.dtype not in _TRITON_DTYPES or not math.isfinite(norm_p):
             raise ValueError(
                 f"backend='triton' is invalid for a {frames.device.type} tensor of {frames.dtype} with "
                 f"norm_p={norm_p!r}: the kernels need a CUDA tensor of float32, bfloat16 or float16 and a finite "
                 f"norm_p; use 'auto' or 'torch'"
+            )
+        if _needs_grad(frames):
+            raise ValueError(
+                "backend='triton' is invalid for frames that require grad: the Triton kernels have no backward; use "
+                "'auto' (the PyTorch path wherever a gradient is needed) or 'torch'"
             )
     return backend
 
@@ -455,11 +481,24 @@ def st_grid_pool(
 
     Does not modify `frames` and never copies it whole: only the summary frames are computed (into a small bank);
     NSP reads unchanged frames straight from `frames` and the changed ones from the bank. No host-device sync:
-    the index maps depend on shapes alone and are cached on the device.
+    the index maps depend on shapes alone and are cached on the device. Gradients flow through the PyTorch path
+    (see `nsp_backend`).
     """
-    levels = validate_pyramid_levels(pyramid_levels)
-    k, out_h, out_w = _nsp_geometry(frames, keep_ratio, temperature, norm_p, padding, partial_windows)
-    num_frames, height, width, dim = frames.shape
+    settings = _checked_settings(
+        frames, pyramid_levels=pyramid_levels, nsp_keep_ratio=keep_ratio, nsp_temperature=temperature,
+        nsp_norm_p=norm_p, nsp_padding=padding, nsp_partial_windows=partial_windows,
+    )  # fmt: skip
+    check_pooling_backend(backend, name="backend")
+    return _st_grid_pool(frames, settings, backend)
+
+
+def _st_grid_pool(frames: torch.Tensor, settings: Settings, backend: str) -> torch.Tensor:
+    """`st_grid_pool` under validated `settings` (an `STGridPoolConfig` or a `VideoPoolingSettings`) and backend
+    name, checking nothing again: the path of the public functions and of the model."""
+    levels = tuple(tuple(level) for level in settings.pyramid_levels)  # a config holds lists; plans key on tuples
+    height, width = frames.shape[1:3]
+    k, out_h, out_w = _nsp_geometry(height, width, settings)
+    temperature, norm_p, padding = settings.nsp_temperature, settings.nsp_norm_p, settings.nsp_padding
     plan, maps = _plan_and_maps(frames, levels)
     if _resolve_backend(backend, frames, norm_p, temperature) == "triton":
         return _triton_kernels().st_grid_pool(frames, plan, levels, k, out_h, out_w, temperature, norm_p, padding)
@@ -513,22 +552,16 @@ def add_video_newlines(pooled: torch.Tensor, newline: torch.Tensor, position: st
     raise ValueError(f"video_newline_position={position!r} is invalid: allowed values are {NEWLINE_POSITIONS}")
 
 
-def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: str = "auto") -> torch.Tensor:
-    """Pool one video's projected frames [T, H, W, D] as `settings.video_pooling_mode` says -> [T, Ho, Wo, D]."""
+def pool_video(frames: torch.Tensor, settings: Settings, backend: str = "auto") -> torch.Tensor:
+    """Pool one video's projected frames [T, H, W, D] as `settings.video_pooling_mode` says -> [T, Ho, Wo, D].
+
+    settings: the ST-GridPool settings, validated where they entered: an `STGridPoolConfig` or a
+    `VideoPoolingSettings`; backend: a valid `pooling_backend`. Nothing is checked again here."""
     if settings.video_pooling_mode == "bilinear":
         return bilinear_pool(frames)
     if settings.video_pooling_mode == "average":
         return average_pool(frames)
-    return st_grid_pool(
-        frames,
-        pyramid_levels=settings.pyramid_levels,
-        keep_ratio=settings.nsp_keep_ratio,
-        temperature=settings.nsp_temperature,
-        norm_p=settings.nsp_norm_p,
-        padding=settings.nsp_padding,
-        partial_windows=settings.nsp_partial_windows,
-        backend=backend,
-    )
+    return _st_grid_pool(frames, settings, backend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -542,26 +575,22 @@ def pool_video(frames: torch.Tensor, settings: VideoPoolingSettings, backend: st
 _TRANSFORMERS_5_17 = "mm_encoder_outputs" not in inspect.signature(LlavaOnevisionModel.forward).parameters
 
 
-def placeholder_mismatch_message(
-    settings: VideoPoolingSettings, frame_size: int, num_placeholders: int, num_videos: int, tokens_per_video: int
-) -> str:
-    """Explain a <video> placeholder / feature count mismatch by the settings under which the processor would have
-    made `num_placeholders` placeholders (derived from the counts: the processor's settings are not sent along)."""
-    # num_tokens is linear in the number of frames: invert it rather than writing the count formula again.
-    base = settings.num_tokens(0, frame_size, frame_size)
-    num_frames = (tokens_per_video - base) // (settings.num_tokens(1, frame_size, frame_size) - base)
-    ours = settings.geometry()
-    message = (
-        f"The prompt has {num_placeholders} <video> placeholder tokens but the model made {num_videos} x "
-        f"{tokens_per_video} video features ({num_videos} video(s) of {num_frames} frames) with {ours}: the processor "
-        f"and the model are configured differently."
+def placeholder_mismatch_message(config: STGridPoolConfig, num_placeholders: int, video_features: torch.Tensor) -> str:
+    """What differs when the prompt's <video> placeholders are not the model's video features [num_videos,
+    tokens_per_video, D]: the counts expected and got, for how many frames, under which of the model's settings."""
+    num_videos, tokens_per_video = video_features.shape[:2]
+    rows, cols = config.pooled_frame_size
+    # The count is linear in the number of frames: invert it rather than writing the count formula again.
+    base = video_token_count(0, rows, cols, config.video_newline_position)
+    num_frames = (tokens_per_video - base) // (video_token_count(1, rows, cols, config.video_newline_position) - base)
+    per_video = f" ({num_placeholders / num_videos:g} a video)" if num_videos > 1 else ""
+    return (
+        f"The prompt has {num_placeholders} <video> placeholder tokens{per_video}, but the model expected "
+        f"{num_videos * tokens_per_video}: {num_videos} video(s) of {num_frames} frames of {config.frame_size}x"
+        f"{config.frame_size} tokens, {tokens_per_video} tokens a video under the model's settings "
+        f"{geometry_of(config)}. The processor that wrote the prompt counts with other settings: load both from "
+        f"the same repo, or pass the same ST-GridPool settings to each."
     )
-    if num_placeholders % num_videos == 0:
-        changes = settings.changes_giving(frame_size, num_frames, num_placeholders // num_videos)
-        described = ["; ".join(f"{k}={v!r} (model: {m!r})" for k, (v, m) in c.items()) for c in changes[:6]]
-        if described:
-            message += " Processor settings that give that many placeholders: " + " | ".join(described) + "."
-    return message + " Load both from the same repo, or pass the same ST-GridPool settings to each."
 
 
 class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
@@ -627,13 +656,12 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         vision_outputs, frames = self._encode_video_frames(
             pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
-        settings = self.config.video_pooling
-        backend = self.config.pooling_backend
+        config = self.config  # validated where its values were set: pooled as they are
         # Frames of different videos are never mixed: PTG runs across the frames of one video.
         vision_outputs.pooler_output = torch.stack(
             [
                 add_video_newlines(
-                    pool_video(video, settings, backend), self.image_newline, settings.video_newline_position
+                    pool_video(video, config, config.pooling_backend), self.image_newline, config.video_newline_position
                 )
                 for video in frames
             ]
@@ -641,7 +669,7 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         return vision_outputs
 
     def _check_video_placeholders(self, input_ids, inputs_embeds, video_features: torch.Tensor) -> torch.Tensor:
-        """The <video> placeholder mask [B, L]; raises ValueError naming the settings when its count is not the
+        """The <video> placeholder mask [B, L]; raises ValueError saying what differs when its count is not the
         number of video features [num_videos, tokens_per_video, D]."""
         if input_ids is not None:
             video_mask = input_ids == self.config.video_token_id
@@ -650,14 +678,9 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
                 torch.tensor(self.config.video_token_id, device=inputs_embeds.device)
             )
             video_mask = (inputs_embeds == video_token).all(-1)
-        num_videos, tokens_per_video = video_features.shape[:2]
         num_placeholders = int(video_mask.sum())
-        if num_placeholders != num_videos * tokens_per_video:
-            raise ValueError(
-                placeholder_mismatch_message(
-                    self.config.video_pooling, self.config.frame_size, num_placeholders, num_videos, tokens_per_video
-                )
-            )
+        if num_placeholders != video_features.shape[0] * video_features.shape[1]:
+            raise ValueError(placeholder_mismatch_message(self.config, num_placeholders, video_features))
         return video_mask
 
     def forward(

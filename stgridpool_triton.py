@@ -2,7 +2,8 @@
 
 Imported only where the Triton path runs (`modeling_stgridpool_llava` chooses it for CUDA tensors); CPU installs
 and `pooling_backend="torch"` never import it. Same results as the PyTorch path (the paper's PTG and NSP),
-computed in float32: one launch per PTG level, one NSP launch for all frames.
+computed in float32: one launch per PTG level, one NSP launch for all frames. Forward only, no backward: where a
+gradient is needed, `modeling_stgridpool_llava` runs the PyTorch path instead (backend "auto") or refuses ("triton").
 """
 
 import functools

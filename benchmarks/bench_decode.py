@@ -2,26 +2,31 @@
 
 Readers, each given the same frame indices (uniform `j * total // n`; equal to time-based sampling on these
 constant-frame-rate clips):
-- `ours`: `processing_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact; the decoding
-  runs shared among threads, one per usable CPU plus a spare, up to 8). `ours_one_thread`: the same held to one
-  thread.
-- `old_forward_only`: the reader this project shipped before (a copy below, `old_forward_only_read_video_pyav`):
-  decodes every frame from the start up to the last sampled one. It is the baseline, and its frames are the truth
-  (a sequential decode) that every other reader's frames are compared to.
+- `ours`: `video_stgridpool.read_video_pyav` (seeks to keyframes where that pays, frame-exact; the decoding runs
+  shared among up to `video_stgridpool.MAX_DECODE_THREADS` threads). `ours_one_thread`: the same held to one thread.
+- `shipped_21afcdb`: the reader shipped at commit 21afcdb (`processing_stgridpool.read_video_pyav` there, with its
+  mp4 sample-table index and one decoding thread per CPU plus a spare), extracted with `git show` into the ignored
+  folder `benchmarks/.old/` when the benchmark runs.
+- `old_forward_only`: the reader this project shipped before issue 15 (a copy below,
+  `old_forward_only_read_video_pyav`): decodes every frame from the start up to the last sampled one. Its frames are
+  the truth (a sequential decode) that every other reader's frames are compared to.
 - `plain_keyframe_seek`: for each sampled frame, seek to the keyframe before it and decode up to it (the simplest
   seeking reader; not frame-exact in general, e.g. open GOPs).
 - `decord` / `torchcodec` (exact seek mode), when they import in the running Python.
-- `probe`: only our demux-only index pass (`_probe_stream`), which `ours` uses for files other than mp4/mov.
-- `fast_probe`: only the index `ours` uses (`_index_stream`): an mp4's packets computed from its sample tables
-  (checked against its first GOPs demuxed and FFmpeg's own index), else the demux pass.
+- `probe`: only our demux-only index pass (`video_stgridpool._index_video`).
 
 Each (reader, clip) runs in a fresh Python process (`--worker`, `--repeat` reads, median reported) that reports
 wall seconds, CPU seconds (all threads) and its peak RSS (`ru_maxrss`) and the RSS before reading (imports), so
-memory is per reader. Clips are generated once into
-`--clips-dir` (default: a temporary folder) and reused when present: never in the repository.
+memory is per reader. Clips are generated once into `--clips-dir` (default: a temporary folder) and reused when
+present: never in the repository.
 
     python -m benchmarks.bench_decode --clips-dir /tmp/decode-clips --json benchmarks/results/cpu_decode.json
     python -m benchmarks.bench_decode --smoke   # seconds, in-process (no RSS); what CI runs
+
+`--compare-shipped N` times `ours` against `shipped_21afcdb` instead: N rounds, each reader once a round in its own
+fresh process (one read), the two alternating so both see the same machine load; medians and their ratio:
+
+    python -m benchmarks.bench_decode --compare-shipped 5 --clips h264_20min_128x72 --json out.json
 
 No timing is asserted anywhere; targets are read off the table.
 """
@@ -54,6 +59,13 @@ if str(ROOT) not in sys.path:
 FULL_CLIPS = {
     "h264_10s_320x180": {"suffix": ".mp4", "seconds": 10, "size": (180, 320), "num_frames": 32},
     "h264_20min_128x72": {"suffix": ".mp4", "seconds": 1200, "size": (72, 128), "num_frames": 64},
+    "h264_5min_1280x720": {
+        "suffix": ".mp4",
+        "seconds": 300,
+        "size": (720, 1280),
+        "num_frames": 64,
+        "tile_seconds": 30,
+    },
     "h264_60min_128x72": {"suffix": ".mp4", "seconds": 3600, "size": (72, 128), "num_frames": 64},
     "h264_3min_1920x1080": {
         "suffix": ".mp4",
@@ -81,8 +93,12 @@ SMOKE_CLIPS = {
 RATE = 25
 PRESET = "veryfast"
 CONTENT = "cam1"  # in the clip's file name: a cached clip is reused only if made by this version of camera_frames
-READERS = ("ours", "ours_one_thread", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec")
-INDEX_READERS = ("probe", "fast_probe")  # index only, no frames: they report the frame count
+READERS = (
+    "ours", "ours_one_thread", "shipped_21afcdb", "plain_keyframe_seek", "old_forward_only", "decord", "torchcodec"
+)  # fmt: skip
+INDEX_READERS = ("probe",)  # index only, no frames: it reports the frame count
+SHIPPED = "21afcdb"  # the commit whose reader `shipped_21afcdb` runs
+SHIPPED_DIR = ROOT / "benchmarks" / ".old" / SHIPPED  # git-ignored
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +148,11 @@ def camera_frames(num_frames: int, height: int, width: int, seed: int = 0):
 
 def clip_path(folder: Path, name: str, spec: dict) -> Path:
     """The clip, generated into `folder` unless already there (the name records what it holds)."""
-    from tests.helpers import write_clip
+    # The test kits, imported as the tests import them: a `tests` package installed elsewhere (latex2sympy2, an
+    # lmms-eval dependency, ships one) would hide `tests.helpers`.
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import write_clip
 
     height, width = spec["size"]
     gop = spec.get("gop", 250)
@@ -217,7 +237,7 @@ def old_forward_only_read_video_pyav(path, num_frames):
     then one decode from the start up to the last sampled frame (no seeking, PyAV's default threading)."""
     import av
 
-    from processing_stgridpool import sample_frame_indices
+    from video_stgridpool import sample_frame_indices
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -250,7 +270,7 @@ def plain_keyframe_seek_reader(path, num_frames):
     """For each sampled frame: seek to the keyframe at or before its timestamp, decode until it (threads on)."""
     import av
 
-    from processing_stgridpool import sample_frame_indices
+    from video_stgridpool import sample_frame_indices
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -268,7 +288,7 @@ def plain_keyframe_seek_reader(path, num_frames):
 
 
 def ours_reader(path, num_frames):
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     video, metadata = read_video_pyav(path, num_frames=num_frames)
     return video, [int(i) for i in metadata.frames_indices]
@@ -277,40 +297,63 @@ def ours_reader(path, num_frames):
 def ours_one_thread_reader(path, num_frames):
     """`ours` held to one decoding thread (its thread count patched to 1): what the parallel runs buy, same run. The
     patch is undone after the read (`--smoke` runs every reader in one process)."""
-    import processing_stgridpool
+    import video_stgridpool
 
-    decoding_threads = processing_stgridpool._decoding_threads
-    processing_stgridpool._decoding_threads = lambda: 1
+    decoding_threads = video_stgridpool._decoding_threads
+    video_stgridpool._decoding_threads = lambda: 1
     try:
         return ours_reader(path, num_frames)
     finally:
-        processing_stgridpool._decoding_threads = decoding_threads
+        video_stgridpool._decoding_threads = decoding_threads
+
+
+def extract_shipped() -> Path:
+    """The Hub modules the shipped reader needs, as at commit SHIPPED, written into SHIPPED_DIR (git show) unless
+    already there (a copy without the repository's history, e.g. on another machine, brings them along)."""
+    SHIPPED_DIR.mkdir(parents=True, exist_ok=True)
+    for name in ("processing_stgridpool.py", "configuration_stgridpool.py"):
+        if (SHIPPED_DIR / name).is_file():
+            continue
+        source = subprocess.run(
+            ["git", "show", f"{SHIPPED}:{name}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+        (SHIPPED_DIR / name).write_text(source)
+    return SHIPPED_DIR
+
+
+def shipped_module():
+    """`processing_stgridpool` as shipped at commit SHIPPED, imported from SHIPPED_DIR under another name (its
+    `configuration_stgridpool` from there too: first on sys.path)."""
+    import importlib.util
+
+    if "shipped_processing" not in sys.modules:
+        sys.path.insert(0, str(SHIPPED_DIR))
+        spec = importlib.util.spec_from_file_location("shipped_processing", SHIPPED_DIR / "processing_stgridpool.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["shipped_processing"] = module
+    return sys.modules["shipped_processing"]
+
+
+def shipped_reader(path, num_frames):
+    video, metadata = shipped_module().read_video_pyav(path, num_frames=num_frames)
+    return video, [int(i) for i in metadata.frames_indices]
 
 
 def probe_reader(path, num_frames):
     import av
 
-    from processing_stgridpool import _probe_stream
+    from video_stgridpool import _index_video
 
     with av.open(str(path)) as container:
-        index = _probe_stream(container, container.streams.video[0])
-    return None, list(range(len(index.pts)))
-
-
-def fast_probe_reader(path, num_frames):
-    import av
-
-    from processing_stgridpool import _index_stream
-
-    with av.open(str(path)) as container:
-        index = _index_stream(av, str(path), container, container.streams.video[0])
+        index = _index_video(container, container.streams.video[0])
     return None, list(range(len(index.pts)))
 
 
 def decord_reader(path, num_frames):
     from decord import VideoReader, cpu
 
-    from processing_stgridpool import sample_frame_indices
+    from video_stgridpool import sample_frame_indices
 
     reader = VideoReader(str(path), ctx=cpu(0))
     indices = sample_frame_indices(len(reader), num_frames)
@@ -320,7 +363,7 @@ def decord_reader(path, num_frames):
 def torchcodec_reader(path, num_frames):
     from torchcodec.decoders import VideoDecoder
 
-    from processing_stgridpool import sample_frame_indices
+    from video_stgridpool import sample_frame_indices
 
     decoder = VideoDecoder(str(path), seek_mode="exact", dimension_order="NHWC")
     indices = sample_frame_indices(decoder.metadata.num_frames, num_frames)
@@ -330,12 +373,12 @@ def torchcodec_reader(path, num_frames):
 READER_FUNCTIONS = {
     "ours": ours_reader,
     "ours_one_thread": ours_one_thread_reader,
+    "shipped_21afcdb": shipped_reader,
     "plain_keyframe_seek": plain_keyframe_seek_reader,
     "old_forward_only": old_forward_only_read_video_pyav,
     "decord": decord_reader,
     "torchcodec": torchcodec_reader,
     "probe": probe_reader,
-    "fast_probe": fast_probe_reader,
 }
 
 
@@ -367,8 +410,10 @@ def run_reader(reader: str, path: Path, num_frames: int) -> dict:
     function = READER_FUNCTIONS[reader]
     import av  # noqa: F401  (imports outside the timed region)
 
-    import processing_stgridpool  # noqa: F401
-
+    if reader == "shipped_21afcdb":
+        shipped_module()
+    else:
+        import video_stgridpool  # noqa: F401
     if reader in ("decord", "torchcodec"):
         available(reader)
     rss_before = max_rss_mb()
@@ -425,7 +470,7 @@ def run_in_subprocess(reader: str, path: Path, num_frames: int, repeat: int) -> 
 def neighbours_exactness(path: Path, indices: list[int], hashes: list[str], total: int, reach: int = 3) -> dict:
     """For frames another reader returned at `indices`: which frame of a full sequential decode each one is
     (offset from the index asked for, within +-reach; None if none is bit-identical)."""
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     window = sorted({j for i in indices for j in range(max(0, i - reach), min(total, i + reach + 1))})
     video, _ = read_video_pyav(path, sample_indices_fn=lambda metadata: window)
@@ -459,6 +504,55 @@ def versions() -> dict:
     return out
 
 
+def machine() -> dict:
+    from video_stgridpool import _decoding_threads
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)),
+        "decoding_threads": _decoding_threads(),  # the most `ours` starts
+        "processor": platform.processor(),
+    }
+
+
+def compare_shipped(clips: dict, folder: Path, rounds: int) -> dict:
+    """`ours` against `shipped_21afcdb`: `rounds` rounds, each reader once a round in a fresh process (one read), the
+    order alternating from round to round; per reader the median seconds, and the ratio ours / shipped."""
+    results = {"machine": machine(), "versions": versions(), "shipped_commit": SHIPPED, "rounds": rounds, "clips": {}}
+    for name, spec in clips.items():
+        path = clip_path(folder, name, spec)
+        runs = {"ours": [], "shipped_21afcdb": []}
+        for round_ in range(rounds):
+            for reader in sorted(runs, reverse=round_ % 2 == 1):
+                load = os.getloadavg()[0]
+                result = run_in_subprocess(reader, path, spec["num_frames"], 1)
+                if isinstance(result, dict):
+                    raise SystemExit(f"{name} {reader}: {result['error']}")
+                runs[reader].append({**result[0], "load_average_1min": load})
+        row = {"spec": {**spec, "size": list(spec["size"])}, "file": path.name, "bytes": path.stat().st_size}
+        for reader, reader_runs in runs.items():
+            seconds = [run["seconds"] for run in reader_runs]
+            row[reader] = {
+                "seconds": statistics.median(seconds),
+                "seconds_all": seconds,
+                "cpu_seconds": statistics.median(run["cpu_seconds"] for run in reader_runs),
+                "peak_rss_mb": max(run["peak_rss_mb"] for run in reader_runs),
+                "load_average_1min": [run["load_average_1min"] for run in reader_runs],
+                "indices": reader_runs[0]["indices"][:4] + ["..."] + reader_runs[0]["indices"][-2:],
+            }
+        ours, shipped = runs["ours"], runs["shipped_21afcdb"]
+        row["same_frames"] = all(a["hashes"] == b["hashes"] for a, b in zip(ours, shipped))
+        row["ours_over_shipped"] = row["ours"]["seconds"] / row["shipped_21afcdb"]["seconds"]
+        results["clips"][name] = row
+        print(
+            f"  {name}: ours {row['ours']['seconds']:.3f} s, shipped {row['shipped_21afcdb']['seconds']:.3f} s "
+            f"(medians of {rounds}): ours / shipped = {row['ours_over_shipped']:.2f}; same frames {row['same_frames']}",
+            file=sys.stderr,
+        )
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips-dir", type=Path, default=None, help="where clips are generated/reused (default: temp)")
@@ -469,8 +563,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument(
         "--readers",
-        default=",".join(READERS + INDEX_READERS),
-        help=f"comma-separated reader names (default: all): {', '.join(READER_FUNCTIONS)}",
+        default=",".join(name for name in READERS + INDEX_READERS if name != "shipped_21afcdb"),
+        help=f"comma-separated reader names (default: all but shipped_21afcdb): {', '.join(READER_FUNCTIONS)}",
+    )
+    parser.add_argument(
+        "--compare-shipped", type=int, metavar="N", help="N rounds of ours against shipped_21afcdb (see above)"
     )
     parser.add_argument("--clips", default=None, help="comma-separated clip names (default: all)")
     parser.add_argument("--worker", nargs=4, metavar=("READER", "PATH", "NUM_FRAMES", "REPEAT"), help=argparse.SUPPRESS)
@@ -491,18 +588,18 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--readers {args.readers}: no reader named {unknown[0]}; allowed: {', '.join(READER_FUNCTIONS)}")
     repeat = 1 if args.smoke else args.repeat
-    from processing_stgridpool import MAX_DECODE_THREADS, _decoding_threads, _usable_cpus
-
     folder = args.clips_dir or Path(tempfile.mkdtemp(prefix="bench_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
+    if "shipped_21afcdb" in readers or args.compare_shipped:
+        extract_shipped()
+    if args.compare_shipped:
+        results = compare_shipped(clips, folder, args.compare_shipped)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     results = {
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "usable_cpus": _usable_cpus(),
-            "decoding_threads": min(_decoding_threads(), MAX_DECODE_THREADS),  # the most `ours` starts
-            "processor": platform.processor(),
-        },
+        "machine": machine(),
         "versions": versions(),
         "smoke": args.smoke,
         "clips": {},

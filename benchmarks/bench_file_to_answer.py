@@ -153,8 +153,8 @@ def file_to_first_token(model, ours_processor, stock_processor, clip: Path, num_
     from transformers import LlavaOnevisionForConditionalGeneration, LlavaOnevisionModel
     from transformers.video_utils import load_video
 
-    from processing_stgridpool import read_video_pyav
     from stgridpool.prompt import processor_device
+    from video_stgridpool import read_video_pyav
 
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     prompt = ours_processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -216,7 +216,7 @@ def file_to_first_token(model, ours_processor, stock_processor, clip: Path, num_
 
 def processor_agreement(processor, clip: Path, num_frames: int, device) -> dict:
     """The video processor's pixels on `device` vs on the CPU, for the clip's sampled frames."""
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     frames = read_video_pyav(clip, num_frames=num_frames)[0]
     video = processor.video_processor

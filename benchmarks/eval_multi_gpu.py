@@ -140,7 +140,7 @@ def encode_clip(path: Path, seed: int, num_frames: int = 12, size: int = 48) -> 
 
 
 def build_checkpoint(path: Path) -> Path:
-    """A tiny stock checkpoint (stgridpool/tiny.py) with its matrices scaled by WEIGHT_SCALE, so that a random
+    """A tiny stock checkpoint (stgridpool/demo.py) with its matrices scaled by WEIGHT_SCALE, so that a random
     model's greedy answers change from clip to clip and between poolings, converted by
     `python -m stgridpool.convert`."""
     import torch

@@ -4,7 +4,7 @@ set -x
 python3 -c "import pytest" 2>/dev/null || pip install -q --no-index --find-links .gpu/wheels_pytest pytest hypothesis
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
-HF_HUB_OFFLINE=1 python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_pooling_functions.py tests/test_model.py 2>&1 | grep -v "^  \s*$" | tail -60
+HF_HUB_OFFLINE=1 python3 -m pytest -q -p no:cacheprovider tests/test_modeling_stgridpool_llava.py tests/test_stgridpool_triton.py 2>&1 | grep -v "^  \s*$" | tail -60
 python3 - <<'PY'
 import torch, sys
 sys.path.insert(0, ".")

@@ -9,7 +9,10 @@ from pathlib import Path
 
 # The Hub modules: the converter copies them byte for byte into a repo, and the loader trusts a repo's code files only
 # when they equal these.
-CODE_MODULES = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
+CODE_MODULES = (
+    "configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton",
+    "video_stgridpool",
+)  # fmt: skip
 
 
 def code_file(module: str) -> Path:

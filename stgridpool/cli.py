@@ -11,10 +11,12 @@ default is used: a tiny RANDOM-weight ST-GridPool checkpoint built offline on fi
 clip) under --cache-dir (default: $XDG_CACHE_HOME/stgridpool, else ~/.cache/stgridpool). Its answers are noise; it
 exists so the whole path runs on any machine, offline.
 
-Model loading (`stgridpool.loading`): a stock `llava_onevision` checkpoint, or an ST-GridPool repo whose code files
-are byte-identical to this project's installed modules, loads with the installed classes: no code from the repo
-runs. A repo with other code (a changed modeling file, another module or repo in an `auto_map`) is refused unless
-`--trust-remote-code` is given; then it loads through the Auto classes and its own code.
+--model is a model folder or a Hub model id (ORG/NAME; offline, HF_HUB_OFFLINE=1, from the Hub cache). Model loading
+(`stgridpool.loading`): a stock `llava_onevision` checkpoint, or an ST-GridPool repo whose code files are
+byte-identical to this project's installed modules, loads with the installed classes: no code from the repo runs. A
+repo with other code (a changed modeling file, another module or repo in an `auto_map` of any of its JSON files) is
+refused unless `--trust-remote-code` is given; then it loads through the Auto classes and its own code. Nothing asks
+on the terminal.
 
 On a GPU the video processor (resize, normalise) runs on the model's device (`stgridpool.prompt.processor_device`).
 
@@ -114,10 +116,10 @@ def decode(video: Path, num_frames: int | None, processor):
     """Decode and sample the video with a progress bar -> (frames uint8 [T, H, W, 3], metadata, seconds)."""
     from tqdm import tqdm
 
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import DEFAULT_NUM_FRAMES, read_video_pyav
 
     if num_frames is None:
-        num_frames = getattr(processor.video_processor, "num_frames", None) or 32
+        num_frames = getattr(processor.video_processor, "num_frames", None) or DEFAULT_NUM_FRAMES
     start = time.perf_counter()
     with tqdm(desc=f"decoding {video.name}", unit="frame", leave=False, disable=None) as bar:
 
@@ -159,6 +161,18 @@ def positive_int(flag: str):
 
 
 check_num_frames = positive_int("--num-frames")
+
+
+def check_max_new_tokens(value: int, source) -> None:
+    """--max-new-tokens, once the model is known: no more than its language model's context."""
+    from stgridpool.loading import context_length
+
+    limit = context_length(source)
+    if value > limit:
+        raise UsageError(
+            f"--max-new-tokens {value} is invalid: allowed are integers 1 to {limit} (the context of {source.name}, "
+            "its text config's max_position_embeddings)"
+        )
 
 
 def check_output(output: Path) -> None:
@@ -224,6 +238,7 @@ def cmd_ask(args) -> int:
             file=sys.stderr,
         )
     source = resolve_model(model_id, trust_remote_code=args.trust_remote_code)
+    check_max_new_tokens(args.max_new_tokens, source)
     processor = load_processor(source)
     frames, frames_meta, decode_s = decode(video, args.num_frames, processor)  # the whole sample, before the model
     loading = model_kwargs(dtype, args.device_map, args.attn_implementation)
@@ -342,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # bad options: one line, exit 2
-    from processing_stgridpool import VideoDecodeError
     from stgridpool.loading import ModelLoadError
+    from video_stgridpool import VideoDecodeError
 
     try:
         return args.func(args)

@@ -16,7 +16,6 @@ import numpy as np
 from stgridpool.chat_template import CHAT_TEMPLATE
 
 DEMO_VERSION = "demo-v1"
-DEFAULT_NUM_FRAMES = 32  # the sample model's video processor (LLaVA-OneVision's)
 DEMO_FILES = (
     "model/config.json",
     "model/model.safetensors",
@@ -241,6 +240,7 @@ def ensure_demo(cache_dir: Path) -> tuple[Path, Path]:
     from configuration_stgridpool import STGridPoolConfig
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from processing_stgridpool import STGridPoolProcessor
+    from video_stgridpool import DEFAULT_NUM_FRAMES
 
     try:
         stock = save_tiny_stock_checkpoint(build / "stock")

@@ -51,22 +51,29 @@ def parse_pyramid_levels(text: str, label: str = "pyramid_levels") -> list[list[
     return levels
 
 
-def parse_bool(text: str, label: str) -> bool:
-    """`true`/`false` (also 1/0, yes/no) -> bool."""
-    value = str(text).strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{label}={text!r} is invalid: allowed are true or false")
+BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def parse_bool(value, label: str) -> bool:
+    """`true`/`false`, `yes`/`no`, `on`/`off`, `1`/`0` in any case (also a bool, or the integer 1 or 0, as lmms-eval
+    types `1`) -> bool. ValueError naming `label` for anything else: a non-empty word is not True."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if word not in BOOLEANS:
+        raise ValueError(f"{label}={value!r} is invalid: allowed are true/false, yes/no, on/off or 1/0 (any case)")
+    return BOOLEANS[word]
 
 
 def parse_setting(field: str, value, label: str | None = None):
     """One ST-GridPool setting (a `VideoPoolingSettings` field name) from text, e.g. a command-line or
-    `--model_args` value. Values that already have a non-string type pass through (validated later).
+    `--model_args` value. Values that already have a non-string type pass through (validated later), except the
+    boolean `nsp_partial_windows`, which `parse_bool` takes strictly whatever its type.
 
     `label` is how the input is named in the error (default: the field name), e.g. `--keep-ratio`."""
     label = label or field
+    if field == "nsp_partial_windows":
+        return parse_bool(value, label)
     if not isinstance(value, str):
         if field == "nsp_padding" and isinstance(value, float) and value.is_integer():
             return int(value)  # lmms-eval types `1.0` as a float
@@ -80,6 +87,4 @@ def parse_setting(field: str, value, label: str | None = None):
         if not text.lstrip("-").isdigit():
             raise ValueError(f"{label}={value!r} is invalid: allowed are integers >= 0")
         return int(text)
-    if field == "nsp_partial_windows":
-        return parse_bool(value, label)
     return value.strip()  # video_pooling_mode, video_newline_position: checked against their lists by the settings

@@ -2,8 +2,9 @@
 
 The project's modules must not be importable here, so everything ST-GridPool comes from each repo's own code
 (transformers_modules). Usage: python remote_check.py PROJECT_DIR JOBS, JOBS a JSON list of {"name", "check"
-(full, stock or original), "repo", "src", "work"}; prints one JSON line: {name: results}. One process checks every
-repo: each process spends about 5 CPU seconds importing Transformers before it checks anything.
+(full, stock, original or pipeline), "repo" (a folder or a Hub id), "src", "work"}; prints one JSON line: {name:
+results}. One process checks every repo: each process spends about 5 CPU seconds importing Transformers before it
+checks anything.
 """
 
 import importlib
@@ -12,7 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-BLOCKED = ("configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton")
+BLOCKED = (
+    "configuration_stgridpool", "modeling_stgridpool_llava", "processing_stgridpool", "stgridpool_triton",
+    "video_stgridpool",
+)  # fmt: skip
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -45,6 +49,20 @@ def origin(obj) -> dict:
 def video_prompt(processor, question: str) -> str:
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def write_clip(path: Path) -> str:
+    """A 2-second h264 mp4 of 50 noise frames, 64x48, written with PyAV (the project's test kits are blocked here)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for image in np.random.default_rng(3).integers(0, 256, (50, 48, 64, 3), dtype=np.uint8):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return str(path)
 
 
 def check_full(repo: str, src: str, work: str) -> dict:
@@ -100,6 +118,14 @@ def check_full(repo: str, src: str, work: str) -> dict:
         logits = model(**inputs).logits
     out["video_new_tokens"] = int(generated.shape[1] - inputs["input_ids"].shape[1])
     out["video_answer"] = processor.decode(generated[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    # a video file decodes through the repo's own reader (video_stgridpool, a relative import of the processor)
+    clip = write_clip(Path(work) / "clip.mp4")
+    out["file_frames"] = list(
+        processor(text="<video>", videos=[clip], return_tensors="pt")["pixel_values_videos"].shape
+    )
+    out["readers"] = sorted(name for name in sys.modules if name.endswith("video_stgridpool"))
+    out["file_num_frames"] = processor.video_processor.num_frames
 
     # the image-text-to-text pipeline answers about a PIL image
     image = Image.fromarray(frames[0])
@@ -270,7 +296,27 @@ def check_original(repo: str, src: str, work: str) -> dict:
     return out
 
 
-CHECKS = {"full": check_full, "stock": compare_with_stock, "original": check_original}
+def check_pipeline(repo: str, src: str, work: str) -> dict:
+    """The image-text-to-text pipeline on a repo as a user names it (a Hub id: resolved from the Hub cache)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=repo, trust_remote_code=True)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, size=(54, 54, 3), dtype=np.uint8))
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is it?"}]}
+    ]
+    result = pipe(text=messages, max_new_tokens=3, return_full_text=False)
+    return {
+        "model": origin(pipe.model),
+        "processor": origin(pipe.processor),
+        "name_or_path": pipe.model.config.name_or_path,
+        "answer": result[0]["generated_text"],
+    }
+
+
+CHECKS = {"full": check_full, "stock": compare_with_stock, "original": check_original, "pipeline": check_pipeline}
 
 if __name__ == "__main__":
     isolate(Path(sys.argv[1]))

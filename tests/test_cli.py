@@ -2,9 +2,6 @@
 as `python -m stgridpool` in a subprocess where the process itself matters (the embedded default's first run, the
 exact stderr of a refusal, a repo's own code running only when trusted)."""
 
-import contextlib
-import io
-import json
 import os
 import subprocess
 import sys
@@ -12,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import gray_frames, index_gray_level, write_clip
+from helpers import copy_repo, evil_repo, gray_frames, index_gray_level, write_clip
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,16 +37,6 @@ def run_in_process(args, capsys) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
-def convert_in_process(src: Path, dst: Path) -> None:
-    """`python -m stgridpool.convert SRC DST` through its `main` in this process."""
-    from stgridpool.convert.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        code = main([str(src), str(dst)])
-    assert code == 0, err.getvalue()
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     """The embedded default, built once by the CLI itself into a tmp cache dir."""
@@ -69,25 +56,38 @@ def test_ask_embedded_default(cache):
     assert (tmp / "cache" / "demo-v1" / "sample.mp4").is_file()
 
 
-def test_ask_with_model_dirs_and_a_video(cache, tmp_path, capsys):
+def test_ask_with_models_by_folder_and_hub_id(cache, tiny_stock_dir, converted_dir, offline_hub, tmp_path, capsys):
+    """Every kind of --model, as a folder and as a Hub id resolved from the offline Hub cache: the embedded
+    default's folder (saved with the ST-GridPool classes), a stock checkpoint and a converted repo."""
     tmp, _ = cache
     clip = write_clip(tmp_path / "clip.webm", gray_frames([index_gray_level(i) for i in range(20)]))
-    stgridpool_dir = tmp / "cache" / "demo-v1" / "model"  # saved with the ST-GridPool classes
-    from stgridpool.demo import save_tiny_stock_checkpoint
-
-    stock_dir = save_tiny_stock_checkpoint(tmp_path / "stock")
-    converted_dir = tmp_path / "converted"  # a Hub-style repo: loads through the Auto classes and remote code
-    convert_in_process(stock_dir, converted_dir)
+    models = [tmp / "cache" / "demo-v1" / "model", tiny_stock_dir, converted_dir, *offline_hub.values()]
     # the question's "<video>" and "<|im_end|>" are text: still 1353 placeholders, and the answer comes
-    for model in (stgridpool_dir, stock_dir, converted_dir):
+    for model in models:
         question = "how is the <video> tag used<|im_end|>?"
         result = run_in_process(
             ["ask", str(clip), question, "--model", str(model), "--num-frames", "8", "--max-new-tokens", "3"], capsys
         )
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, (model, result.stderr)
         assert "RANDOM" not in result.stderr
         assert "sampled 8 frames" in result.stderr
         assert "visual tokens: 1353 with stgridpool (stock pooling: 1569" in result.stderr  # 8*169+1, 8*196+1
+
+
+def test_hub_id_in_a_process_without_a_terminal(cache, offline_hub, tmp_path, capsys):
+    """`stgridpool ask --model ORG/NAME` as a real process with no terminal (stdin not a TTY), and `visualize`
+    with a Hub id."""
+    tmp, _ = cache
+    sample = str(tmp / "cache" / "demo-v1" / "sample.mp4")
+    args = ["ask", sample, "--model", offline_hub["stock"], "--num-frames", "4", "--max-new-tokens", "2"]
+    result = run_cli(args, cli_env(tmp_path), stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "sampled 4 frames" in result.stderr and "visual tokens: 677 with stgridpool" in result.stderr
+    out = tmp_path / "vis.png"
+    args = ["visualize", sample, "-o", str(out), "--model", offline_hub["converted"], "--num-frames", "4"]
+    result = run_in_process(args, capsys)
+    assert result.returncode == 0, result.stderr
+    assert Image.open(out).size[0] > 0
 
 
 def test_visualize_png(cache, tmp_path, capsys):
@@ -100,9 +100,9 @@ def test_visualize_png(cache, tmp_path, capsys):
     picture = np.asarray(Image.open(out).convert("RGB"))
     # the same figure, drawn in-process, gives the panel layout
     sys.path.insert(0, str(ROOT))
-    from processing_stgridpool import read_video_pyav
     from stgridpool.loading import load_model_and_processor, resolve_model
     from stgridpool.visualize import visualize_video
+    from video_stgridpool import read_video_pyav
 
     model, processor = load_model_and_processor(resolve_model(str(tmp / "cache" / "demo-v1" / "model")))
     frames, metadata = read_video_pyav(tmp / "cache" / "demo-v1" / "sample.mp4", num_frames=16)
@@ -126,7 +126,7 @@ def test_visualize_png(cache, tmp_path, capsys):
 
 def bad_cases(tmp_path, sample) -> dict:
     """name -> (CLI arguments after `ask`, words the one-line error must contain)."""
-    from test_video import bad_inputs
+    from test_video_stgridpool import bad_inputs
 
     cases = {name: ([str(path)], words) for name, (path, words) in bad_inputs(tmp_path).items()}
     cases["num_frames_zero"] = ([str(sample), "--num-frames", "0"], "--num-frames '0' is invalid")
@@ -195,39 +195,21 @@ def one_line(stderr: str) -> str:
     return lines[-1]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A converter-made repo (this project's code, byte for byte) of a tiny stock checkpoint."""
-    from stgridpool.demo import save_tiny_stock_checkpoint
-
-    tmp = tmp_path_factory.mktemp("converted")
-    stock = save_tiny_stock_checkpoint(tmp / "stock")
-    convert_in_process(stock, tmp / "repo")
-    return tmp / "repo"
-
-
-def copy_repo(repo: Path, dst: Path) -> Path:
-    dst.mkdir()
-    for p in repo.iterdir():
-        os.link(p, dst / p.name)
-    return dst
-
-
 def replace_file(path: Path, text: str) -> None:
     path.unlink()  # a hard-linked copy: never write through to the original
     path.write_text(text)
 
 
-def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path, capsys):
+def test_changed_code_runs_only_when_trusted(cache, converted_dir, tmp_path, capsys):
     """A repo whose modeling file was changed is refused without --trust-remote-code, and its code does not run
     (it would write a marker file); with the flag it loads through its own code (the marker appears)."""
     from stgridpool.loading import resolve_model
 
-    assert resolve_model(str(converted)).remote_code is False  # identical code: the installed classes
+    assert resolve_model(str(converted_dir)).remote_code is False  # identical code: the installed classes
     tmp, _ = cache
-    repo = copy_repo(converted, tmp_path / "changed")
+    repo = copy_repo(converted_dir, tmp_path / "changed")
     marker = tmp_path / "marker.txt"
-    modeling = (converted / "modeling_stgridpool_llava.py").read_text()
+    modeling = (converted_dir / "modeling_stgridpool_llava.py").read_text()
     replace_file(repo / "modeling_stgridpool_llava.py", modeling + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
     args = [
         "ask",
@@ -250,64 +232,70 @@ def test_changed_code_runs_only_when_trusted(cache, converted, tmp_path, capsys)
     assert marker.read_text() == "ran"  # the repo's own code is what ran
 
 
-def test_foreign_code_needs_trust(converted, tmp_path):
-    """auto_map entries naming another module or another repo's code, in any config, need trust."""
-    from stgridpool.loading import ModelLoadError, resolve_model
+def run_in_terminal(args, env, typed: str) -> tuple[int, str]:
+    """`stgridpool ARGS` in a child process whose stdin, stdout and stderr are a pseudo-terminal with `typed`
+    already typed into it (what a user at a prompt would answer): (exit code, everything the terminal showed)."""
+    import pty
+    import select
 
-    for name, auto_map, words in (
-        ("tokenizer_config.json", {"AutoTokenizer": ["tokenization_x.XTokenizer", None]}, "tokenization_x.py"),
-        ("processor_config.json", {"AutoProcessor": "other/repo--processing_x.XProcessor"}, "another repo"),
-        ("config.json", {"AutoConfig": "configuration_stgridpool.STGridPoolConfig",
-                         "AutoModelForImageTextToText": "modeling_x.X"}, "modeling_x.py"),
-    ):  # fmt: skip
-        repo = copy_repo(converted, tmp_path / name)
-        data = json.loads((converted / name).read_text())
-        replace_file(repo / name, json.dumps({**data, "auto_map": auto_map}))
-        with pytest.raises(ModelLoadError, match="trust") as info:
-            resolve_model(str(repo))
-        assert words in str(info.value) and "\n" not in str(info.value)
-        assert resolve_model(str(repo), trust_remote_code=True).remote_code
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stgridpool", *args], env=env, stdin=terminal, stdout=terminal, stderr=terminal
+    )
+    os.close(terminal)
+    os.write(controller, typed.encode())
+    shown = b""
+    while select.select([controller], [], [], 300)[0]:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(controller)
+    return process.wait(timeout=60), shown.decode(errors="replace")
+
+
+def test_foreign_code_on_a_terminal_answering_yes(cache, tiny_stock_dir, tmp_path):
+    """On a terminal where every prompt would be answered y (`yes | stgridpool ...`), a repo whose
+    processor_config.json names its own code inside the `video_processor` entry is refused with our one line:
+    Transformers never asks, and the repo's code never runs."""
+    tmp, _ = cache
+    marker = tmp_path / "marker"
+    repo = evil_repo(tiny_stock_dir, tmp_path / "evil", marker, "video_processor")
+    sample = str(tmp / "cache" / "demo-v1" / "sample.mp4")
+    args = ["ask", sample, "--model", str(repo), "--num-frames", "2", "--max-new-tokens", "1"]
+    code, shown = run_in_terminal(args, cli_env(tmp_path), typed="y\n" * 20)
+    assert "Do you wish to run the custom code" not in shown and not marker.exists(), shown
+    lines = [line for line in shown.splitlines() if line.strip() not in ("", "y")]
+    assert code == 2 and len(lines) == 1, shown
+    assert lines[0].startswith(f"stgridpool: error: --model {repo}: processor_config.json names code evil.py"), shown
+    assert lines[0].endswith("pass --trust-remote-code if you trust it"), shown
 
 
 def test_unusable_models_exit_2_with_one_line(cache, tmp_path, capsys):
+    """The loader's refusals (tests/test_loading.py has every case) reach the user as one line, exit 2."""
     tmp, _ = cache
-    demo = tmp / "cache" / "demo-v1" / "model"
     sample = tmp / "cache" / "demo-v1" / "sample.mp4"
-    config = json.loads((demo / "config.json").read_text())
-    weights = (demo / "model.safetensors").read_bytes()
-    cases = {  # name: ({file: new text or bytes, or None to delete}, words)
-        "keep ratio": ({"config.json": {**config, "nsp_keep_ratio": 0.3}}, "nsp_keep_ratio=0.3"),
-        "temperature": ({"config.json": {**config, "nsp_temperature": -1}}, "nsp_temperature=-1"),
-        "mode": ({"config.json": {**config, "video_pooling_mode": "max"}}, "video_pooling_mode='max'"),
-        "pyramid": ({"config.json": {**config, "pyramid_levels": [[0, 2]]}}, "group size 0"),
-        "vision config": ({"config.json": {**config, "vision_config": 5}}, "config.json is invalid"),
-        "list config": ({"config.json": [1, 2]}, "JSON list"),
-        "no config": ({"config.json": None}, "no config.json"),
-        "model type": ({"config.json": {**config, "model_type": "qwen2"}}, "model_type='qwen2'"),
-        "no weights": ({"model.safetensors": None}, "no weights"),
-        "truncated": ({"model.safetensors": weights[: len(weights) // 2]}, "damaged"),
-        "garbage": ({"model.safetensors": b"garbage" * 20}, "damaged"),
-        "pickle": ({"model.safetensors": None, "pytorch_model.bin": b"never unpickled"}, "pickle"),
-    }
-    for name, (changes, words) in cases.items():
-        repo = copy_repo(demo, tmp_path / name.replace(" ", "-"))
-        for file_name, content in changes.items():
-            (repo / file_name).unlink(missing_ok=True)
-            if isinstance(content, bytes):
-                (repo / file_name).write_bytes(content)
-            elif content is not None:
-                (repo / file_name).write_text(json.dumps(content))
-        code = run_main(["ask", str(sample), "--model", str(repo), "--cache-dir", str(tmp / "cache")])
+    repo = copy_repo(tmp / "cache" / "demo-v1" / "model", tmp_path / "no-weights")
+    (repo / "model.safetensors").unlink()
+    for model, words in ((repo, "it has no weights"), (tmp_path / "nowhere", "no such folder")):
+        code = run_main(["ask", str(sample), "--model", str(model), "--cache-dir", str(tmp / "cache")])
         line = one_line(capsys.readouterr().err)
-        assert code == 2, (name, line)
-        assert line.startswith(f"stgridpool: error: --model {repo}: ") and words in line, (name, line)
-    code = run_main(["ask", str(sample), "--model", str(tmp_path / "nowhere"), "--cache-dir", str(tmp / "cache")])
-    assert code == 2 and "--model" in one_line(capsys.readouterr().err)
+        assert code == 2 and line.startswith(f"stgridpool: error: --model {model}: ") and words in line, line
 
 
-def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
+def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, monkeypatch):
+    """Each bad option is refused in one line, exit 2, before any model loads."""
     import torch
 
+    import stgridpool.loading
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(stgridpool.loading, "load_model", must_not_load)
     tmp, _ = cache
     sample = str(tmp / "cache" / "demo-v1" / "sample.mp4")
     common = ["--cache-dir", str(tmp / "cache")]
@@ -315,6 +303,10 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
     cases = [
         (["ask", sample, "--max-new-tokens", "0"], "--max-new-tokens '0' is invalid"),
         (["ask", sample, "--max-new-tokens=-1"], "--max-new-tokens '-1' is invalid"),
+        # above the model's context (the embedded default's max_position_embeddings): it could generate forever
+        (["ask", sample, "--max-new-tokens", "99999999999999999999999"],
+         "--max-new-tokens 99999999999999999999999 is invalid: allowed are integers 1 to 65536 (the context of"),
+        (["ask", sample, "--max-new-tokens", "65537"], "--max-new-tokens 65537 is invalid: allowed are integers 1 to"),
         (["ask", sample, "--device", "foo"], "--device 'foo' is invalid"),
         (
             ["ask", sample, "--device", "cuda:7"] if torch.cuda.device_count() < 8 else None,
@@ -346,7 +338,7 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys):
 
 def test_whole_video_is_decoded_before_the_model_loads(cache, tmp_path, capsys, monkeypatch):
     """A video damaged after its first frames is refused before any model is loaded."""
-    from test_video import bad_inputs
+    from test_video_stgridpool import bad_inputs
 
     import stgridpool.loading
 

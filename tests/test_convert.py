@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import add_to_hub_cache, use_hub_cache
 
 import stgridpool
 
@@ -46,11 +47,13 @@ EXPECTED_FIELDS = {
 
 
 def env(tmp: Path) -> dict:
-    """Environment for child processes: offline, remote code cached under `tmp`, nothing from the user's HF home."""
+    """Environment for child processes: offline, remote code cached under `tmp`, nothing from the user's HF home
+    (the Hub cache is `tmp`/hf_home/hub)."""
     return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp / "hf_home"),
+        "HF_HUB_CACHE": str(tmp / "hf_home" / "hub"),
         "HF_MODULES_CACHE": str(tmp / "hf_modules"),
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -172,6 +175,9 @@ def converted(workdir, stock) -> Path:
     return dst
 
 
+HUB_ID = "tiny-org/stgridpool-converted"  # `converted`, as a user names it on the Hub
+
+
 def bilinear_paths(workdir: Path) -> tuple[Path, Path]:
     """(a sharded copy of the stock checkpoint, the repo converted from it in bilinear mode) of `remote_checks`."""
     return workdir / "stock-sharded", workdir / "repos" / "bilinear"
@@ -185,7 +191,13 @@ def remote_checks(workdir, stock, converted, originals) -> dict:
     shard(stock, sharded)
     result = run_cli(sharded, bilinear, "--video-pooling-mode", "bilinear", "--copy")
     assert result.returncode == 0, result.stderr
-    jobs = {"full": ("full", converted, stock), "bilinear": ("stock", bilinear, stock)}
+    # the converted repo as a Hub id too, resolved from the Hub cache of the checking process (see `env`)
+    add_to_hub_cache(workdir / "hf_home" / "hub", HUB_ID, converted)
+    jobs = {
+        "full": ("full", converted, stock),
+        "bilinear": ("stock", bilinear, stock),
+        "hub-pipeline": ("pipeline", HUB_ID, stock),
+    }
     for flavour, (src, dst) in originals.items():
         jobs[f"original-{flavour}"] = ("original", dst, src)
     return run_remote_checks(workdir, jobs)
@@ -282,12 +294,27 @@ def test_loads_with_remote_code_only(remote_checks):
     assert out["image_pipeline_answer"].strip()
     assert out["video_pipeline_answer"].strip()
     assert out["video_pipeline_frames_seen"] == [8]
+    # a video file: 50 frames, sampled to the repo's num_frames by the repo's own reader module
+    assert out["file_frames"] == [1, min(50, out["file_num_frames"]), 3, 54, 54]
+    assert out["readers"] and all(name.startswith("transformers_modules.") for name in out["readers"]), out["readers"]
     assert set(CODE_MODULES) <= set(out["resaved_files"])
     assert out["resaved_auto_map"]["AutoModelForImageTextToText"].endswith(
         "STGridPoolLlavaOnevisionForConditionalGeneration"
     )
     assert out["resaved_processor_geometry"] == out["processor_geometry"]
     assert out["resaved_same_inputs"] and out["resaved_logits_max_diff"] == 0.0
+
+
+@pytest.mark.xdist_group("converted_repos")
+def test_pipeline_by_hub_id(remote_checks):
+    """`pipeline("image-text-to-text", model=ORG/NAME, trust_remote_code=True)` on a converted repo in the Hub cache
+    (offline): the repo's own code answers."""
+    out = remote_checks["hub-pipeline"]
+    assert out["model"]["name"] == "STGridPoolLlavaOnevisionForConditionalGeneration"
+    assert out["model"]["module"].startswith("transformers_modules.")
+    assert out["model"]["module"].endswith(".modeling_stgridpool_llava")
+    assert out["processor"]["module"].endswith(".processing_stgridpool")
+    assert out["name_or_path"] == HUB_ID and out["answer"].strip()
 
 
 @pytest.mark.xdist_group("converted_repos")
@@ -615,9 +642,7 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.chdir(tmp_path)
-    assert cli.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, (
-        capsys.readouterr().err
-    )
+    assert cli.main(["llava-hf/tiny-ov", str(tmp_path / "dst"), "--src-revision", "v1"]) == 0, capsys.readouterr().err
     ((repo_id, revision, ignore),) = fetched
     assert (repo_id, revision) == ("llava-hf/tiny-ov", "v1") and "*.bin" in ignore
     text = (tmp_path / "dst" / "README.md").read_text()
@@ -629,6 +654,24 @@ def test_hub_id_source(stock, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 
 TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "image_size": 54, "patch_size": 2}
+
+
+def test_hub_id_source_from_the_hub_cache(stock, tmp_path, monkeypatch, capsys):
+    """SRC given as a Hub model id at a tag resolves from the Hub cache offline, as after a download: the repo is
+    written from that snapshot, and loads with the installed classes."""
+    from stgridpool.convert import cli
+
+    from stgridpool.loading import resolve_model
+
+    cache = tmp_path / "cache"
+    add_to_hub_cache(cache, "llava-hf/tiny-ov", stock, refs=("main", "v1"))
+    use_hub_cache(monkeypatch, cache)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["llava-hf/tiny-ov", "dst", "--src-revision", "v1"]) == 0, capsys.readouterr().err
+    text = (tmp_path / "dst" / "README.md").read_text()
+    assert yaml.safe_load(text[4 : text.index("\n---", 4)])["base_model"] == "llava-hf/tiny-ov"
+    assert sha256(tmp_path / "dst" / "model.safetensors") == sha256(stock / "model.safetensors")
+    assert not resolve_model(str(tmp_path / "dst")).remote_code
 
 
 def original_name(name: str, vision_model_prefix: bool) -> str | None:

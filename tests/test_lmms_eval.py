@@ -114,7 +114,7 @@ def test_model_args_reach_model_and_processor(bench):
 
     lm = STGridPoolLMM.create_from_arg_string(
         f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4,video_pooling_mode=stgridpool,"
-        "pyramid_levels=[[2,2]],nsp_keep_ratio=1/9,nsp_partial_windows=true,nsp_temperature=2,"
+        "pyramid_levels=[[2,2]],nsp_keep_ratio=1/9,nsp_partial_windows=ON,nsp_temperature=2,"
         "video_newline_position=frame"
     )
     config, processor = lm.model.config, lm.processor
@@ -152,6 +152,11 @@ def test_model_args_reach_model_and_processor(bench):
         ("frame_sampling=fps", "model_args frame_sampling='fps' is invalid"),
         ("dtype=fp8", "model_args dtype='fp8' is invalid"),
         ("batch_size=auto", "model_args batch_size='auto' is invalid"),
+        ("trust_remote_code=maybe", "model_args trust_remote_code='maybe' is invalid: allowed are true/false, yes/no"),
+        ("trust_remote_code=2", "model_args trust_remote_code=2 is invalid: allowed are true/false, yes/no"),
+        ("nsp_partial_windows=enabled", "model_args nsp_partial_windows='enabled' is invalid: allowed are true/false"),
+        # more frames than the context holds (65536 tokens, 27 x 27 -> 13 x 13 a frame + 1): (65536 - 1) // 169
+        ("max_frames_num=100000", "model_args max_frames_num=100000 is invalid: allowed are integers 1 to 387 ("),
     ],
 )
 def test_bad_model_args_are_named(bench, model_args, message):
@@ -299,15 +304,39 @@ def test_remote_code_repo_is_loaded_with_trust_remote_code(bench, tmp_path):
         (repo / filename).write_text(json.dumps({**data, "auto_map": auto_map}))
 
     args = f"pretrained={repo},device=cpu,max_frames_num=2,video_pooling_mode=average,video_newline_position=grid"
+    for no in ("false", "no", "OFF", "0"):  # lmms-eval passes `no` as a string, `0` as an integer
+        with pytest.raises(ValueError, match="trust_remote_code=true"):
+            STGridPoolLMM.create_from_arg_string(f"{args},trust_remote_code={no}")
     with pytest.raises(ValueError, match="trust_remote_code=true"):
         STGridPoolLMM.create_from_arg_string(args)
-    lm = STGridPoolLMM.create_from_arg_string(args + ",trust_remote_code=true")
-    assert type(lm.model).__module__.startswith("transformers_modules")  # the repo's code, not the installed one
-    assert type(lm.processor).__module__.startswith("transformers_modules")
+    for yes in ("yes", "1"):  # lmms-eval passes `1` as an integer
+        lm = STGridPoolLMM.create_from_arg_string(f"{args},trust_remote_code={yes}")
+        assert type(lm.model).__module__.startswith("transformers_modules")  # the repo's code, not the installed one
+        assert type(lm.processor).__module__.startswith("transformers_modules")
     assert lm.model.config.video_pooling_mode == lm.processor.video_pooling_mode == "average"
     assert lm.processor.video_newline_position == "grid"
     inputs, _ = lm._inputs("what is this", [str(bench["root"] / "clip3.mp4")])
     lm.model(**inputs)
+
+
+def test_pretrained_hub_id_and_max_new_tokens(bench, offline_hub, hub_cache_dir):
+    """pretrained=ORG/NAME from the offline Hub cache (main, or a commit) answers; a task's max_new_tokens above
+    the model's context (or not an integer) is refused naming the task, before anything is generated."""
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
+
+    commit = (hub_cache_dir / f"models--{offline_hub['stock'].replace('/', '--')}" / "refs" / "main").read_text()
+    for pretrained, revision in ((offline_hub["converted"], "main"), (offline_hub["stock"], commit)):
+        args = f"pretrained={pretrained},revision={revision},device=cpu,max_frames_num=2"
+        lm = STGridPoolLMM.create_from_arg_string(args)
+        lm.task_dict = {"t": {"test": [{"video": str(bench["root"] / "clip2.mp4")}]}}
+        request = ("what color", {"max_new_tokens": 2}, lambda doc: [doc["video"]], 0, "t", "test")
+        (answer,) = lm.generate_until(_requests("generate_until", [request]))
+        assert isinstance(answer, str) and answer, pretrained
+    for bad in ("many", True, 2.5, 0, 65537, 10**12):
+        request = ("what color", {"max_new_tokens": bad}, lambda doc: [doc["video"]], 0, "t", "test")
+        with pytest.raises(ValueError, match=rf"task t: generation_kwargs max_new_tokens={bad!r} is invalid: allowed "
+                                             r"are integers 1 to 65536 \(the model's context"):  # fmt: skip
+            lm.generate_until(_requests("generate_until", [request]))
 
 
 # --- The paper's tasks: lmms-eval 0.7.3's own configs, and this project's offline copies of them -------------------
@@ -574,8 +603,8 @@ def test_offline_paper_tasks_run_end_to_end(bench, paper_copies, task_manager):
 def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_path, clip, expected):
     """frame_sampling=authors at max_frames_num=4 on 8 fps clips: 2.5 s -> frames 0, 8, 16 (one a second: fewer
     than 4, kept); 6 s -> one a second gives 6 > 4, so linspace(0, 47, 4) as ints. uniform always takes 4."""
-    from processing_stgridpool import read_video_pyav
     from stgridpool.integrations.lmms_eval.lmms_model import load_video
+    from video_stgridpool import read_video_pyav
 
     path = tmp_path / "clip.mp4"
     encode_clip(path, seed=3, **clip)
@@ -584,6 +613,20 @@ def test_authors_frame_sampling_takes_one_frame_a_second_capped_by_linspace(tmp_
     np.testing.assert_array_equal(load_video(str(path), 4, "authors"), every_frame[expected])
     uniform = np.linspace(0, clip["num_frames"] - 1, 4, dtype=int)
     np.testing.assert_array_equal(load_video(str(path), 4, "uniform"), every_frame[uniform])
+
+
+def test_uniform_sampling_takes_each_frame_at_most_once(tmp_path):
+    """frame_sampling=uniform with max_frames_num above a clip's frame count (100 on 12 frames): each frame once,
+    in order, not 100 frames with repeats; below it, lmms-eval's linspace as before."""
+    from stgridpool.integrations.lmms_eval.lmms_model import load_video, uniform_indices
+    from video_stgridpool import read_video_pyav
+
+    path = tmp_path / "clip.mp4"
+    encode_clip(path, seed=4, num_frames=12)
+    np.testing.assert_array_equal(load_video(str(path), 100, "uniform"), read_video_pyav(path)[0])
+    np.testing.assert_array_equal(uniform_indices(12, 100), np.arange(12))
+    np.testing.assert_array_equal(uniform_indices(12, 12), np.arange(12))
+    np.testing.assert_array_equal(uniform_indices(12, 5), [0, 2, 5, 8, 11])
 
 
 def test_offline_tasks_name_what_is_missing(tmp_path, monkeypatch):
@@ -758,7 +801,7 @@ def test_prefetch_gives_the_sequential_answers_in_order_with_a_bounded_queue(
 def test_prefetch_error_surfaces_at_its_request(bench, prefetch_lm, monkeypatch, tmp_path):
     """A request whose video cannot be decoded raises its error when its turn comes: the requests before it are
     answered first (their model calls ran), even though it was decoded while the model ran the first one."""
-    from processing_stgridpool import VideoDecodeError
+    from video_stgridpool import VideoDecodeError
 
     lm = prefetch_lm
     docs, requests = lmms_requests(bench, 6, "generate_until")

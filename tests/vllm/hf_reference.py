@@ -29,7 +29,8 @@ def generate(model, processor, prompt: str, video: np.ndarray, max_new_tokens: i
 
 def main(job_path: str, out_path: str) -> None:
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
-    from processing_stgridpool import STGridPoolProcessor, read_video_pyav
+    from processing_stgridpool import STGridPoolProcessor
+    from video_stgridpool import read_video_pyav
 
     job = json.loads(Path(job_path).read_text())
     videos = dict(np.load(job["videos"])) if "videos" in job else {}

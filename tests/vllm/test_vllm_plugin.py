@@ -153,7 +153,7 @@ def test_video_loader_picks_our_processors_frames(tmp_path):
     from vllm.multimodal.video import VIDEO_LOADER_REGISTRY
 
     import stgridpool.integrations.vllm
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     stgridpool.integrations.vllm.register()
     path = write_clip(tmp_path / "clip.mp4", gray_frames([index_gray_level(i) for i in range(30)]))
@@ -177,7 +177,7 @@ def test_video_loader_samples_by_a_requests_fps(tmp_path):
     from vllm.multimodal.media.video import VideoMediaIO
 
     import stgridpool.integrations.vllm
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     stgridpool.integrations.vllm.register()
     path = write_clip(tmp_path / "clip.mp4", gray_frames([index_gray_level(i) for i in range(30)]), rate=10)  # 3 s

@@ -27,22 +27,25 @@ from PIL import Image
 from tqdm import tqdm
 
 from configuration_stgridpool import STGRIDPOOL_FIELDS
-from stgridpool.options import parse_setting
+from stgridpool.options import parse_bool, parse_setting
 from stgridpool.prompt import processor_device
 
 LOADER_ARGS = (
     "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
     "frame_sampling", "trust_remote_code", "prefetch",
 )
-# `uniform`: always `max_frames_num` frames, evenly spaced (lmms-eval's llava_onevision / llava_hf models).
-# `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the paper's runs).
+# `uniform`: `max_frames_num` frames evenly spaced (lmms-eval's llava_onevision / llava_hf models), every frame of a
+# shorter video. `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the
+# paper's runs).
 FRAME_SAMPLINGS = ("uniform", "authors")
+DEFAULT_MAX_NEW_TOKENS = 1024  # a request whose task names no max_new_tokens
 
 
 def uniform_indices(total_num_frames: int, max_frames_num: int) -> np.ndarray:
-    """`max_frames_num` frame indices evenly spaced over `0 .. total_num_frames - 1`, truncated (repeats when the
-    video is shorter): lmms-eval's llava_onevision / llava_hf sampling."""
-    return np.linspace(0, total_num_frames - 1, max_frames_num, dtype=int)
+    """`max_frames_num` frame indices evenly spaced over `0 .. total_num_frames - 1`, truncated: lmms-eval's
+    llava_onevision / llava_hf sampling, except that a video shorter than `max_frames_num` gives each of its frames
+    once (theirs repeats frames up to `max_frames_num`: more tokens, no more content, memory without bound)."""
+    return np.linspace(0, total_num_frames - 1, min(max_frames_num, total_num_frames), dtype=int)
 
 
 def authors_indices(total_num_frames: int, fps: float | None, max_frames_num: int) -> np.ndarray:
@@ -62,7 +65,7 @@ def load_video(path: str, max_frames_num: int, frame_sampling: str = "uniform") 
     """Decode the frames `frame_sampling` picks (see FRAME_SAMPLINGS) from the video at `path`: uint8 [T, H, W, 3].
 
     Decoding is the processor's PyAV reader; only the indices are chosen here."""
-    from processing_stgridpool import read_video_pyav
+    from video_stgridpool import read_video_pyav
 
     def indices(metadata):
         if frame_sampling == "authors":
@@ -92,27 +95,30 @@ def prefetched(prepare, items, depth: int):
                 future.cancel()
 
 
-def load_model_and_processor(
-    pretrained: str, overrides: dict, revision: str = "main", trust_remote_code: bool = False, **model_kwargs
-):
-    """Load the ST-GridPool model with `overrides` applied to its config, and a processor that follows it, through
-    the loader the CLI uses (stgridpool.loading): code from the repo runs only with `trust_remote_code=True`, and
-    a repo whose code is this project's installed code loads with the installed classes. Raises
-    `stgridpool.loading.ModelLoadError` (a ValueError, one line) for an unusable or untrusted repo."""
-    from stgridpool.loading import load_model_and_processor as load
-    from stgridpool.loading import resolve_model
+def max_frames_in_context(source) -> int:
+    """The most frames of one video whose tokens fit in the language model's context, for a repo checked by
+    `stgridpool.loading.resolve_model` (a video's tokens grow by the same count with each frame)."""
+    from stgridpool.loading import build_config, context_length
 
-    source = resolve_model(
-        pretrained,
-        overrides,
-        revision=None if revision == "main" else revision,
-        trust_remote_code=trust_remote_code,
-        label="model_args pretrained",
-        trust_hint="trust_remote_code=true in --model_args",
-    )
-    model, processor = load(source, **model_kwargs)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+    vision = build_config(source).vision_config
+    side = vision.image_size // vision.patch_size
+    fixed = source.settings.num_tokens(0, side, side)
+    return (context_length(source) - fixed) // (source.settings.num_tokens(1, side, side) - fixed)
+
+
+def check_max_new_tokens(value, context: int, task: str) -> int:
+    """A request's max_new_tokens (its task's generation_kwargs; None: DEFAULT_MAX_NEW_TOKENS, at most `context`):
+    an integer 1 to the model's context, else a ValueError naming the task and the value."""
+    if value is None:
+        return min(DEFAULT_MAX_NEW_TOKENS, context)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= context:
+        raise ValueError(
+            f"task {task}: generation_kwargs max_new_tokens={value!r} is invalid: allowed are integers 1 to {context} "
+            "(the model's context, its text config's max_position_embeddings)"
+        )
+    return value
 
 
 class STGridPoolLMM(lmms):
@@ -159,6 +165,7 @@ class STGridPoolLMM(lmms):
         if frame_sampling not in FRAME_SAMPLINGS:
             allowed = ", ".join(FRAME_SAMPLINGS)
             raise ValueError(f"model_args frame_sampling={frame_sampling!r} is invalid: allowed are {allowed}")
+        trust_remote_code = parse_bool(trust_remote_code, "model_args trust_remote_code")  # lmms-eval gives text
         overrides = {name: parse_setting(name, value, f"model_args {name}") for name, value in kwargs.items()}
 
         accelerator = Accelerator()
@@ -185,9 +192,29 @@ class STGridPoolLMM(lmms):
             model_kwargs["attn_implementation"] = attn_implementation
         if load_device_map is not None:
             model_kwargs["device_map"] = load_device_map
-        self._model, self.processor = load_model_and_processor(
-            pretrained, overrides, revision, trust_remote_code, **model_kwargs
+        # The loader the CLI uses (stgridpool.loading): code from the repo runs only with trust_remote_code=true,
+        # and a repo whose code is this project's installed code loads with the installed classes. An unusable or
+        # untrusted repo raises its ModelLoadError (a ValueError, one line).
+        from stgridpool.loading import context_length, load_model_and_processor, resolve_model
+
+        source = resolve_model(
+            pretrained,
+            overrides,
+            revision=None if revision == "main" else revision,
+            trust_remote_code=trust_remote_code,
+            label="model_args pretrained",
+            trust_hint="trust_remote_code=true in --model_args",
         )
+        self.context_length = context_length(source)
+        frames_limit = max_frames_in_context(source)
+        if max_frames_num > frames_limit:  # decoding them would hold frames the model can never take
+            raise ValueError(
+                f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers 1 to {frames_limit} "
+                f"(more frames make more video tokens than the model's context of {self.context_length} tokens, its "
+                "max_position_embeddings)"
+            )
+        self._model, self.processor = load_model_and_processor(source, **model_kwargs)
+        self.processor.tokenizer.padding_side = "left"
         self._model.eval()
         if self._device is None:
             self._device = self._model.device  # first device of a spread model: where inputs go
@@ -248,25 +275,27 @@ class STGridPoolLMM(lmms):
         return [v for v in (visuals or []) if v is not None]
 
     def _generation_inputs(self, request: Instance) -> tuple:
-        """(context, gen_kwargs without `until`, until strings, processor inputs) of a `generate_until` request."""
+        """(context, gen_kwargs without `until`, until strings, max_new_tokens, processor inputs) of a
+        `generate_until` request."""
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = check_max_new_tokens(gen_kwargs.get("max_new_tokens"), self.context_length, task)
         inputs, _ = self._inputs(context, self._visuals(doc_to_visual, task, split, doc_id))
-        return context, gen_kwargs, until, inputs
+        return context, gen_kwargs, until, max_new_tokens, inputs
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Greedy (or sampled, if the task asks) answers, cut at the task's `until` strings."""
         answers = []
         prepared = prefetched(self._generation_inputs, requests, self.prefetch)
-        for context, gen_kwargs, until, inputs in tqdm(
+        for context, gen_kwargs, until, max_new_tokens, inputs in tqdm(
             prepared, total=len(requests), disable=self.rank != 0, desc="stgridpool generate"
         ):
             temperature = float(gen_kwargs.get("temperature", 0) or 0)
             do_sample = temperature > 0  # lmms-eval tasks say temperature 0 for greedy
             generate_kwargs = dict(
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", 1024)),
+                max_new_tokens=max_new_tokens,
                 num_beams=int(gen_kwargs.get("num_beams", 1) or 1),
                 do_sample=do_sample,
                 pad_token_id=self.tokenizer.pad_token_id,

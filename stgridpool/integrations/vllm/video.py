@@ -1,21 +1,20 @@
 """The "stgridpool" video loader for vLLM: a video file becomes the frames our processor picks from it.
 
 vLLM's default loader ("opencv") keeps `np.linspace(0, total - 1, n, dtype=int)` of a file's frames and decodes them
-with OpenCV; our processor (`processing_stgridpool.read_video_pyav`) keeps the frames shown at n instants evenly
+with OpenCV; our processor (`video_stgridpool.read_video_pyav`) keeps the frames shown at n instants evenly
 spaced over the duration (`j * total // n` for constant frame rate), decoded with PyAV and rotated as a player shows
 them. Same n, different frames: e.g. 32 of 300 -> stock 0, 9, 19, ..., 299; ours 0, 9, 18, ..., 290.
 This loader runs `read_video_pyav` itself, so vLLM sees exactly the frames our processor sees. Select it with
 `--media-io-kwargs '{"video": {"video_backend": "stgridpool"}}'` (or `media_io_kwargs=` in `LLM(...)`).
 """
 
-import os
-import tempfile
+import io
 from typing import Any
 
 import numpy as np
 from vllm.multimodal.video import VIDEO_LOADER_REGISTRY, VideoLoader
 
-from processing_stgridpool import read_video_pyav
+from video_stgridpool import read_video_pyav
 
 from . import VIDEO_LOADER
 
@@ -31,13 +30,7 @@ class STGridPoolVideoLoader(VideoLoader):
     def load_bytes(cls, data: bytes, num_frames: int = -1, fps: float = -1, **kwargs: Any) -> tuple[np.ndarray, dict]:
         """Raw file bytes -> (frames uint8 [T, H, W, 3] RGB, metadata dict as vLLM's loaders return it)."""
         sampling = {"fps": fps} if fps > 0 else {"num_frames": num_frames} if num_frames > 0 else {}
-        # read_video_pyav reads a path (it checks the file before FFmpeg does): the bytes go to a private temporary
-        # file, removed on return.
-        with tempfile.TemporaryDirectory(prefix="stgridpool-video-") as folder:
-            path = os.path.join(folder, "video")
-            with open(path, "wb") as file:
-                file.write(data)
-            frames, metadata = read_video_pyav(path, **sampling)
+        frames, metadata = read_video_pyav(io.BytesIO(data), **sampling)
         return frames, {
             "total_num_frames": metadata.total_num_frames,
             "fps": metadata.fps,

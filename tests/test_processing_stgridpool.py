@@ -7,23 +7,19 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import gray_frames, index_gray_level, write_clip
 
 from configuration_stgridpool import VideoPoolingSettings
-from processing_stgridpool import (
-    STGridPoolProcessor,
-    STGridPoolVideoProcessor,
-    VideoDecodeError,
-    read_video_pyav,
-)
+from processing_stgridpool import STGridPoolProcessor, STGridPoolVideoProcessor
+from video_stgridpool import VideoDecodeError, read_video_pyav
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = [index_gray_level(i) for i in range(30)]
-CODE_MODULES = ("configuration_stgridpool.py", "processing_stgridpool.py")
+CODE_MODULES = ("configuration_stgridpool.py", "processing_stgridpool.py", "video_stgridpool.py")
 
 
 def gray_indices(pixel_values) -> list[int]:
@@ -183,6 +179,10 @@ try:
     out["file_error"] = None
 except Exception as error:
     out["file_error"] = type(error).__name__ + ": " + str(error)
+if sys.argv[3] == "with-av":  # a file, decoded by the repo's own reader (video_stgridpool, imported relatively)
+    decoded = processor.video_processor(videos=[sys.argv[5]], return_tensors="np")  # the stored num_frames: 8
+    out["decoded"] = list(decoded["pixel_values_videos"].shape)
+    out["readers"] = sorted(name for name in sys.modules if name.endswith("video_stgridpool"))
 print("RESULT " + json.dumps(out))
 """
 
@@ -190,9 +190,11 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.parametrize("av", ["no-av", "with-av"])
 def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp_path, av):
     repo = make_remote_repo(tiny_stock_dir, tmp_path / "repo")
+    clip = write_clip(tmp_path / "clip.webm", gray_frames(LEVELS))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    script = textwrap.dedent(REMOTE_SCRIPT)
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(REMOTE_SCRIPT), str(ROOT), str(repo), av, str(tmp_path / "resaved")],
+        [sys.executable, "-c", script, str(ROOT), str(repo), av, str(tmp_path / "resaved"), str(clip)],
         capture_output=True,
         text=True,
         env=env,
@@ -214,6 +216,46 @@ def test_remote_code_repo_loads_without_pyav_and_round_trips(tiny_stock_dir, tmp
         )
     else:
         assert out["file_error"] == f"VideoDecodeError: {repo}/missing.mp4: no such file"
+        assert out["decoded"] == [1, 8, 3, 54, 54]
+        assert out["readers"] and all(name.startswith(f"{remote}.") for name in out["readers"]), out["readers"]
+
+
+def test_processor_decodes_paths_in_chat_template_and_call(tmp_path, tiny_stock_dir):
+    clip = write_clip(tmp_path / "clip.webm", gray_frames(LEVELS))
+    processor = STGridPoolProcessor.from_pretrained(tiny_stock_dir)
+    assert isinstance(processor.video_processor, STGridPoolVideoProcessor)
+    video_id = processor.tokenizer.convert_tokens_to_ids("<video>")
+    for key in ("path", "url"):
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "video", key: str(clip)}, {"type": "text", "text": "what is happening?"}],
+            }
+        ]
+        inputs = processor.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", num_frames=4
+        )
+        assert tuple(inputs["pixel_values_videos"].shape) == (1, 4, 3, 54, 54)
+        assert int((inputs["input_ids"] == video_id).sum()) == processor.num_video_tokens(4)
+    # processor(videos=path) with the stored num_frames (the tiny checkpoint stores 8)
+    inputs = processor(text="<video>\nwhat", videos=[str(clip)], return_tensors="pt")
+    assert inputs["pixel_values_videos"].shape[1] == 8
+    # same frames as read_video_pyav: the first sampled frame is frame 0's gray level
+    expected = processor.video_processor(
+        videos=[read_video_pyav(clip, num_frames=8)[0]], do_sample_frames=False, return_tensors="pt"
+    )
+    torch.testing.assert_close(inputs["pixel_values_videos"], expected["pixel_values_videos"])
+    # saved and reloaded: still PyAV decoding, same num_frames; the file loads with stock classes too
+    processor.video_processor.num_frames = 5
+    processor.save_pretrained(tmp_path / "saved")
+    again = STGridPoolProcessor.from_pretrained(tmp_path / "saved")
+    assert isinstance(again.video_processor, STGridPoolVideoProcessor) and again.video_processor.num_frames == 5
+    assert again(text="<video>", videos=[str(clip)], return_tensors="pt")["pixel_values_videos"].shape[1] == 5
+    from transformers import LlavaOnevisionProcessor
+
+    assert LlavaOnevisionProcessor.from_pretrained(tmp_path / "saved").video_processor.num_frames == 5
+    with pytest.raises(VideoDecodeError, match="no such file"):
+        processor(text="<video>", videos=[str(tmp_path / "nope.mp4")])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,73 +308,75 @@ def test_processor_counts_and_saved_keys_through_settings(tiny_stock_dir, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Issue 12: items 10, 12, 13, 26
+# Transformers' own llava_onevision tests as the contract: what they caught
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_file_names_are_files_not_protocol_urls(tmp_path, monkeypatch):
-    """12.10: `concat:a.mp4|b.mp4` is a file name: FFmpeg's concat protocol must not join a.mp4 and b.mp4."""
-    monkeypatch.chdir(tmp_path)
-    write_clip("a.mp4", gray_frames(LEVELS[:10]))
-    write_clip("b.mp4", gray_frames(LEVELS[10:20]))
-    with pytest.raises(VideoDecodeError, match=r"^concat:a.mp4\|b.mp4: no such file$"):
-        read_video_pyav("concat:a.mp4|b.mp4")
-    write_clip("seven.mp4", gray_frames(LEVELS[:7])).rename("concat:a.mp4|b.mp4")  # (FFmpeg cannot write it)
-    assert read_video_pyav("concat:a.mp4|b.mp4")[1].total_num_frames == 7
-    with pytest.raises(VideoDecodeError, match=r"^http:x.mp4: no such file$"):
-        read_video_pyav("http:x.mp4")
+def test_num_image_tokens_not_square_counts_video_tokens_as_stock(processor):
+    """Stock takes any num_image_tokens and counts a frame's side as its integer square root (CLIP towers' 577 =
+    24 x 24 + the class token); with stock pooling ours counts the same. Only a video needs num_image_tokens: one
+    without it is refused then, naming it."""
+    from transformers import LlavaOnevisionProcessor
+
+    video = [gray_frames(LEVELS[:3])]
+    parts = dict(
+        image_processor=processor.image_processor,
+        tokenizer=processor.tokenizer,
+        video_processor=processor.video_processor,
+    )
+    for num_image_tokens in (6, 27 * 27 + 1):
+        stock = LlavaOnevisionProcessor(num_image_tokens=num_image_tokens, **parts)
+        ours = STGridPoolProcessor(num_image_tokens=num_image_tokens, video_pooling_mode="bilinear", **parts)
+        theirs = stock(text="<video>", videos=video, return_tensors="pt")["input_ids"]
+        mine = ours(text="<video>", videos=video, return_tensors="pt")["input_ids"]
+        assert mine.tolist() == theirs.tolist()
+    side = 27  # the default geometry: 27 x 27 + 1 tokens counted as a 27 x 27 frame
+    assert STGridPoolProcessor(num_image_tokens=side * side + 1, **parts).num_video_tokens(3) == (
+        VideoPoolingSettings().num_tokens(3, side, side)
+    )
+    unset = STGridPoolProcessor(**parts)
+    assert unset(text="no video here")["input_ids"]
+    with pytest.raises(ValueError, match=r"num_image_tokens=None cannot give a video's token count: allowed are"):
+        unset(text="<video>", videos=video, return_tensors="pt")
 
 
-def test_wrong_reasons_are_now_right(tmp_path):
-    """12.12: a FIFO, /dev/zero, a symlink loop and an mp4 cut inside its header each get their own reason."""
-    os.mkfifo(tmp_path / "fifo.mp4")
-    (tmp_path / "loop1.mp4").symlink_to(tmp_path / "loop2.mp4")
-    (tmp_path / "loop2.mp4").symlink_to(tmp_path / "loop1.mp4")
-    (tmp_path / "dangling.mp4").symlink_to(tmp_path / "gone.mp4")
-    clip = write_clip(tmp_path / "faststart.mp4", gray_frames(LEVELS), faststart=True).read_bytes()
-    assert clip.find(b"moov") < clip.find(b"mdat")  # the header first: the cut leaves part of it
-    (tmp_path / "cut64.mp4").write_bytes(clip[:64])
-    (tmp_path / "cut400.mp4").write_bytes(clip[:400])
-    cases = {
-        tmp_path / "fifo.mp4": "is a named pipe (FIFO), not a video file",
-        Path("/dev/zero"): "is a device, not a video file",
-        tmp_path / "loop1.mp4": "is a symbolic link loop",
-        tmp_path / "dangling.mp4": f"is a broken symbolic link (to {tmp_path / 'gone.mp4'}, which does not exist)",
-        tmp_path / "cut64.mp4": "damaged or truncated, or not a video file: FFmpeg finds no streams in its 64 bytes",
-        tmp_path / "cut400.mp4": "damaged or truncated",
-    }
-    for path, words in cases.items():
-        with pytest.raises(VideoDecodeError) as info:
-            read_video_pyav(path, num_frames=4)
-        message = str(info.value)
-        assert message.startswith(f"{path}: ") and words in message and "\n" not in message, message
-        for wrong in ("empty (0 bytes)", "no such file", "has no video stream"):
-            assert wrong not in message, message
+def test_arrays_asking_for_more_frames_than_they_have_fail_as_stock_files_keep_every_frame(processor, tmp_path):
+    """Frame arrays sampled to more frames than they hold (by num_frames, or by fps and their frame rate) are refused
+    as stock refuses them; a short video file keeps every frame (the PyAV reader, and a stock decoder's metadata)."""
+    from transformers import LlavaOnevisionVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    stock = LlavaOnevisionVideoProcessor(size={"height": 54, "width": 54})
+    eight = gray_frames(LEVELS[:8])
+    too_many = [
+        {"num_frames": 10},
+        {"num_frames": None, "fps": 5, "video_metadata": [{"fps": 4.0, "total_num_frames": 8}]},  # 8 / 4 * 5 = 10
+    ]
+    for asked in too_many:
+        for video_processor in (stock, processor.video_processor):
+            with pytest.raises(ValueError, match=r"exceeds `?total_num_frames=8"):
+                video_processor(videos=[eight], do_sample_frames=True, return_tensors="pt", **asked)
+    with pytest.raises(ValueError, match=r"exceeds `?total_num_frames=8"):
+        processor(text="<video>", videos=[eight], do_sample_frames=True, num_frames=10, return_tensors="pt")
+    short = write_clip(tmp_path / "short.mp4", gray_frames(LEVELS[:5]))
+    out = processor.video_processor(videos=[str(short)], do_sample_frames=True, num_frames=10, return_tensors="pt")
+    assert gray_indices(out["pixel_values_videos"][0]) == [0, 1, 2, 3, 4]
+    decoded = VideoMetadata(total_num_frames=5, fps=25.0, video_backend="torchcodec")
+    assert list(processor.video_processor.sample_frames(decoded, num_frames=10)) == [0, 1, 2, 3, 4]
 
 
-def test_file_cut_short_warns(tmp_path):
-    """12.13: a file cut at 95% decodes what it has, with a warning naming the file; an intact one does not warn."""
-    from stgridpool.demo import moving_shapes_frames
-
-    data = write_clip(tmp_path / "whole.mp4", moving_shapes_frames(100, 64), faststart=True).read_bytes()
-    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 95 // 100])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        read_video_pyav(tmp_path / "whole.mp4", num_frames=8)
-    with pytest.warns(UserWarning, match=r"cut.mp4: its frames stop at 3\.\d\d s of the 4\.00 s it declares"):
-        video, metadata = read_video_pyav(tmp_path / "cut.mp4", num_frames=8)
-    assert 90 <= metadata.total_num_frames < 100 and len(video) == 8
-
-
-def test_bad_sampling_arguments_blame_the_argument(clip):
-    """12.26: fps=inf is a ValueError naming fps; an index past the end is blamed on sample_indices_fn."""
-    for fps in (float("inf"), float("nan"), -1):
-        with pytest.raises(ValueError, match=rf"fps={fps!r} is invalid: allowed values are finite numbers > 0"):
-            read_video_pyav(clip, fps=fps)
-    for bad in ([0, 30], [-1, 3]):
+def test_videos_of_different_frame_counts_in_one_call_get_a_one_line_error(processor):
+    """Stock cannot stack videos of different lengths into one tensor and says so in a multi-line message naming
+    neither video; ours names each video's frame count and what is allowed. Without tensors both give lists."""
+    videos = [gray_frames(LEVELS[:8]), gray_frames(LEVELS[:5]), gray_frames(LEVELS[:8])]
+    for call in (processor.video_processor, lambda **kw: processor(text="<video>" * 3, **kw)):
         with pytest.raises(ValueError) as info:
-            read_video_pyav(clip, sample_indices_fn=lambda metadata, bad=bad: bad)
-        assert not isinstance(info.value, VideoDecodeError)
+            call(videos=videos, return_tensors="pt")
         message = str(info.value)
-        assert f"sample_indices_fn returned frame index {bad[-1] if bad[-1] >= 30 else bad[0]}" in message
-        assert "has 30 frames: allowed are indices 0 .. 29" in message and "truncated" not in message
+        assert "\n" not in message, message
+        assert "videos 0 and 2 have 8 frames, video 1 has 5" in message, message
+        assert "allowed: the same frame count for every video of a call" in message, message
+    listed = processor.video_processor(videos=videos)["pixel_values_videos"]
+    assert [len(video) for video in listed] == [8, 5, 8]
+    sampled = processor(text="<video>" * 3, videos=videos, do_sample_frames=True, num_frames=4, return_tensors="pt")
+    assert tuple(sampled["pixel_values_videos"].shape[:2]) == (3, 4)
