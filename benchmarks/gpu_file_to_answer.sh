@@ -3,16 +3,18 @@
 # Each call carries at most 64 MiB, so the wheels travel unpacked and xz-compressed, in two calls on one warm machine:
 #
 #   bash benchmarks/gpu_file_to_answer.sh bundle DIR   # here (pip reaches the index): writes DIR/a and DIR/b
-#   device call 1, carry [DIR/a]:  bash DIR/a/gpu_file_to_answer.sh a   # Transformers 5.25: first token, throughput
-#   device call 2, carry [DIR/b], within 30 s (the machine must still be warm):  bash DIR/b/gpu_file_to_answer.sh b
+#   device call 1, carry [DIR/a, benchmarks/.old]:  bash benchmarks/gpu_file_to_answer.sh a DIR/a
+#       Transformers 5.25: the decoder against the one shipped at 21afcdb (issue 24), first token, throughput
+#   device call 2, carry [DIR/b], within 30 s (the machine must still be warm):
+#       bash benchmarks/gpu_file_to_answer.sh b DIR/b
 #
-# DIR must be an ignored folder of the checkout the device tool sends (e.g. .gpu). Sizes when made: the site of
+# Both run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
+# holds the shipped reader (`python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`). Sizes when made: the site of
 # PyAV 15.1 + Transformers 5.25 + huggingface-hub 2.4 + lmms-eval 0.7.3 and their missing dependencies, 210 MB
 # unpacked, 37.0 MB as tar.xz; flash-attn-4 4.0.0b36 needs nvidia-cutlass-dsl 4.8.1 whose CUDA 13 library wheel alone
 # is 92.0 MB (237 MB unpacked; 63.5 MB with xz -9e, 16 minutes on 2 cores), plus 6.0 MB for the rest: split 22 MB
 # into call 1 and the remaining 47.5 MB into call 2.
 set -o pipefail
-here=$(cd "$(dirname "$0")" && pwd)
 case "$1" in
 bundle)
   out=$(realpath -m "$2"); work=$(mktemp -d); mkdir -p "$out/a" "$out/b"
@@ -34,21 +36,16 @@ bundle)
   tar -cf - -C "$work/rest" . | xz -9 -T0 > "$out/b/fa_rest.tar.xz"
   head -c 22000000 "$work/cu13.tar.xz" > "$out/a/fa.part1"
   tail -c +22000001 "$work/cu13.tar.xz" > "$out/b/fa.part2"
-  for d in a b; do
-    mkdir -p "$out/$d/src" && git -C "$here/.." archive HEAD | tar -x -C "$out/$d/src" --exclude=tests/data --exclude=docs \
-      --exclude=benchmarks/results
-    cp "$0" "$out/$d/"
-  done
   rm -rf "$work"; du -sh "$out"/a "$out"/b
   ;;
 a)
-  mkdir -p /tmp/site /tmp/fa_parts && tar -xJf "$here/site.tar.xz" -C /tmp/site || exit 3
-  cp "$here/fa.part1" /tmp/fa_parts/ && rm -rf /tmp/src && cp -r "$here/src" /tmp/src
-  export PYTHONPATH=/tmp/site:/tmp/src HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-  cd /tmp/src || exit 3
+  mkdir -p /tmp/site /tmp/fa_parts && tar -xJf "$2/site.tar.xz" -C /tmp/site && cp "$2/fa.part1" /tmp/fa_parts/ || exit 3
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
   { nvidia-smi --query-gpu=name,driver_version --format=csv; nproc; python3 -c "import transformers, huggingface_hub, \
 av, lmms_eval.api.model, torch; print(transformers.__version__, huggingface_hub.__version__, av.__version__, \
 torch.__version__)"; } 2>&1 | tee "$OUT/env_a.txt" || exit 4
+  python3 -m benchmarks.bench_decode --compare-shipped 5 --clips h264_5min_1280x720 --clips-dir /dev/shm/decode \
+    --json "$OUT/decode_compare.json" 2>&1 | tee "$OUT/decode_compare.log"
   python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --json "$OUT/file_to_answer.json" --rounds 2 2>&1 |
     tee "$OUT/file_to_answer.log"
   python3 -m stgridpool ask /dev/shm/fta/clips/h264_300s_1280x720_seed0.mp4 "what is happening in this video ?" \
@@ -56,12 +53,11 @@ torch.__version__)"; } 2>&1 | tee "$OUT/env_a.txt" || exit 4
   ;;
 b)
   [ -f /tmp/fa_parts/fa.part1 ] && [ -d /tmp/site/transformers ] || { echo "cold machine: call 1's files are gone"; exit 5; }
-  rm -rf /tmp/src && cp -r "$here/src" /tmp/src && mkdir -p /tmp/fa
-  cat /tmp/fa_parts/fa.part1 "$here/fa.part2" | tar -xJ -C /tmp/fa && tar -xJf "$here/fa_rest.tar.xz" -C /tmp/fa || exit 3
+  mkdir -p /tmp/fa && cat /tmp/fa_parts/fa.part1 "$2/fa.part2" | tar -xJ -C /tmp/fa && tar -xJf "$2/fa_rest.tar.xz" -C /tmp/fa ||
+    exit 3
   # nvidia-cutlass-dsl puts its packages on sys.path with a .pth file, which PYTHONPATH folders do not run
-  export PYTHONPATH=/tmp/fa:/tmp/fa/nvidia_cutlass_dsl/dsl_packages:/tmp/site:/tmp/src HF_HUB_OFFLINE=1 \
+  export PYTHONPATH=/tmp/fa:/tmp/fa/nvidia_cutlass_dsl/dsl_packages:/tmp/site:$PWD HF_HUB_OFFLINE=1 \
     PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-  cd /tmp/src || exit 3
   python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only attn --attn sdpa,flash_attention_4 \
     --json "$OUT/attn.json" 2>&1 | tee "$OUT/attn.log"
   for name in flash_attention_4 flash_attention_2; do
@@ -69,5 +65,5 @@ b)
       --model /dev/shm/fta/checkpoint --max-new-tokens 8 --attn-implementation $name > "$OUT/ask_$name.txt" 2>&1
   done
   ;;
-*) echo "usage: $0 bundle DIR | a | b"; exit 2;;
+*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b"; exit 2;;
 esac
