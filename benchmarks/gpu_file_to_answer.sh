@@ -36,6 +36,10 @@ bundle)
   tar -cf - -C "$work/rest" . | xz -9 -T0 > "$out/b/fa_rest.tar.xz"
   head -c 22000000 "$work/cu13.tar.xz" > "$out/a/fa.part1"
   tail -c +22000001 "$work/cu13.tar.xz" > "$out/b/fa.part2"
+  # flash-attn 2 is on the index as source only (pip download would build its metadata, which needs CUDA): the sdist
+  url=$(python3 -c "import json, urllib.request; print(next(f['url'] for f in json.load(urllib.request.urlopen(
+    'https://pypi.org/pypi/flash-attn/2.8.3.post2/json'))['urls'] if f['filename'].endswith('.tar.gz')))") &&
+    curl -sSfL -o "$out/b/flash_attn-2.8.3.post2.tar.gz" "https://pypi.org${url#https://pypi.org}" || exit 1
   rm -rf "$work"; du -sh "$out"/a "$out"/b
   ;;
 a)
@@ -64,6 +68,12 @@ b)
     python3 -m stgridpool ask /dev/shm/fta/clips/h264_300s_1280x720_seed0.mp4 "what is happening in this video ?" \
       --model /dev/shm/fta/checkpoint --max-new-tokens 8 --attn-implementation $name > "$OUT/ask_$name.txt" 2>&1
   done
+  # flash_attention_2: build it from source for the H100 alone (sm_90), every core, for FA2_SECONDS; the log shows how
+  # far ninja got ("[done/total]"), from which the whole build's time follows
+  mkdir -p /tmp/fa2 && tar -xzf "$2"/flash_attn-2.8.3.post2.tar.gz -C /tmp/fa2 && cd /tmp/fa2/flash_attn-2.8.3.post2 &&
+    { nvcc --version | tail -2; date +%s; FLASH_ATTN_CUDA_ARCHS=90 MAX_JOBS=16 FLASH_ATTENTION_FORCE_BUILD=TRUE \
+      timeout "${FA2_SECONDS:-240}" python3 setup.py build_ext --inplace; echo "rc $?"; date +%s; } > "$OUT/fa2_build.log" 2>&1
+  grep -o "^\[[0-9]*/[0-9]*\]" "$OUT/fa2_build.log" | tail -1; tail -c 1500 "$OUT/fa2_build.log"
   ;;
 *) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b"; exit 2;;
 esac
