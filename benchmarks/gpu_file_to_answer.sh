@@ -43,7 +43,7 @@ bundle)
   rm -rf "$work"; du -sh "$out"/a "$out"/b
   ;;
 a)
-  mkdir -p /tmp/site /tmp/fa_parts && tar -xJf "$2/site.tar.xz" -C /tmp/site && cp "$2/fa.part1" /tmp/fa_parts/ || exit 3
+  mkdir -p /tmp/site /tmp/fa_parts && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 && cp "$2/fa.part1" /tmp/fa_parts/ || exit 3
   export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
   { nvidia-smi --query-gpu=name,driver_version --format=csv; nproc; python3 -c "import transformers, huggingface_hub, \
 av, lmms_eval.api.model, torch; print(transformers.__version__, huggingface_hub.__version__, av.__version__, \
