@@ -647,18 +647,23 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
         vision_feature_select_strategy: str | None = None,
         **kwargs,
     ) -> tuple | BaseModelOutputWithPooling:
-        """pixel_values_videos: [B, T, C, H, W] -> the vision tower's outputs with `pooler_output` [B, N, D]: each
-        video pooled on its own (PTG across its own frames only) and laid out with
-        `config.video_newline_position`'s newlines
-        (N = `config.video_pooling.num_tokens(T, h, w)`). A tuple with `return_dict=False`, as stock."""
+        """pixel_values_videos: [B, T, C, H, W] -> the vision tower's outputs with `pooler_output` [B, N, D], the
+        projected frames pooled by `pool_video_frames` (each video on its own). A tuple with `return_dict=False`, as
+        stock."""
         if _TRANSFORMERS_5_17 and pixel_values_videos is None:
             pixel_values_videos = kwargs.pop("pixel_values")  # the name 5.17's stock callers use
         vision_outputs, frames = self._encode_video_frames(
             pixel_values_videos, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
+        vision_outputs.pooler_output = self.pool_video_frames(frames)
+        return vision_outputs
+
+    def pool_video_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """The videos' projected frames (`project_video_frames`) as the language model reads them: frames
+        [B, T, h, w, D] -> [B, N, D], each video pooled on its own (PTG across its own frames only) and laid out with
+        `config.video_newline_position`'s newlines (N = `config.video_pooling.num_tokens(T, h, w)`)."""
         config = self.config  # validated where its values were set: pooled as they are
-        # Frames of different videos are never mixed: PTG runs across the frames of one video.
-        vision_outputs.pooler_output = torch.stack(
+        return torch.stack(
             [
                 add_video_newlines(
                     pool_video(video, config, config.pooling_backend), self.image_newline, config.video_newline_position
@@ -666,7 +671,6 @@ class STGridPoolLlavaOnevisionModel(LlavaOnevisionModel):
                 for video in frames
             ]
         )
-        return vision_outputs
 
     def _check_video_placeholders(self, input_ids, inputs_embeds, video_features: torch.Tensor) -> torch.Tensor:
         """The <video> placeholder mask [B, L]; raises ValueError saying what differs when its count is not the

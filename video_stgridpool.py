@@ -217,6 +217,7 @@ def read_video_pyav(
     fps: float | None = None,
     sample_indices_fn=None,
     progress=None,
+    on_frame=None,
 ) -> tuple[np.ndarray, VideoMetadata]:
     """Decode a video with PyAV, keeping `num_frames` frames evenly spaced in time (`sample_frame_times`).
 
@@ -226,6 +227,10 @@ def read_video_pyav(
     `frame_times` and `end_time`, exact seconds; the indices are returned as asked, in any order, repeats included).
     progress: optional `progress(frames_passed, frames_to_pass)`, called from this thread, the count never
     decreasing (frames from the keyframes decoding starts at to the sampled frames).
+    on_frame: optional `on_frame(rows, image)`, called from this thread as each sampled frame is decoded, before
+    this function returns: `image` uint8 [H, W, 3] is the frame the returned array holds at each of `rows` (a frame
+    asked for twice fills two rows, in one call). Frames come in no particular order, and one may come again when a
+    seek cannot be trusted and decoding starts over from the start of the file: the later call is the right one.
     Returns (frames uint8 [T, H, W, 3] RGB as a player shows them, rotation applied; `VideoMetadata` with
     `frames_indices`). Raises `VideoDecodeError` (one line naming the file) for anything that is not a decodable video.
     """
@@ -257,7 +262,7 @@ def read_video_pyav(
                 indices = _checked_indices(sample_indices_fn(metadata=metadata), len(times))
             else:
                 indices = sample_frame_times(times, index.end_time, num_frames, fps)
-            video = _Video(indices, name)
+            video = _Video(indices, name, on_frame)
             seekable = index.trusted and bool(index.keyframes)
             seeked = seekable and _seeking(av, open_container, container, index, video, progress)
     except (av.error.FFmpegError, UnicodeDecodeError, EOFError) as error:  # not a container FFmpeg can read
@@ -265,7 +270,7 @@ def read_video_pyav(
     except OSError as error:  # permissions and the like, before FFmpeg sees the file
         raise VideoDecodeError(f"{name}: cannot be opened ({error.strerror or error})") from None
     if not seeked:
-        video = _Video(indices, name)
+        video = _Video(indices, name, on_frame)
         _forward(av, open_container, index, video, progress)
     metadata.frames_indices = np.array(indices)
     metadata.height, metadata.width = video.array.shape[1:3]
@@ -358,13 +363,14 @@ def _checked_indices(indices, total: int) -> list[int]:
 
 class _Video:
     """The frames returned, filled in as the sampled frames are decoded (by the calling thread only): `array`, uint8
-    [len(indices), H, W, 3], allocated at the first frame; each frame index goes to the rows that asked for it."""
+    [len(indices), H, W, 3], allocated at the first frame; each frame index goes to the rows that asked for it, and
+    to `on_frame(rows, image)` where one is given."""
 
-    def __init__(self, indices: list[int], name: str):
+    def __init__(self, indices: list[int], name: str, on_frame=None):
         self.rows: dict[int, list[int]] = {}
         for row, index in enumerate(indices):
             self.rows.setdefault(index, []).append(row)
-        self.count, self.name, self.array = len(indices), name, None
+        self.count, self.name, self.array, self.on_frame = len(indices), name, None, on_frame
 
     def wanted(self) -> list[int]:
         """The distinct frame indices asked for, ascending."""
@@ -379,6 +385,8 @@ class _Video:
                 f"{self.array.shape[2]}x{self.array.shape[1]}: videos whose frame size changes are not supported"
             )
         self.array[self.rows[index]] = image
+        if self.on_frame is not None:
+            self.on_frame(self.rows[index], image)
 
 
 def _rgb(frame) -> np.ndarray:

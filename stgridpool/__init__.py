@@ -2,7 +2,8 @@
 
 The algorithm lives in the top-level Hub modules (`CODE_MODULES`), which a converted model repo ships as remote code;
 this package holds what runs around them: the `stgridpool` command (`cli`), the model loader with its trust rule
-(`loading`), the converter (`convert`) and the lmms-eval and vLLM plugins (`integrations`).
+(`loading`), encoding a video while it decodes (`streaming`), the converter (`convert`) and the lmms-eval and vLLM
+plugins (`integrations`).
 """
 
 from pathlib import Path

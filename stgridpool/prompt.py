@@ -1,5 +1,6 @@
-"""Model inputs for one video and one user question, where the question is only ever text; and where the processors
-run (`processor_device`).
+"""Model inputs for one video and one user question, where the question is only ever text: from the frames
+(`video_question_inputs`, the processor's), or from their count alone for a video already encoded
+(`video_question_text_inputs`); and where the processors run (`processor_device`).
 
 A processor expands every `<video>` / `<image>` it finds in the prompt, and a tokenizer turns `<|im_end|>` written in
 text into the special token, so a question that mentions them ("How is the <video> tag used in HTML?") would add a
@@ -9,6 +10,7 @@ into plain text, then spliced in where the marker was.
 """
 
 import torch
+from transformers import BatchFeature
 
 MARKER = "\ue000stgridpool-question\ue000"  # private-use characters: no template or tokenizer produces them
 
@@ -28,6 +30,29 @@ def video_question_inputs(processor, frames, question: str, **processor_kwargs):
 
     The only `<video>` placeholders are those the template puts there, expanded to the model's token count; every
     character of `question` is text."""
+
+    def media_inputs(text: str):
+        return processor(text=text, videos=[frames], add_special_tokens=False, return_tensors="pt", **processor_kwargs)
+
+    return _question_inputs(processor, question, media_inputs)
+
+
+def video_question_text_inputs(processor, num_frames: int, question: str) -> BatchFeature:
+    """`input_ids` and `attention_mask` ([1, L], PyTorch) for a video of `num_frames` frames and `question`, without
+    pixels: the ids `video_question_inputs` makes for those frames, for a model given the video's features
+    already encoded (`mm_encoder_outputs`). `processor`: an `STGridPoolProcessor` (it counts the placeholders)."""
+    placeholders = processor.video_token * processor.num_video_tokens(num_frames)
+
+    def media_inputs(text: str):
+        ids = processor.tokenizer(text.replace(processor.video_token, placeholders), add_special_tokens=False)
+        return BatchFeature({"input_ids": torch.tensor([ids["input_ids"]], dtype=torch.long)})
+
+    return _question_inputs(processor, question, media_inputs)
+
+
+def _question_inputs(processor, question: str, media_inputs) -> BatchFeature:
+    """The template around `question`, its media part (the side of the question holding the template's `<video>`)
+    turned into inputs by `media_inputs(text)`, which expands the placeholders; the question's ids spliced in."""
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": MARKER}]}]
     prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
     if prompt.count(MARKER) != 1:
@@ -39,13 +64,7 @@ def video_question_inputs(processor, frames, question: str, **processor_kwargs):
     def text_ids(text: str, split_special_tokens: bool = False) -> list[int]:
         return tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
-    inputs = processor(
-        text=before if media_first else after,
-        videos=[frames],
-        add_special_tokens=False,
-        return_tensors="pt",
-        **processor_kwargs,
-    )
+    inputs = media_inputs(before if media_first else after)
     media_ids = inputs["input_ids"][0].tolist()
     question_ids = text_ids(question, split_special_tokens=True)
     if media_first:

@@ -25,8 +25,9 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_file_to_answer_smoke(tmp_path):
-    """benchmarks/bench_file_to_answer.py on a tiny model and tiny clips: every path runs, the lmms-eval model gives
-    the same answers with and without prefetching, and eager attention the same tokens as sdpa."""
+    """benchmarks/bench_file_to_answer.py on a tiny model and tiny clips: every path runs (the overlapped one to the
+    same first token as ours), the lmms-eval model gives the same answers with and without prefetching, and eager
+    attention the same tokens as sdpa."""
     import pytest
 
     pytest.importorskip("lmms_eval")
@@ -38,9 +39,12 @@ def test_bench_file_to_answer_smoke(tmp_path):
     results = json.loads(out.read_text())
     assert results["sections"] == ["ftft", "eval", "attn"] and results["processor_device"] == "cpu"
     frames = bench.SMOKE["frames"]
-    shapes = {name: results["ftft"][name]["frames_shape"] for name in ("ours", "ours_cpu_processor", "stock")}
+    paths = ("ours", "ours_cpu_processor", "ours_overlap", "stock")
+    shapes = {name: results["ftft"][name]["frames_shape"] for name in paths}
     assert all(shape[0] == frames for shape in shapes.values()), shapes
     assert results["ftft"]["ours"]["prompt_tokens"] < results["ftft"]["stock"]["prompt_tokens"]  # pooled video
+    overlap = results["ftft"]["ours_overlap"]
+    assert overlap["prompt_tokens"] == results["ftft"]["ours"]["prompt_tokens"] and overlap["same_token_as_ours"]
     assert results["ftft"]["processor_gpu_vs_cpu"]["max_abs_diff"] == 0.0  # both on the CPU here
     for kind in ("generate_until", "loglikelihood"):
         row = results["eval"][kind]

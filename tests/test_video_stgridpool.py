@@ -562,3 +562,52 @@ def test_other_error_in_a_decoding_thread_propagates(clips, monkeypatch):
     with pytest.raises(RuntimeError, match="not an FFmpeg error"):
         read_video_pyav(path, num_frames=8)
     assert failed and failed[0] != threading.get_ident() and not forward
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on_frame: the frames as they decode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, threads", [("mp4_h264_bframes_open_gop", 1), ("mp4_h264_bframes_open_gop", 4), ("avi_h264_bframes", 1)]
+)
+def test_on_frame_delivers_every_row_from_the_calling_thread(clips, monkeypatch, name, threads):
+    """Seeking (mp4, in one thread or a pool) or decoding forward (AVI): each sampled frame is delivered once, from the
+    calling thread, with every row it fills (a frame asked for twice: both rows, in one call), as the image the
+    returned array holds there."""
+    path = clips(name)
+    monkeypatch.setattr(video_stgridpool, "_decoding_threads", lambda: threads)
+    forward = record_calls(monkeypatch, "_forward")
+    indices = [149, 0, 75, 75, 23, 24, 48, 0, 131]
+    calls = []
+    video, _ = read_video_pyav(
+        path,
+        sample_indices_fn=lambda metadata: indices,
+        on_frame=lambda rows, image: calls.append((threading.get_ident(), list(rows), image)),
+    )
+    assert len(forward) == name.startswith("avi")
+    assert {thread for thread, _, _ in calls} == {threading.get_ident()}
+    assert len(calls) == len(set(indices))
+    assert sorted(row for _, rows, _ in calls for row in rows) == list(range(len(indices)))
+    for _, rows, image in calls:
+        assert len({indices[row] for row in rows}) == 1, rows
+        assert all(np.array_equal(image, video[row]) for row in rows), rows
+
+
+def test_on_frame_delivers_again_after_falling_back_to_decoding_forward(clips, monkeypatch):
+    """A seek that cannot be trusted sends decoding back to the start: the frames delivered before come again, and
+    the last delivery of each row is what the returned array holds."""
+    path = clips("mp4_h264_bframes_open_gop")
+    monkeypatch.setattr(video_stgridpool, "_decoding_threads", lambda: 1)
+    fail_seeking_at(monkeypatch, 131, video_stgridpool._Untrusted("made up"))  # the last of 8 sampled frames
+    deliveries, latest = [0] * 8, {}
+
+    def on_frame(rows, image):
+        for row in rows:
+            deliveries[row] += 1
+            latest[row] = image
+
+    video, _ = read_video_pyav(path, num_frames=8, on_frame=on_frame)
+    assert deliveries == [2] * 7 + [1]
+    assert all(np.array_equal(latest[row], video[row]) for row in range(8))
