@@ -472,7 +472,14 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="evaluation rounds (prefetch 0 and 2 each)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 16; 4 with --smoke)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (see below)")
     args = parser.parse_args(argv)
+    if args.deterministic:
+        # A random-weight model's logits are nearly flat: greedy answers of two runs on the same inputs part where
+        # the GPU's kernels are free to choose their summation order. Fixed, the answers of prefetch 0 and 2 can be
+        # compared token for token. cuBLAS reads its workspace setting when its first handle is made: set it first.
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True, warn_only=True)
     spec = SMOKE if args.smoke else FULL
     attn_names = args.attn.split(",")
     sections = args.only.split(",") if args.only else ["ftft", "eval"] + (["attn"] if len(attn_names) > 1 else [])
@@ -481,7 +488,12 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --smoke)")
-    results = dict(command=" ".join([sys.executable] + sys.argv), versions=versions(), sections=sections)
+    results = dict(
+        command=" ".join([sys.executable] + sys.argv),
+        versions=versions(),
+        sections=sections,
+        deterministic=args.deterministic,
+    )
     print(json.dumps(results["versions"]), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
 

@@ -75,5 +75,14 @@ b)
       timeout "${FA2_SECONDS:-240}" python3 setup.py build_ext --inplace; echo "rc $?"; date +%s; } > "$OUT/fa2_build.log" 2>&1
   grep -o "^\[[0-9]*/[0-9]*\]" "$OUT/fa2_build.log" | tail -1; tail -c 1500 "$OUT/fa2_build.log"
   ;;
-*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b"; exit 2;;
+c)  # a later, cold machine: file to first token with the tower overlapping decoding, and the evaluation's answers
+    # compared with deterministic GPU algorithms (DIR/a carried again)
+  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only ftft --json "$OUT/ftft_overlap.json" 2>&1 |
+    tee "$OUT/ftft_overlap.log"
+  python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval --deterministic --rounds 2 \
+    --json "$OUT/eval_deterministic.json" 2>&1 | grep -v "it/s\]" | tee "$OUT/eval_deterministic.log"
+  ;;
+*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a"; exit 2;;
 esac
