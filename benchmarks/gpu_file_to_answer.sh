@@ -6,14 +6,16 @@
 #   device call 1, carry [DIR/a, benchmarks/.old]:  bash benchmarks/gpu_file_to_answer.sh a DIR/a
 #       Transformers 5.25: the decoder against the one shipped at 21afcdb (issue 24), first token, throughput
 #   device call 2, carry [DIR/b], within 30 s (the machine must still be warm):
-#       bash benchmarks/gpu_file_to_answer.sh b DIR/b
+#       bash benchmarks/gpu_file_to_answer.sh b DIR/b     # flash_attention_4, then a bounded flash-attn 2 build
+#   any later call, carry [DIR/a/site.tar.xz]:  bash benchmarks/gpu_file_to_answer.sh c DIR/a
+#       first token with the tower overlapping decoding; the evaluation with --deterministic
 #
-# Both run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
-# holds the shipped reader (`python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`). Sizes when made: the site of
-# PyAV 15.1 + Transformers 5.25 + huggingface-hub 2.4 + lmms-eval 0.7.3 and their missing dependencies, 210 MB
-# unpacked, 37.0 MB as tar.xz; flash-attn-4 4.0.0b36 needs nvidia-cutlass-dsl 4.8.1 whose CUDA 13 library wheel alone
-# is 92.0 MB (237 MB unpacked; 63.5 MB with xz -9e, 16 minutes on 2 cores), plus 6.0 MB for the rest: split 22 MB
-# into call 1 and the remaining 47.5 MB into call 2.
+# All run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
+# holds the shipped reader: `python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`.
+# Sizes when made: the site of PyAV 15.1 + Transformers 5.25 + huggingface-hub 2.4 + lmms-eval 0.7.3 and their missing
+# dependencies, 210 MB unpacked, 37.0 MB as tar.xz; flash-attn-4 4.0.0b36 needs nvidia-cutlass-dsl 4.8.1 whose CUDA 13
+# library wheel alone is 92.0 MB (237 MB unpacked; 63.5 MB with xz -9e, 16 minutes on 2 cores), plus 6.0 MB for the
+# rest: split 22 MB into call 1 and the remaining 47.5 MB into call 2, with flash-attn 2's source (8.5 MB).
 set -o pipefail
 case "$1" in
 bundle)
