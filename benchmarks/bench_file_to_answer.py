@@ -330,6 +330,13 @@ def evaluation(lm, clips: list[Path], new_tokens: int, rounds: int) -> dict:
         all_answers = [r["answers"] for rs in runs.values() for r in rs]
         row["answers_identical"] = all(a == all_answers[0] for a in all_answers)
         row["distinct_answers"] = len({json.dumps(a) for a in all_answers[0]})
+        # Against the first sequential round, request by request: a later sequential round differing too says the
+        # GPU does not repeat itself, whatever prefetch does.
+        first = runs[0][0]["answers"]
+        row["requests_differing_from_first_sequential_round"] = {
+            f"prefetch_{prefetch}": [[i for i, (a, b) in enumerate(zip(r["answers"], first)) if a != b] for r in rs]
+            for prefetch, rs in runs.items()
+        }
         row["speedup"] = row["prefetch_0"]["wall_s"] / row["prefetch_2"]["wall_s"]
         result[kind] = row
     lm.prefetch = 2
@@ -581,7 +588,8 @@ def print_eval(r: dict) -> None:
             print(f"| {kind} | {prefetch} | {x['wall_s']:.2f} | {x['videos_per_hour']:.0f} | {run['decode_s']:.2f} | "
                   f"{run['model_s']:.2f} |")  # fmt: skip
         print(f"{kind}: {r[kind]['speedup']:.2f}x; answers identical: {r[kind]['answers_identical']} "
-              f"({r[kind]['distinct_answers']} distinct)")  # fmt: skip
+              f"({r[kind]['distinct_answers']} distinct); requests differing from the first prefetch 0 round: "
+              f"{r[kind]['requests_differing_from_first_sequential_round']}")  # fmt: skip
 
 
 def print_attn(r: dict, names: list[str]) -> None:

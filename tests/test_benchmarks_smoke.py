@@ -49,6 +49,7 @@ def test_bench_file_to_answer_smoke(tmp_path):
     for kind in ("generate_until", "loglikelihood"):
         row = results["eval"][kind]
         assert row["answers_identical"] and row["distinct_answers"] > 1, row
+        assert row["requests_differing_from_first_sequential_round"] == {"prefetch_0": [[]], "prefetch_2": [[]]}
         assert len(row["prefetch_2"]["answers"]) == len(bench.SMOKE["eval_seconds"])
     eager = results["attn"]["eager"]
     assert eager["text_attn"] == eager["vision_attn"] == "eager" and results["attn"]["sdpa"]["text_attn"] == "sdpa"
