@@ -475,7 +475,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model, tiny clips, CPU: the script runs")
     parser.add_argument("--only", default=None, help=f"comma-separated sections of {SECTIONS} (default: ftft,eval, "
                         "and attn when --attn names two or more)")  # fmt: skip
-    parser.add_argument("--attn", default="sdpa", help="attention implementations, the first the reference")
+    parser.add_argument("--attn", default="sdpa", help="attention implementations, the first the reference "
+                        "and the one the ftft and eval sections use")  # fmt: skip
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="evaluation rounds (prefetch 0 and 2 each)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 16; 4 with --smoke)")
@@ -543,7 +544,8 @@ def main(argv=None) -> int:
         from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
 
         lm = STGridPoolLMM(pretrained=str(checkpoint), device=device, dtype=str(dtype).removeprefix("torch."),
-                           max_frames_num=spec["frames"])  # fmt: skip
+                           max_frames_num=spec["frames"], attn_implementation=attn_names[0])  # fmt: skip
+        results["attn_implementation"] = attn_names[0]
         results["processor_device"] = str(lm.processor_device)
         if "ftft" in sections:
             results["ftft"] = file_to_first_token(

@@ -7,24 +7,38 @@ on the GPU, `generate` greedy) `--runs` times in one process, on the benchmark's
 records every leaf module's input and output at every forward call. It prints, for each run, where it first departs
 from the first run: the forward call (0 = the prompt, k = the k-th generated token's step), the module, and whether
 that module's input was still equal (then the module's own op differs) or not (then an op between modules does,
-e.g. the attention kernel inside `self_attn`, whose first leaf after it is `o_proj`).
+e.g. the attention kernel inside `self_attn`, whose first leaf after it is `o_proj`). It does so for each of
+`--variants`: attention as Transformers' `sdpa` leaves PyTorch to pick the kernel, `sdpa` held to one PyTorch backend
+(`torch.nn.attention.sdpa_kernel`; `same_as_first_variant_run_0` says whether it is the one picked), and `eager`.
 
     python -m benchmarks.decode_repro --work /dev/shm/fta --json $OUT/decode_repro.json
     python -m benchmarks.decode_repro --work /tmp/fta --smoke    # tiny, CPU: the script runs
 """
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_file_to_answer import FULL, QUESTION, SMOKE, build_config, build_processors, make_clip  # noqa: E402
+
+VARIANTS = {
+    "sdpa": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "eager": None,
+}
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -83,6 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
     args = parser.parse_args(argv)
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from stgridpool.demo import build_tiny_tokenizer
@@ -103,33 +118,56 @@ def main(argv=None) -> int:
     recorder = Recorder(model)
     content = [{"type": "video"}, {"type": "text", "text": f"clip 0 : {QUESTION}"}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    runs = []
-    for _ in range(args.runs):
+
+    def one_run(attention) -> dict:
         frames = load_video(str(clip), spec["frames"])
         inputs = processor(text=[prompt], videos=[frames], return_tensors="pt", device=processor_device(model))
         inputs = inputs.to(device)
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
         recorder.start()
-        with torch.inference_mode():
+        with torch.inference_mode(), attention():
             out = model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)  # fmt: skip
         top2 = [step[0].float().topk(2).values for step in out.logits]
-        runs.append(dict(pixels=fingerprint(inputs["pixel_values_videos"]).item(), records=recorder.records,
-                         tokens=out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
-                         top2_gaps=[(v[0] - v[1]).item() for v in top2]))  # fmt: skip
+        return dict(pixels=fingerprint(inputs["pixel_values_videos"]).item(), records=recorder.records,
+                    tokens=out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
+                    top2_gaps=[(v[0] - v[1]).item() for v in top2])  # fmt: skip
+
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                  records_per_run=len(runs[0]["records"]), runs=[])  # fmt: skip
-    for i, run in enumerate(runs):
+                  variants={})  # fmt: skip
+    default_first = None
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {variant!r}; allowed: {', '.join(VARIANTS)}")
+        model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
+        backend = VARIANTS[variant]
+        attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
+        started = time.perf_counter()
+        try:
+            runs = [one_run(attention) for _ in range(args.runs)]
+        except RuntimeError as error:  # a backend that cannot take these shapes
+            report["variants"][variant] = dict(error=str(error).splitlines()[0])
+            print(variant, "error:", report["variants"][variant]["error"], flush=True)
+            continue
+        default_first = default_first or runs[0]["records"]
         row = dict(
-            run=i,
-            same_pixels=run["pixels"] == runs[0]["pixels"],
-            same_tokens=run["tokens"] == runs[0]["tokens"],
-            tokens=run["tokens"],
-            top2_gaps=run["top2_gaps"],
-            first_departure=first_departure(runs[0]["records"], run["records"]) if i else None,
+            seconds=time.perf_counter() - started,
+            repeats_itself=all(run["tokens"] == runs[0]["tokens"] for run in runs),
+            same_as_first_variant_run_0=first_departure(default_first, runs[0]["records"]) is None,
+            runs=[],
         )
-        report["runs"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
+        for i, run in enumerate(runs):
+            row["runs"].append(dict(
+                same_pixels=run["pixels"] == runs[0]["pixels"],
+                same_tokens=run["tokens"] == runs[0]["tokens"],
+                tokens=run["tokens"],
+                top2_gaps=run["top2_gaps"],
+                first_departure=first_departure(runs[0]["records"], run["records"]) if i else None,
+            ))  # fmt: skip
+        report["variants"][variant] = row
+        print(variant, json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+        for run in row["runs"][1:]:
+            print("   ", json.dumps(run["first_departure"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0
