@@ -481,9 +481,6 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="evaluation rounds (prefetch 0 and 2 each)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated (default 16; 4 with --smoke)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (see below)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="the model's (default bfloat16; float32 with --smoke): float32 leaves greedy decoding "
-                        "far fewer near-ties for rounding to flip, for comparing answers")  # fmt: skip
     args = parser.parse_args(argv)
     if args.deterministic:
         # A random-weight model's logits are nearly flat: greedy answers of two runs on the same inputs part where
@@ -496,7 +493,7 @@ def main(argv=None) -> int:
     sections = args.only.split(",") if args.only else ["ftft", "eval"] + (["attn"] if len(attn_names) > 1 else [])
     new_tokens = args.new_tokens or (4 if args.smoke else 16)
     device = "cpu" if args.smoke else "cuda"
-    dtype = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
+    dtype = torch.float32 if args.smoke else torch.bfloat16
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --smoke)")
     results = dict(
