@@ -339,6 +339,9 @@ def evaluation(lm, clips: list[Path], new_tokens: int, rounds: int) -> dict:
         }
         row["speedup"] = row["prefetch_0"]["wall_s"] / row["prefetch_2"]["wall_s"]
         result[kind] = row
+        # printed as each kind ends: a run cut short by its time limit still shows the kinds it finished
+        brief = {k: row[k] for k in ("speedup", "answers_identical", "requests_differing_from_first_sequential_round")}
+        print(kind, json.dumps(brief), flush=True)
     lm.prefetch = 2
     return result
 

@@ -9,8 +9,8 @@
 #       bash benchmarks/gpu_file_to_answer.sh b DIR/b     # flash_attention_4, then a bounded flash-attn 2 build
 #   any later call, carry [DIR/a/site.tar.xz]:  bash benchmarks/gpu_file_to_answer.sh c DIR/a
 #       first token with the tower overlapping decoding; the evaluation with --deterministic
-#   d, as c: where bf16 greedy decoding departs from one run to the next, per attention kernel
-#       (benchmarks/decode_repro.py), then the evaluation with eager attention
+#   d, as c: the evaluation with eager attention, then where bf16 greedy decoding departs from one run to the next,
+#       per attention kernel (benchmarks/decode_repro.py)
 #
 # All run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
 # holds the shipped reader: `python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`.
@@ -88,14 +88,15 @@ c)  # a later, cold machine: file to first token with the tower overlapping deco
   python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval --deterministic --rounds 2 \
     --json "$OUT/eval_deterministic.json" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$OUT/eval_deterministic.log"
   ;;
-d)  # issue 25's open item: where bf16 greedy decoding departs from one run to the next, per attention kernel; then
-    # the evaluation's answers, prefetch 0 against 2, with eager attention (DIR/a/site.tar.xz carried)
+d)  # issue 25's open item: the evaluation's answers, prefetch 0 against 2, with eager attention; then where bf16
+    # greedy decoding departs from one run to the next, per attention kernel (DIR/a/site.tar.xz carried)
   mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
   export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-  timeout 200 python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 --json "$OUT/decode_repro.json" 2>&1 |
-    tee "$OUT/decode_repro.log"
-  python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval --attn eager --rounds 2 \
-    --json "$OUT/eval_eager.json" 2>&1 | grep --line-buffered -v "it/s\]" | tee "$OUT/eval_eager.log"
+  timeout "${EVAL_SECONDS:-330}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
+    --attn eager --rounds "${ROUNDS:-2}" --json "$OUT/eval_eager.json" 2>&1 | grep --line-buffered -v "it/s\]" |
+    tee "$OUT/eval_eager.log"
+  timeout "${REPRO_SECONDS:-100}" python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 \
+    --variants sdpa,flash,cudnn,eager --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
 *) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a"; exit 2;;
 esac
