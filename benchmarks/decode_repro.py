@@ -5,11 +5,12 @@ different bf16 `generate_until` answers on an H100 while every first token and e
 This runs what one such request runs (the 30 s 720p clip decoded with the lmms-eval model's `load_video`, the processor
 on the GPU, `generate` greedy) `--runs` times in one process, on the benchmark's 7B-shaped random-weight model, and
 records every leaf module's input and output at every forward call. It prints, for each run, where it first departs
-from the first run: the forward call (0 = the prompt, k = the k-th generated token's step), the module, and whether
-that module's input was still equal (then the module's own op differs) or not (then an op between modules does,
-e.g. the attention kernel inside `self_attn`, whose first leaf after it is `o_proj`). It does so for each of
-`--variants`: attention as Transformers' `sdpa` leaves PyTorch to pick the kernel, `sdpa` held to one PyTorch backend
-(`torch.nn.attention.sdpa_kernel`; `same_as_first_variant_run_0` says whether it is the one picked), and `eager`.
+from the first run: the forward call (0 = the prompt, k = the step reading the k-th generated token), the module,
+and whether that module's input was still equal (then the module's own op differs) or not (then an op between
+modules does, e.g. the attention kernel inside `self_attn`, whose first leaf after it is `o_proj`). It does so for
+each of `--variants`: attention as Transformers' `sdpa` leaves PyTorch to pick the kernel, `sdpa` held to one
+PyTorch backend (`torch.nn.attention.sdpa_kernel`; `same_as_first_variant_run_0` says whether it is the one picked),
+and `eager`.
 
     python -m benchmarks.decode_repro --work /dev/shm/fta --json $OUT/decode_repro.json
     python -m benchmarks.decode_repro --work /tmp/fta --smoke    # tiny, CPU: the script runs
@@ -133,8 +134,10 @@ def main(argv=None) -> int:
                     tokens=out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
                     top2_gaps=[(v[0] - v[1]).item() for v in top2])  # fmt: skip
 
+    import transformers
+
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                  variants={})  # fmt: skip
+                  transformers=transformers.__version__, variants={})  # fmt: skip
     default_first = None
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
