@@ -486,9 +486,10 @@ def main(argv=None) -> int:
     parser.add_argument("--deterministic", action="store_true", help="deterministic GPU algorithms (see below)")
     args = parser.parse_args(argv)
     if args.deterministic:
-        # A random-weight model's logits are nearly flat: greedy answers of two runs on the same inputs part where
-        # the GPU's kernels are free to choose their summation order. Fixed, the answers of prefetch 0 and 2 can be
-        # compared token for token. cuBLAS reads its workspace setting when its first handle is made: set it first.
+        # PyTorch's deterministic switches (run C of RESULTS.md used them). They did not make bf16 greedy decoding
+        # repeat itself on the H100: warn_only lets an op without a deterministic version run, and the attention
+        # kernel of a decoding step still differed from run to run (benchmarks/decode_repro.py). cuBLAS reads its
+        # workspace setting when its first handle is made: set it first.
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
         torch.use_deterministic_algorithms(True, warn_only=True)
     spec = SMOKE if args.smoke else FULL
