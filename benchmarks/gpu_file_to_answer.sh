@@ -10,7 +10,7 @@
 #   any later call, carry [DIR/a/site.tar.xz]:  bash benchmarks/gpu_file_to_answer.sh c DIR/a
 #       first token with the tower overlapping decoding; the evaluation with --deterministic
 #   d, as c: the evaluation with eager attention, then where bf16 greedy decoding departs from one run to the next,
-#       per attention kernel (benchmarks/decode_repro.py)
+#       per attention kernel (benchmarks/decode_repro.py); e, as d: only the latter
 #
 # All run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
 # holds the shipped reader: `python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`.
@@ -98,5 +98,11 @@ d)  # issue 25's open item: the evaluation's answers, prefetch 0 against 2, with
   timeout "${REPRO_SECONDS:-100}" python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 \
     --variants sdpa,flash,cudnn,eager --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
-*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a"; exit 2;;
+e)  # decode_repro alone, the variants that answer most first (DIR/a/site.tar.xz carried)
+  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  timeout "${REPRO_SECONDS:-150}" python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 \
+    --variants sdpa,eager,flash,cudnn,math --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
+  ;;
+*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a | e DIR/a"; exit 2;;
 esac
