@@ -38,6 +38,7 @@ def test_bench_file_to_answer_smoke(tmp_path):
     assert bench.main(args) == 0
     results = json.loads(out.read_text())
     assert results["sections"] == ["ftft", "eval", "attn"] and results["processor_device"] == "cpu"
+    assert results["attn_implementation"] == "sdpa"  # --attn's first, for the ftft and eval models
     frames = bench.SMOKE["frames"]
     paths = ("ours", "ours_cpu_processor", "ours_overlap", "stock")
     shapes = {name: results["ftft"][name]["frames_shape"] for name in paths}
@@ -55,3 +56,31 @@ def test_bench_file_to_answer_smoke(tmp_path):
     assert eager["text_attn"] == eager["vision_attn"] == "eager" and results["attn"]["sdpa"]["text_attn"] == "sdpa"
     assert eager["same_tokens_as_sdpa"] and eager["first_logits_max_abs_diff_vs_sdpa"] < 1e-4
     assert eager["padded_batch_vs_alone_max_abs_diff"] < 1e-4
+
+
+def test_decode_repro_smoke(tmp_path):
+    """benchmarks/decode_repro.py on a tiny model: on the CPU every run repeats the first bit for bit, and a value
+    changed in one bit is found where it was changed."""
+    import pytest
+    import torch
+
+    pytest.importorskip("lmms_eval")  # it decodes with the lmms-eval model's load_video
+    from benchmarks import decode_repro
+
+    out = tmp_path / "repro.json"
+    args = ["--smoke", "--work", str(tmp_path), "--runs", "2", "--new-tokens", "3", "--variants", "sdpa,eager"]
+    assert decode_repro.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for name in ("sdpa", "eager"):
+        variant = report["variants"][name]
+        assert variant["repeats_itself"] and len(variant["runs"]) == 2, variant
+        assert variant["runs"][1]["same_pixels"] and variant["runs"][1]["first_departure"] is None
+    assert report["variants"]["sdpa"]["same_as_first_variant_run_0"]
+
+    value = torch.randn(64, dtype=torch.bfloat16)
+    changed = value.clone()
+    changed.view(torch.int16)[7] += 1  # the next bf16 value, one element
+    records = [(0, "a", "out", decode_repro.fingerprint(value), value)]
+    departure = decode_repro.first_departure(records, [(0, "a", "out", decode_repro.fingerprint(changed), changed)])
+    assert departure["module"] == "a" and departure["elements_differing"] == 1
+    assert decode_repro.first_departure(records, records) is None
