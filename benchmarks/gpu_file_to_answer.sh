@@ -10,7 +10,8 @@
 #   any later call, carry [DIR/a/site.tar.xz]:  bash benchmarks/gpu_file_to_answer.sh c DIR/a
 #       first token with the tower overlapping decoding; the evaluation with --deterministic
 #   d, as c: the evaluation with eager attention, then where bf16 greedy decoding departs from one run to the next,
-#       per attention kernel (benchmarks/decode_repro.py); e, as d: only the latter
+#       per attention kernel (benchmarks/decode_repro.py); e, as d: only the latter. Their limits, to fit the device
+#       time left: EVAL_SECONDS (330), ROUNDS (2), REPRO_SECONDS (d 100, e 150)
 #
 # All run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
 # holds the shipped reader: `python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`.
