@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of " + ",".join(VARIANTS))
     args = parser.parse_args(argv)
+    import transformers
+
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from stgridpool.demo import build_tiny_tokenizer
     from stgridpool.integrations.lmms_eval.lmms_model import load_video
@@ -134,8 +136,6 @@ def main(argv=None) -> int:
                     tokens=out.sequences[0, inputs["input_ids"].shape[1]:].tolist(),
                     top2_gaps=[(v[0] - v[1]).item() for v in top2])  # fmt: skip
 
-    import transformers
-
     report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                   transformers=transformers.__version__, variants={})  # fmt: skip
     default_first = None
@@ -153,19 +153,21 @@ def main(argv=None) -> int:
             print(variant, "error:", report["variants"][variant]["error"], flush=True)
             continue
         default_first = default_first or runs[0]["records"]
+        departures = [None] + [first_departure(runs[0]["records"], run["records"]) for run in runs[1:]]
         row = dict(
             seconds=time.perf_counter() - started,
-            repeats_itself=all(run["tokens"] == runs[0]["tokens"] for run in runs),
+            same_bits_every_run=all(departure is None for departure in departures),
+            same_tokens_every_run=all(run["tokens"] == runs[0]["tokens"] for run in runs),
             same_as_first_variant_run_0=first_departure(default_first, runs[0]["records"]) is None,
             runs=[],
         )
-        for i, run in enumerate(runs):
+        for run, departure in zip(runs, departures):
             row["runs"].append(dict(
                 same_pixels=run["pixels"] == runs[0]["pixels"],
                 same_tokens=run["tokens"] == runs[0]["tokens"],
                 tokens=run["tokens"],
                 top2_gaps=run["top2_gaps"],
-                first_departure=first_departure(runs[0]["records"], run["records"]) if i else None,
+                first_departure=departure,
             ))  # fmt: skip
         report["variants"][variant] = row
         print(variant, json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
