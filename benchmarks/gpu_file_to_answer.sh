@@ -12,6 +12,7 @@
 #   d, as c: the evaluation with eager attention, then where bf16 greedy decoding departs from one run to the next,
 #       per attention kernel (benchmarks/decode_repro.py); e, as d: only the latter. Their limits, to fit the device
 #       time left: EVAL_SECONDS (330), ROUNDS (2), REPRO_SECONDS (d 100, e 150)
+#   f, as d: the evaluation with every sdpa call held to PyTorch's flash kernel (EVAL_SECONDS 400, ROUNDS)
 #
 # All run in the checkout the device tool sends. DIR must be an ignored folder of it (e.g. .gpu); benchmarks/.old
 # holds the shipped reader: `python -c "from benchmarks.bench_decode import extract_shipped; extract_shipped()"`.
@@ -105,5 +106,13 @@ e)  # decode_repro alone, the variants that answer most first (DIR/a/site.tar.xz
   timeout "${REPRO_SECONDS:-150}" python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 \
     --variants sdpa,eager,flash,cudnn,math --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
-*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a | e DIR/a"; exit 2;;
+f)  # the evaluation, prefetch 0 against 2, with every sdpa call held to PyTorch's flash kernel: the one that repeated
+    # itself bit for bit in d's decode_repro (DIR/a/site.tar.xz carried)
+  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  timeout "${EVAL_SECONDS:-400}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
+    --sdpa-backend FLASH_ATTENTION --rounds "${ROUNDS:-2}" --json "$OUT/eval_flash.json" 2>&1 |
+    grep --line-buffered -v "it/s\]" | tee "$OUT/eval_flash.log"
+  ;;
+*) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a | e DIR/a | f DIR/a"; exit 2;;
 esac
