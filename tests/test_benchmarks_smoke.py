@@ -34,9 +34,11 @@ def test_bench_file_to_answer_smoke(tmp_path):
     from benchmarks import bench_file_to_answer as bench
 
     out = tmp_path / "fta.json"
-    args = ["--smoke", "--work", str(tmp_path / "work"), "--json", str(out), "--reps", "1", "--attn", "sdpa,eager"]
+    args = ["--smoke", "--work", str(tmp_path / "work"), "--json", str(out), "--reps", "1", "--attn", "sdpa,eager",
+            "--sdpa-backend", "MATH"]
     assert bench.main(args) == 0
     results = json.loads(out.read_text())
+    assert results["sdpa_backend"] == "MATH"
     assert results["sections"] == ["ftft", "eval", "attn"] and results["processor_device"] == "cpu"
     assert results["attn_implementation"] == "sdpa"  # --attn's first, for the ftft and eval models
     frames = bench.SMOKE["frames"]
