@@ -111,7 +111,7 @@ f)  # the evaluation, prefetch 0 against 2, with every sdpa call held to PyTorch
   mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
   export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
   timeout "${EVAL_SECONDS:-400}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
-    --sdpa-backend FLASH_ATTENTION --rounds "${ROUNDS:-2}" --json "$OUT/eval_flash.json" 2>&1 |
+    --sdpa-backend flash --rounds "${ROUNDS:-2}" --json "$OUT/eval_flash.json" 2>&1 |
     grep --line-buffered -v "it/s\]" | tee "$OUT/eval_flash.log"
   ;;
 *) echo "usage: $0 bundle DIR | a DIR/a | b DIR/b | c DIR/a | d DIR/a | e DIR/a | f DIR/a"; exit 2;;

@@ -35,10 +35,10 @@ def test_bench_file_to_answer_smoke(tmp_path):
 
     out = tmp_path / "fta.json"
     args = ["--smoke", "--work", str(tmp_path / "work"), "--json", str(out), "--reps", "1", "--attn", "sdpa,eager",
-            "--sdpa-backend", "MATH"]
+            "--sdpa-backend", "math"]
     assert bench.main(args) == 0
     results = json.loads(out.read_text())
-    assert results["sdpa_backend"] == "MATH"
+    assert results["sdpa_backend"] == "math"
     assert results["sections"] == ["ftft", "eval", "attn"] and results["processor_device"] == "cpu"
     assert results["attn_implementation"] == "sdpa"  # --attn's first, for the ftft and eval models
     frames = bench.SMOKE["frames"]

@@ -150,6 +150,7 @@ def test_model_args_reach_model_and_processor(bench):
         ("max_frames_num=0", "model_args max_frames_num=0 is invalid"),
         ("prefetch=1.5", "model_args prefetch=1.5 is invalid"),
         ("frame_sampling=fps", "model_args frame_sampling='fps' is invalid"),
+        ("sdpa_backend=fa2", "model_args sdpa_backend='fa2' is invalid: allowed are flash, efficient, cudnn, math"),
         ("dtype=fp8", "model_args dtype='fp8' is invalid"),
         ("batch_size=auto", "model_args batch_size='auto' is invalid"),
         ("trust_remote_code=maybe", "model_args trust_remote_code='maybe' is invalid: allowed are true/false, yes/no"),
@@ -813,3 +814,24 @@ def test_prefetch_error_surfaces_at_its_request(bench, prefetch_lm, monkeypatch,
     with pytest.raises(VideoDecodeError, match="bad.mp4"):
         lm.generate_until(requests)
     assert state["model_calls"] == 2
+
+
+def test_sdpa_backend_holds_every_attention_call_to_one_kernel(bench):
+    """sdpa_backend=math scores as PyTorch's own pick does, to float rounding; sdpa_backend=efficient (a CUDA-only
+    kernel) finds no kernel on the CPU, in generation and in scoring: the setting reaches the model's attention."""
+    from stgridpool.integrations.lmms_eval.lmms_model import STGridPoolLMM
+
+    scores = {}
+    for backend in (None, "math", "efficient"):
+        extra = "" if backend is None else f",sdpa_backend={backend}"
+        lm = STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4{extra}")
+        assert lm.model.config.text_config._attn_implementation == "sdpa"
+        for request_type in ("generate_until", "loglikelihood"):
+            docs, requests = lmms_requests(bench, 2, request_type)
+            lm.task_dict = docs
+            if backend == "efficient":
+                with pytest.raises(RuntimeError, match="No viable backend"):
+                    getattr(lm, request_type)(requests)
+            elif request_type == "loglikelihood":
+                scores[backend] = [nll for nll, _ in lm.loglikelihood(requests)]
+    assert scores["math"] == pytest.approx(scores[None], rel=1e-5)

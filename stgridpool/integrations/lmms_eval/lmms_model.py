@@ -14,6 +14,7 @@ a bounded queue, so memory does not grow with the number of requests, and the an
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -24,6 +25,7 @@ from accelerate import Accelerator
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from configuration_stgridpool import STGRIDPOOL_FIELDS
@@ -32,13 +34,22 @@ from stgridpool.prompt import processor_device
 
 LOADER_ARGS = (
     "pretrained", "revision", "device", "device_map", "dtype", "attn_implementation", "batch_size", "max_frames_num",
-    "frame_sampling", "trust_remote_code", "prefetch",
+    "frame_sampling", "trust_remote_code", "prefetch", "sdpa_backend",
 )
 # `uniform`: `max_frames_num` frames evenly spaced (lmms-eval's llava_onevision / llava_hf models), every frame of a
 # shorter video. `authors`: one frame a second, capped at `max_frames_num` (lmms-eval's llava_vid model, as the
 # paper's runs).
 FRAME_SAMPLINGS = ("uniform", "authors")
 DEFAULT_MAX_NEW_TOKENS = 1024  # a request whose task names no max_new_tokens
+# `sdpa_backend`: one of PyTorch's attention kernels for every `sdpa` call, instead of PyTorch's pick per call. On an
+# H100 its pick for a decoding step did not give the same bits from run to run, so bf16 greedy answers could differ
+# between two runs of one task; with `flash` they repeated themselves bit for bit.
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def uniform_indices(total_num_frames: int, max_frames_num: int) -> np.ndarray:
@@ -125,7 +136,8 @@ class STGridPoolLMM(lmms):
     """lmms-eval model `stgridpool`: generation (`generate_until`) and multiple-choice (`loglikelihood`) tasks on
     videos (decoded with PyAV, frames picked by `frame_sampling`, at most `max_frames_num`) and images, batch size 1.
     The next `prefetch` requests are decoded and processed while the model runs (0: one after the other); the
-    processors run on the model's GPU when it is on one (`stgridpool.prompt.processor_device`).
+    processors run on the model's GPU when it is on one (`stgridpool.prompt.processor_device`). `sdpa_backend`
+    holds the model's `sdpa` attention to one PyTorch kernel (`SDPA_BACKENDS`).
 
     Prompts are the task's own (`doc_to_text` with the `default` block of its `lmms_eval_specific_kwargs`: this
     model has no block of its own), as in the paper's runs."""
@@ -146,6 +158,7 @@ class STGridPoolLMM(lmms):
         max_frames_num: int = 32,
         trust_remote_code: bool = False,
         prefetch: int = 2,
+        sdpa_backend: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -162,6 +175,9 @@ class STGridPoolLMM(lmms):
             raise ValueError(f"model_args max_frames_num={max_frames_num!r} is invalid: allowed are integers >= 1")
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ValueError(f"model_args prefetch={prefetch!r} is invalid: allowed are integers >= 0 (0: none)")
+        if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
+            allowed = ", ".join(SDPA_BACKENDS)
+            raise ValueError(f"model_args sdpa_backend={sdpa_backend!r} is invalid: allowed are {allowed}")
         if frame_sampling not in FRAME_SAMPLINGS:
             allowed = ", ".join(FRAME_SAMPLINGS)
             raise ValueError(f"model_args frame_sampling={frame_sampling!r} is invalid: allowed are {allowed}")
@@ -227,6 +243,7 @@ class STGridPoolLMM(lmms):
         self.max_frames_num = max_frames_num
         self.frame_sampling = frame_sampling
         self.prefetch = prefetch
+        self.sdpa_backend = sdpa_backend
         self.processor_device = processor_device(self._model)
         self.batch_size_per_gpu = 1
 
@@ -245,6 +262,12 @@ class STGridPoolLMM(lmms):
     @property
     def batch_size(self):
         return self.batch_size_per_gpu
+
+    def _attention(self):
+        """The context the model runs in: every `sdpa` call held to `sdpa_backend`'s kernel, if one is named."""
+        if self.sdpa_backend is None:
+            return contextlib.nullcontext()
+        return sdpa_kernel(SDPA_BACKENDS[self.sdpa_backend])
 
     def _inputs(self, context: str, visuals: list, continuation: str | None = None):
         """Processor inputs for one request: the chat-formatted prompt (plus `continuation` as the assistant's
@@ -302,7 +325,7 @@ class STGridPoolLMM(lmms):
             )
             if do_sample:
                 generate_kwargs.update(temperature=temperature, top_p=gen_kwargs.get("top_p") or 1.0)
-            with torch.inference_mode():
+            with torch.inference_mode(), self._attention():
                 output = self.model.generate(**inputs, **generate_kwargs)
             text = self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             for stop in until:
@@ -330,7 +353,7 @@ class STGridPoolLMM(lmms):
         for inputs, prompt_len in tqdm(
             prepared, total=len(requests), disable=self.rank != 0, desc="stgridpool loglikelihood"
         ):
-            with torch.inference_mode():
+            with torch.inference_mode(), self._attention():
                 logits = self.model(**inputs).logits[0].float()
             targets = inputs["input_ids"][0, prompt_len:]
             log_probs = torch.log_softmax(logits[prompt_len - 1 : -1], dim=-1)
