@@ -823,8 +823,8 @@ def test_sdpa_backend_holds_every_attention_call_to_one_kernel(bench):
 
     scores = {}
     for backend in (None, "math", "efficient"):
-        extra = "" if backend is None else f",sdpa_backend={backend}"
-        lm = STGridPoolLMM.create_from_arg_string(f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4{extra}")
+        args = f"pretrained={bench['checkpoint']},device=cpu,max_frames_num=4"
+        lm = STGridPoolLMM.create_from_arg_string(args if backend is None else f"{args},sdpa_backend={backend}")
         assert lm.model.config.text_config._attn_implementation == "sdpa"
         for request_type in ("generate_until", "loglikelihood"):
             docs, requests = lmms_requests(bench, 2, request_type)
