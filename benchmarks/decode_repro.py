@@ -9,8 +9,8 @@ from the first run: the forward call (0 = the prompt, k = the step reading the k
 and whether that module's input was still equal (then the module's own op differs) or not (then an op between
 modules does, e.g. the attention kernel inside `self_attn`, whose first leaf after it is `o_proj`). It does so for
 each of `--variants`: attention as Transformers' `sdpa` leaves PyTorch to pick the kernel, `sdpa` held to one
-PyTorch backend (`torch.nn.attention.sdpa_kernel`; `same_as_first_variant_run_0` says whether it is the one picked),
-and `eager`.
+PyTorch backend (`torch.nn.attention.sdpa_kernel`; `same_as_first_variant_run_0` says whether its first run gave
+the first variant's bits, which names PyTorch's pick only where the two repeat themselves), and `eager`.
 
     python -m benchmarks.decode_repro --work /dev/shm/fta --json $OUT/decode_repro.json
     python -m benchmarks.decode_repro --work /tmp/fta --smoke    # tiny, CPU: the script runs
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -32,14 +32,8 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.bench_file_to_answer import FULL, QUESTION, SMOKE, build_config, build_processors, make_clip  # noqa: E402
 
-VARIANTS = {
-    "sdpa": None,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "eager": None,
-}
+# `sdpa` as PyTorch picks per call, `sdpa` held to one kernel (the lmms-eval model's `sdpa_backend` names), `eager`
+VARIANTS = ("sdpa", "flash", "efficient", "math", "cudnn", "eager")
 
 
 def fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -104,7 +98,7 @@ def main(argv=None) -> int:
 
     from modeling_stgridpool_llava import STGridPoolLlavaOnevisionForConditionalGeneration
     from stgridpool.demo import build_tiny_tokenizer
-    from stgridpool.integrations.lmms_eval.lmms_model import load_video
+    from stgridpool.integrations.lmms_eval.lmms_model import SDPA_BACKENDS, load_video
     from stgridpool.prompt import processor_device
 
     spec = SMOKE if args.smoke else FULL
@@ -143,7 +137,7 @@ def main(argv=None) -> int:
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: unknown {variant!r}; allowed: {', '.join(VARIANTS)}")
         model.set_attn_implementation("eager" if variant == "eager" else "sdpa")
-        backend = VARIANTS[variant]
+        backend = SDPA_BACKENDS.get(variant)
         attention = (lambda: sdpa_kernel(backend)) if backend is not None else contextlib.nullcontext
         started = time.perf_counter()
         try:
