@@ -107,10 +107,10 @@ e)  # decode_repro alone, the variants that answer most first (DIR/a/site.tar.xz
     --variants sdpa,eager,flash,cudnn,math --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
 f)  # the evaluation, prefetch 0 against 2, with every sdpa call held to PyTorch's flash kernel: the one that repeated
-    # itself bit for bit in d's decode_repro (DIR/a/site.tar.xz carried); ONLY=ftft,eval adds file to first token
+    # itself bit for bit in d's decode_repro (DIR/a/site.tar.xz carried)
   mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
   export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
-  timeout "${EVAL_SECONDS:-400}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only "${ONLY:-eval}" \
+  timeout "${EVAL_SECONDS:-400}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
     --sdpa-backend flash --rounds "${ROUNDS:-2}" --json "$OUT/eval_flash.json" 2>&1 |
     grep --line-buffered -v "it/s\]" | tee "$OUT/eval_flash.log"
   ;;
