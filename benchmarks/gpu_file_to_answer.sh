@@ -21,6 +21,11 @@
 # library wheel alone is 92.0 MB (237 MB unpacked; 63.5 MB with xz -9e, 16 minutes on 2 cores), plus 6.0 MB for the
 # rest: split 22 MB into call 1 and the remaining 47.5 MB into call 2, with flash-attn 2's source (8.5 MB).
 set -o pipefail
+# the carried site (DIR/a/site.tar.xz) first on the import path, offline, output unbuffered for the logs
+use_site() {
+  mkdir -p /tmp/site && tar -xJf "$1/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
+  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+}
 case "$1" in
 bundle)
   out=$(realpath -m "$2"); work=$(mktemp -d); mkdir -p "$out/a" "$out/b"
@@ -49,8 +54,8 @@ bundle)
   rm -rf "$work"; du -sh "$out"/a "$out"/b
   ;;
 a)
-  mkdir -p /tmp/site /tmp/fa_parts && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 && cp "$2/fa.part1" /tmp/fa_parts/ || exit 3
-  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  use_site "$2"
+  mkdir -p /tmp/fa_parts && cp "$2/fa.part1" /tmp/fa_parts/ || exit 3
   { nvidia-smi --query-gpu=name,driver_version --format=csv; nproc; python3 -c "import transformers, huggingface_hub, \
 av, lmms_eval.api.model, torch; print(transformers.__version__, huggingface_hub.__version__, av.__version__, \
 torch.__version__)"; } 2>&1 | tee "$OUT/env_a.txt" || exit 4
@@ -83,8 +88,7 @@ b)
   ;;
 c)  # a later, cold machine: file to first token with the tower overlapping decoding, and the evaluation's answers
     # compared with deterministic GPU algorithms (DIR/a carried again)
-  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
-  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  use_site "$2"
   python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only ftft --json "$OUT/ftft_overlap.json" 2>&1 |
     tee "$OUT/ftft_overlap.log"
   python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval --deterministic --rounds 2 \
@@ -92,8 +96,7 @@ c)  # a later, cold machine: file to first token with the tower overlapping deco
   ;;
 d)  # issue 25's open item: the evaluation's answers, prefetch 0 against 2, with eager attention; then where bf16
     # greedy decoding departs from one run to the next, per attention kernel (DIR/a/site.tar.xz carried)
-  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
-  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  use_site "$2"
   timeout "${EVAL_SECONDS:-330}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
     --attn eager --rounds "${ROUNDS:-2}" --json "$OUT/eval_eager.json" 2>&1 | grep --line-buffered -v "it/s\]" |
     tee "$OUT/eval_eager.log"
@@ -101,15 +104,13 @@ d)  # issue 25's open item: the evaluation's answers, prefetch 0 against 2, with
     --variants sdpa,flash,cudnn,eager --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
 e)  # decode_repro alone, the variants that answer most first (DIR/a/site.tar.xz carried)
-  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
-  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  use_site "$2"
   timeout "${REPRO_SECONDS:-150}" python3 -m benchmarks.decode_repro --work /dev/shm/fta --runs 3 \
     --variants sdpa,eager,flash,cudnn,math --json "$OUT/decode_repro.json" 2>&1 | tee "$OUT/decode_repro.log"
   ;;
 f)  # the evaluation, prefetch 0 against 2, with every sdpa call held to PyTorch's flash kernel: the one that repeated
     # itself bit for bit in d's decode_repro (DIR/a/site.tar.xz carried)
-  mkdir -p /tmp/site && tar -xJf "$2/site.tar.xz" -C /tmp/site --strip-components=1 || exit 3
-  export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+  use_site "$2"
   timeout "${EVAL_SECONDS:-400}" python3 -m benchmarks.bench_file_to_answer --work /dev/shm/fta --only eval \
     --sdpa-backend flash --rounds "${ROUNDS:-2}" --json "$OUT/eval_flash.json" 2>&1 |
     grep --line-buffered -v "it/s\]" | tee "$OUT/eval_flash.log"
